@@ -1,0 +1,41 @@
+# svcproxy developer entry points. `make test` is what CI runs (.ci/run).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv lint typecheck unit test example clean
+
+all: test
+
+deps:
+	@scripts/install-deps.sh
+
+$(STAMP): pyproject.toml | deps
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check core plugins tests examples benchmarks
+
+typecheck: venv
+	$(VENV)/bin/mypy core
+
+unit: venv
+	$(VENV)/bin/pytest tests/unit -q $(PYTEST_ARGS)
+
+test: venv lint typecheck
+	$(VENV)/bin/pytest tests -q $(PYTEST_ARGS)
+
+# The main job on the bundled example cluster: the dry run of what svcproxy
+# programs for it.
+example: venv
+	$(VENV)/bin/svcproxy plan --manifests examples/cluster
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

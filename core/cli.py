@@ -1,0 +1,326 @@
+"""The `svcproxy` command.
+
+Every user-facing failure is an SvcProxyError: it is printed as one readable
+message (no traceback) and the process exits with its exit code (2 for usage
+and config errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .config import Config, effective_values, load_config
+from .errors import SvcProxyError, UsageError
+from .ir import ServiceMap
+from .plan import Planner, make_context
+from .manager import PluginHost
+from .proxy import Proxy
+from .sources.manifests import ManifestSource
+from .state import ClusterState
+
+log = logging.getLogger("svcproxy")
+
+
+# ---- logging ---------------------------------------------------------------------
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+               "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+# ---- shared helpers ---------------------------------------------------------------
+
+def _resolve_node_name(arg: str | None, config: Config, state: ClusterState | None) -> str:
+    """--node, then hostnameOverride, then $NODE_NAME, then the only Node in the
+    manifests, then the hostname."""
+    if arg:
+        return arg
+    if config.kube_proxy.hostname_override:
+        return config.kube_proxy.hostname_override.strip().lower()
+    if os.environ.get("NODE_NAME"):
+        return os.environ["NODE_NAME"].strip().lower()
+    if state is not None and len(state.nodes) == 1:
+        return next(iter(state.nodes))
+    return socket.gethostname().lower()
+
+
+def _load_manifests(directory: str, node_arg: str | None, config: Config,
+                    strict: bool) -> tuple[ClusterState, ManifestSource]:
+    """Read a manifest directory into a fresh state. With `strict`, any bad file is
+    an error (exit 2); otherwise bad files are logged and skipped."""
+    holder = ClusterState("")
+    source = ManifestSource(directory, publish=holder.apply)
+    source.check_directory()
+    source.scan()
+    if strict and source.errors:
+        raise UsageError("\n".join(str(e) for e in source.errors))
+    node_name = _resolve_node_name(node_arg, config, holder)
+    holder.node_name = node_name
+    return holder, source
+
+
+def _plugins(config_path: str | None) -> tuple[Config, PluginHost]:
+    config = load_config(config_path)
+    host = PluginHost(config)
+    host.configure()
+    return config, host
+
+
+# ---- plan -------------------------------------------------------------------------
+
+def _host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def render_table(plan: ServiceMap) -> str:
+    """Like `ipvsadm -L -n`, with the kind and service port of each frontend."""
+    lines = ["Prot LocalAddress:Port Scheduler Flags",
+             "  -> RemoteAddress:Port           Weight State        Kind / Service"]
+    for fe in plan:
+        flags = " ".join(fe.scheduler_flags)
+        head = f"{fe.protocol:<4} {_host_port(fe.address, fe.port)} {fe.scheduler}"
+        if flags:
+            head += f" {flags}"
+        if fe.persistence_timeout:
+            head += f" persistent {fe.persistence_timeout}"
+        extra = f"{fe.kind} {fe.service}"
+        if fe.traffic_policy == "Local":
+            extra += " (Local)"
+        if fe.source_ranges:
+            extra += f" sourceRanges={','.join(fe.source_ranges)}"
+        lines.append(f"{head:<44} {extra}")
+        for b in fe.backends:
+            lines.append(f"  -> {_host_port(b.address, b.port):<28} {b.weight:<6} {_state(b)}")
+        if not fe.backends and fe.cluster_backends:
+            lines.append(f"  (no local endpoints; {len(fe.cluster_backends)} cluster endpoints "
+                         "available for fallback)")
+    return "\n".join(lines) + "\n"
+
+
+def _state(b: Any) -> str:
+    parts = ["ready" if b.ready else ("terminating" if b.terminating else "not-ready")]
+    if b.local:
+        parts.append("local")
+    return ",".join(parts)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    config, host = _plugins(args.config)
+    state, _ = _load_manifests(args.manifests, args.node, config, strict=True)
+    if state.node is None:
+        log.warning("Node %r is not in %s: NodePort frontends get no address and no endpoint "
+                    "counts as local (choose the node with --node)", state.node_name,
+                    args.manifests)
+    ctx = make_context(config, state.node_name, state.node)
+    plan, _ = Planner(host).plan_full(ctx, state, ServiceMap())
+    output = args.output
+    if output == "json":
+        sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n")
+    elif output == "table":
+        sys.stdout.write(render_table(plan))
+    else:
+        datapath = args.datapath or config.datapath_order()[0]
+        text = host.render(datapath, plan, output)
+        if text is None:
+            formats = ", ".join(["table", "json", *host.plan_formats()])
+            raise UsageError(f"--output {output!r}: unknown format (available: {formats})")
+        sys.stdout.write(text)
+    return 0
+
+
+# ---- run ----------------------------------------------------------------------------
+
+def _select_datapath(host: PluginHost) -> str:
+    name, skipped = host.select_datapath()
+    for dp, reason in skipped:
+        log.warning("%s datapath unusable: %s; using %s", dp, reason, name)
+    log.info("using the %s datapath", name)
+    return name
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config, host = _plugins(args.config)
+    if args.kubeconfig:
+        raise UsageError("--kubeconfig: the Kubernetes API source is not available in this "
+                         "version; use --manifests DIR")
+    if not args.manifests:
+        raise UsageError("run needs a source: --manifests DIR")
+    datapath = _select_datapath(host)
+    proxy = Proxy(config, host, "", datapath)
+    source = ManifestSource(args.manifests, publish=proxy.bus.publish,
+                            poll_interval=args.poll_interval)
+    source.check_directory()
+    host.start(datapath)
+    try:
+        source.scan()
+        proxy.set_node_name(_resolve_node_name(args.node, config, proxy.state))
+        if args.once:
+            result = proxy.sync(full=True)
+            if not result.ok:
+                raise SvcProxyError(f"sync failed: {result.error}")
+            return 0
+        stop = threading.Event()
+
+        def _stop(signum: int, _frame: Any) -> None:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        proxy.start_runner()
+        watcher = threading.Thread(target=source.watch, args=(stop,), name="manifests",
+                                   daemon=True)
+        watcher.start()
+        stop.wait()
+        proxy.stop_runner()
+        watcher.join(timeout=5)
+        return 0
+    finally:
+        host.stop()
+
+
+# ---- plugins, config, cleanup --------------------------------------------------------
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    _, host = _plugins(args.config)
+    rows = []
+    for lp in host.plugins:
+        role = "datapath" if lp.datapath else ("essential" if lp.essential else "feature")
+        hooks = [h.removeprefix("svcproxy_") for h in host.implemented_hooks(lp)]
+        rows.append({"name": lp.name, "role": role, "origin": lp.origin, "hooks": hooks})
+    for dp, reason in host.missing_datapaths.items():
+        rows.append({"name": dp, "role": "datapath", "origin": f"unavailable: {reason}",
+                     "hooks": []})
+    if args.output == "json":
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    width = max(len(r["name"]) for r in rows) + 2
+    for i, r in enumerate(rows, 1):
+        sys.stdout.write(f"{i:>2}. {r['name']:<{width}}{r['role']:<10} {r['origin']}\n")
+        if r["hooks"]:
+            sys.stdout.write(f"    {'':<{width}}hooks: {', '.join(r['hooks'])}\n")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    PluginHost(config).configure()  # plugin names and options are part of the config
+    values = effective_values(config)
+    if args.output == "json":
+        sys.stdout.write(json.dumps(values, indent=2) + "\n")
+    else:
+        sys.stdout.write(f"{args.file}: OK\n")
+        sys.stdout.write(yaml.safe_dump(values, sort_keys=False))
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    _, host = _plugins(args.config)
+    lines = host.cleanup()
+    for line in lines:
+        sys.stdout.write(line + "\n")
+    if not lines:
+        sys.stdout.write("nothing to clean up\n")
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2 already; keep its message
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="svcproxy", description="A pluggable Kubernetes service proxy.")
+    p.add_argument("--version", action="version", version=f"svcproxy {__version__}")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sp = sub.add_parser("plan", help="print what would be programmed (dry run)")
+    sp.add_argument("--manifests", required=True, metavar="DIR")
+    sp.add_argument("--config", metavar="FILE")
+    sp.add_argument("--node", metavar="NAME", help="the node to plan for")
+    sp.add_argument("--output", "-o", default="table",
+                    help="table, json, or a datapath format (ipvsadm, iptables-save)")
+    sp.add_argument("--datapath", help="datapath that renders a datapath format "
+                    "(default: the configured one)")
+    sp.set_defaults(func=cmd_plan)
+
+    sp = sub.add_parser("run", help="run the proxy")
+    sp.add_argument("--config", metavar="FILE")
+    src = sp.add_mutually_exclusive_group()
+    src.add_argument("--manifests", metavar="DIR")
+    src.add_argument("--kubeconfig", metavar="PATH")
+    sp.add_argument("--node", metavar="NAME")
+    sp.add_argument("--once", action="store_true", help="one full sync, then exit")
+    sp.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("plugins", help="list enabled plugins in call order")
+    sp.add_argument("--config", metavar="FILE")
+    sp.add_argument("--output", "-o", default="table", choices=["table", "json"])
+    sp.set_defaults(func=cmd_plugins)
+
+    sp = sub.add_parser("config", help="configuration tools")
+    csub = sp.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    cp = csub.add_parser("check", help="validate a config file and print effective values")
+    cp.add_argument("file", metavar="FILE")
+    cp.add_argument("--output", "-o", default="yaml", choices=["yaml", "json"])
+    cp.set_defaults(func=cmd_config_check)
+
+    sp = sub.add_parser("cleanup", help="remove everything svcproxy programmed")
+    sp.add_argument("--config", metavar="FILE")
+    sp.set_defaults(func=cmd_cleanup)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        return int(args.func(args))
+    except SvcProxyError as exc:
+        sys.stderr.write(f"svcproxy: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

@@ -1,0 +1,59 @@
+"""What datapaths answer and what observers see: probe results, apply results
+and the record of one sync."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Whether a datapath can run on this node; `reason` says why not, in words a
+    user can act on ("ip_vs kernel module not loaded and cannot be loaded")."""
+
+    usable: bool
+    reason: str = ""
+
+    @classmethod
+    def ok(cls) -> ProbeResult:
+        return cls(True)
+
+    @classmethod
+    def unusable(cls, reason: str) -> ProbeResult:
+        return cls(False, reason)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What a datapath did in one apply."""
+
+    #: kernel objects (virtual servers, rules, chains, ...) written or removed
+    changes: int = 0
+    #: drift found and repaired by a full apply
+    repaired: int = 0
+    #: datapath-specific phase durations in seconds ("restore", "ipset", ...)
+    phases: dict[str, float] = field(default_factory=dict)
+    details: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """One sync attempt, as observers (metrics, tracing, logs) see it."""
+
+    datapath: str
+    full: bool
+    ok: bool
+    started: float  # wall-clock seconds since the epoch
+    duration: float
+    frontends: int = 0
+    backends: int = 0
+    created: int = 0
+    updated: int = 0
+    deleted: int = 0
+    services_changed: int = 0
+    error: str = ""
+    phases: dict[str, float] = field(default_factory=dict)
+    apply: ApplyResult | None = None
+    #: monotonic time of the oldest unsynced change this sync covered, if any
+    #: (for network-programming latency)
+    oldest_change: float | None = None

@@ -1,0 +1,160 @@
+"""Every hook svcproxy calls, grouped by lifecycle phase.
+
+A plugin is any object or module with functions named like these specs and
+marked `@hookimpl` (``from svcproxy import hookimpl``). Plugins are called in the
+order the config lists them. Hooks marked firstresult stop at the first plugin
+that returns something other than None; that answer wins.
+
+All hooks are called with keyword arguments; an implementation may accept any
+subset of the parameters (pluggy passes only the ones it names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .bus import Event
+    from .config import Config
+    from .datapath import ApplyResult, ProbeResult, SyncResult
+    from .ir import Frontend, PlanDelta, ServiceMap
+    from .plan import PortContext
+
+PROJECT = "svcproxy"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# ---- configuration ---------------------------------------------------------------
+
+@hookspec
+def svcproxy_configure_plugin(config: Config, options: Mapping[str, Any]) -> None:
+    """Called once per plugin at start-up, before anything else, with the options
+    the config gives this plugin (``plugins[].options``; empty when none).
+
+    Called for each plugin separately, so `options` is always the plugin's own.
+    Raise ``svcproxy.errors.PluginError`` (or ValueError) for a bad option: the
+    message is shown with the config file and the option's field path, and the
+    process exits 2.
+    """
+
+
+# ---- lifecycle ---------------------------------------------------------------------
+
+@hookspec
+def svcproxy_start_proxy(config: Config, datapath: str) -> None:
+    """Called once when `svcproxy run` has chosen its datapath, before the first
+    sync. Start servers or threads here (metrics, health checks)."""
+
+
+@hookspec
+def svcproxy_stop_proxy() -> None:
+    """Called once when `svcproxy run` stops (SIGTERM, SIGINT or --once done).
+    Stop what svcproxy_start_proxy started; kernel rules stay in place."""
+
+
+# ---- events --------------------------------------------------------------------------
+
+@hookspec
+def svcproxy_observe_event(event: Event) -> None:
+    """Called for every cluster event (ADDED/MODIFIED/DELETED of a Service,
+    EndpointSlice or Node) after it has been parsed, before the state changes.
+    For observation only: the return value is ignored."""
+
+
+# ---- planning ------------------------------------------------------------------------
+
+@hookspec
+def svcproxy_list_node_addresses(config: Config, family: int) -> Sequence[str] | None:
+    """Return this node's own IP addresses of `family` (4 or 6), as found on the
+    host, for NodePort frontends and for deciding which addresses are already
+    local. Called by `svcproxy run`, never by `svcproxy plan` (a dry run must not
+    depend on the machine it runs on; it uses the Node object's addresses).
+
+    firstresult: the first non-None answer wins; with no answer the addresses
+    in the Node object's status are used.
+    """
+
+
+@hookspec
+def svcproxy_build_frontends(port: PortContext) -> Sequence[Frontend] | None:
+    """Return the frontends this plugin contributes for one service port in one
+    IP family (for example the ClusterIP, one NodePort frontend per node address).
+
+    `port` carries the Service, the ServicePort, the IP family, the endpoints
+    already selected by kube-proxy's rules (`port.backends_for(policy)`) and the
+    plan context (config, node, node addresses). Every plugin's answer is
+    collected; return None or [] to contribute nothing.
+    """
+
+
+@hookspec
+def svcproxy_adjust_frontend(frontend: Frontend, port: PortContext) -> Frontend | None:
+    """Called for every built frontend, plugin by plugin in config order; return
+    a changed copy (``dataclasses.replace``) to replace it, or None to keep it.
+    Each plugin sees the previous plugin's result. Used for session affinity,
+    schedulers, weights."""
+
+
+# ---- datapaths -----------------------------------------------------------------------
+
+@hookspec
+def svcproxy_list_datapaths() -> Sequence[str] | None:
+    """Return the names of the datapaths this plugin implements (e.g. ["ipvs"])."""
+
+
+@hookspec(firstresult=True)
+def svcproxy_probe_datapath(name: str, config: Config) -> ProbeResult | None:
+    """Check whether datapath `name` can run on this node. The plugin that
+    implements `name` answers with a ProbeResult (usable, or not and why, in words
+    a user can act on); others return None.
+
+    firstresult: exactly one plugin implements a datapath, so the first answer wins.
+    """
+
+
+@hookspec(firstresult=True)
+def svcproxy_apply_plan(name: str, plan: ServiceMap, delta: PlanDelta,
+                        full: bool) -> ApplyResult | None:
+    """Make the kernel match `plan` with datapath `name`; only its plugin answers.
+
+    `delta` lists the frontends created, updated and deleted since the last
+    successful apply. A partial apply (full=False) touches only those; a full
+    apply (full=True) reconciles everything against the kernel and repairs drift.
+    Raise on failure: the previous rules must stay in place (apply atomically),
+    and the core retries with backoff.
+
+    firstresult: only the active datapath's plugin answers.
+    """
+
+
+@hookspec(firstresult=True)
+def svcproxy_render_plan(name: str, plan: ServiceMap, output: str) -> str | None:
+    """Render `plan` as datapath `name` would program it, in format `output`
+    (e.g. "ipvsadm", "iptables-save"), without touching the kernel. The plugin
+    that knows the format answers; others return None.
+
+    firstresult: the first plugin that knows the format wins.
+    """
+
+
+@hookspec
+def svcproxy_list_plan_formats() -> Sequence[str] | None:
+    """Return the extra `svcproxy plan --output` formats this plugin renders."""
+
+
+@hookspec
+def svcproxy_cleanup_datapath(config: Config) -> Sequence[str] | None:
+    """Remove everything this plugin created in the kernel (`svcproxy cleanup`),
+    and nothing else. Return lines describing what was removed."""
+
+
+# ---- observing syncs -----------------------------------------------------------------
+
+@hookspec
+def svcproxy_observe_sync(result: SyncResult) -> None:
+    """Called after every sync attempt, successful or not, with its outcome,
+    counts and phase durations (metrics, logs, traces)."""

@@ -1,0 +1,308 @@
+"""The plugin manager and the one typed facade through which the core calls hooks.
+
+Plugins come from two places: svcproxy's built-ins (BUILTIN_PLUGINS) and
+third-party packages that declare an entry point in the group ``svcproxy``. The
+config enables them by name, in order; datapath plugins are enabled by being
+named as the mode or in the datapath fallback order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from . import hookspecs
+from .config import Config, nearest_name
+from .datapath import ApplyResult, ProbeResult, SyncResult
+from .errors import ConfigError, ConfigProblem, PluginError
+from .ir import Frontend, PlanDelta, ServiceMap
+
+if TYPE_CHECKING:
+    from .bus import Event
+    from .plan import PortContext
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "svcproxy"
+
+#: Built-in plugins by name -> module. Feature plugins first, then datapaths.
+BUILTIN_PLUGINS: dict[str, str] = {
+    "clusterip": "svcproxy.plugins.clusterip",
+    "nodeport": "svcproxy.plugins.nodeport",
+    "externalips": "svcproxy.plugins.externalips",
+    "loadbalancer": "svcproxy.plugins.loadbalancer",
+    "affinity": "svcproxy.plugins.affinity",
+    "ipvs": "svcproxy.plugins.ipvs",
+    "iptables": "svcproxy.plugins.iptables",
+    "nftables": "svcproxy.plugins.nftables",
+}
+
+#: Plugins that are always enabled: without them no Service is reachable at all.
+ESSENTIAL_PLUGINS: tuple[str, ...] = ("clusterip",)
+
+
+@dataclass
+class LoadedPlugin:
+    name: str
+    plugin: Any
+    #: "built-in" or "package <dist> <version>"
+    origin: str
+    essential: bool = False
+    datapath: bool = False
+    options: Mapping[str, Any] | None = None
+    config_path: str = ""
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _instantiate(obj: Any) -> Any:
+    return obj() if isinstance(obj, type) else obj
+
+
+class PluginHost:
+    """Loads, orders and calls plugins. Every hook call in the core goes through
+    one of its methods, so timing, logging and error wrapping live here."""
+
+    def __init__(self, config: Config, *, extra_plugins: Iterable[tuple[str, Any]] = ()) -> None:
+        self.config = config
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: list[LoadedPlugin] = []
+        #: datapath name -> why it could not be loaded
+        self.missing_datapaths: dict[str, str] = {}
+        self._load(list(extra_plugins))
+
+    # -- loading --------------------------------------------------------------------
+
+    def _resolve(self, name: str, eps: Mapping[str, importlib.metadata.EntryPoint]
+                 ) -> tuple[Any, str]:
+        if name in BUILTIN_PLUGINS:
+            try:
+                return importlib.import_module(BUILTIN_PLUGINS[name]), "built-in"
+            except ModuleNotFoundError as exc:
+                if exc.name == BUILTIN_PLUGINS[name]:
+                    raise PluginError(f"built-in plugin {name!r} is not part of this svcproxy "
+                                      "version") from None
+                raise
+        ep = eps.get(name)
+        if ep is not None:
+            dist = ep.dist
+            origin = f"package {dist.name} {dist.version}" if dist else f"entry point {ep.value}"
+            try:
+                return _instantiate(ep.load()), origin
+            except Exception as exc:
+                raise PluginError(f"plugin {name!r} from {origin} failed to load: "
+                                  f"{type(exc).__name__}: {exc}") from None
+        known = sorted({*BUILTIN_PLUGINS, *eps})
+        match = nearest_name(name, known)
+        hint = f"; did you mean {match}?" if match else ""
+        raise PluginError(f"unknown plugin {name!r}{hint} (built-in: "
+                          f"{', '.join(n for n in BUILTIN_PLUGINS)}; installed: "
+                          f"{', '.join(sorted(eps)) or 'none'})")
+
+    def _load(self, extra: list[tuple[str, Any]]) -> None:
+        eps = _entry_points()
+        specs = list(self.config.svcproxy.plugins)
+        names = [s.name for s in specs]
+        problems: list[ConfigProblem] = []
+        loaded: list[LoadedPlugin] = []
+        for essential in reversed(ESSENTIAL_PLUGINS):
+            if essential not in names:
+                module, origin = self._resolve(essential, eps)
+                loaded.insert(0, LoadedPlugin(essential, module, origin, essential=True))
+        for spec in specs:
+            try:
+                obj, origin = self._resolve(spec.name, eps)
+            except PluginError as exc:
+                problems.append(ConfigProblem(f"{spec.path}.name" if spec.path else "plugins",
+                                              str(exc)))
+                continue
+            loaded.append(LoadedPlugin(spec.name, obj, origin,
+                                       essential=spec.name in ESSENTIAL_PLUGINS,
+                                       options=spec.options, config_path=spec.path))
+        for name, obj in extra:
+            loaded.append(LoadedPlugin(name, _instantiate(obj), "registered by caller"))
+        enabled = {p.name for p in loaded}
+        known_datapaths = {*BUILTIN_PLUGINS, *eps}
+        for i, dp in enumerate(self.config.svcproxy.datapaths):
+            if dp not in known_datapaths and dp not in enabled:
+                match = nearest_name(dp, sorted(known_datapaths))
+                hint = f"; did you mean {match}?" if match else ""
+                problems.append(ConfigProblem(f"datapaths[{i}]",
+                                              f"unknown datapath {dp!r}{hint}"))
+        if problems:
+            raise ConfigError(self.config.source, problems)
+        for dp in self.config.datapath_order():
+            if dp in enabled:
+                continue
+            try:
+                obj, origin = self._resolve(dp, eps)
+            except PluginError as exc:
+                self.missing_datapaths[dp] = str(exc)
+                continue
+            loaded.append(LoadedPlugin(dp, obj, origin, datapath=True))
+            enabled.add(dp)
+        # pluggy calls the most recently registered implementation first, so
+        # registering in reverse makes the config order the call order.
+        for lp in reversed(loaded):
+            try:
+                self.pm.register(lp.plugin, name=lp.name)
+            except ValueError as exc:
+                raise PluginError(f"plugin {lp.name!r} cannot be registered: {exc}") from None
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}. "
+                              f"Known hooks: {', '.join(self.hook_names())}") from None
+        self.plugins = loaded
+        for lp in loaded:
+            names_ = self.pm.hook.svcproxy_list_datapaths.get_hookimpls()
+            lp.datapath = lp.datapath or any(impl.plugin is lp.plugin for impl in names_)
+
+    def hook_names(self) -> list[str]:
+        return sorted(n for n in dir(hookspecs) if n.startswith("svcproxy_"))
+
+    def implemented_hooks(self, plugin: LoadedPlugin) -> list[str]:
+        hooks = []
+        for name in self.hook_names():
+            caller = getattr(self.pm.hook, name)
+            if any(impl.plugin is plugin.plugin for impl in caller.get_hookimpls()):
+                hooks.append(name)
+        return hooks
+
+    # -- configuration --------------------------------------------------------------
+
+    def configure(self) -> None:
+        """Call svcproxy_configure_plugin once per plugin with its own options."""
+        others = [lp.plugin for lp in self.plugins]
+        for lp in self.plugins:
+            rest = [p for p in others if p is not lp.plugin]
+            caller = self.pm.subset_hook_caller("svcproxy_configure_plugin", remove_plugins=rest)
+            try:
+                caller(config=self.config, options=dict(lp.options or {}))
+            except (PluginError, ValueError, TypeError) as exc:
+                path = f"{lp.config_path}.options" if lp.config_path else f"plugin {lp.name}"
+                raise ConfigError(self.config.source, [ConfigProblem(path, str(exc))]) from None
+
+    # -- planning -------------------------------------------------------------------
+
+    def node_addresses(self, family: int) -> Sequence[str] | None:
+        result = self.pm.hook.svcproxy_list_node_addresses(config=self.config, family=family)
+        for answer in result:
+            if answer is not None:
+                return list(answer)
+        return None
+
+    def build_frontends(self, port: PortContext) -> list[Frontend]:
+        out: list[Frontend] = []
+        for answer in self.pm.hook.svcproxy_build_frontends(port=port):
+            if answer:
+                out.extend(answer)
+        return out
+
+    def adjust_frontend(self, frontend: Frontend, port: PortContext) -> Frontend:
+        # A chain, not a broadcast: each plugin sees the previous one's result, so
+        # the implementations are called one by one in config order.
+        for impl in reversed(self.pm.hook.svcproxy_adjust_frontend.get_hookimpls()):
+            if impl.hookwrapper or impl.wrapper:
+                continue
+            kwargs = {"frontend": frontend, "port": port}
+            result = impl.function(*[kwargs[a] for a in impl.argnames])
+            if isinstance(result, Frontend):
+                frontend = result
+            elif result is not None:
+                raise PluginError(f"plugin {impl.plugin_name!r}: svcproxy_adjust_frontend must "
+                                  f"return a Frontend or None, not {type(result).__name__}")
+        return frontend
+
+    # -- datapaths ------------------------------------------------------------------
+
+    def datapath_names(self) -> list[str]:
+        names: list[str] = []
+        for answer in self.pm.hook.svcproxy_list_datapaths():
+            names.extend(answer or ())
+        return names
+
+    def probe(self, name: str) -> ProbeResult:
+        if name in self.missing_datapaths:
+            return ProbeResult.unusable(self.missing_datapaths[name])
+        try:
+            result = self.pm.hook.svcproxy_probe_datapath(name=name, config=self.config)
+        except Exception as exc:  # a probe that crashes means "unusable", with the reason
+            return ProbeResult.unusable(f"probe failed: {type(exc).__name__}: {exc}")
+        if result is None:
+            return ProbeResult.unusable(f"no enabled plugin provides the {name} datapath")
+        return result  # type: ignore[no-any-return]
+
+    def select_datapath(self) -> tuple[str, list[tuple[str, str]]]:
+        """The first usable datapath in the configured order, and the ones skipped
+        with their reasons. Raises DatapathUnavailable when none is usable."""
+        from .errors import DatapathUnavailable
+
+        skipped: list[tuple[str, str]] = []
+        for name in self.config.datapath_order():
+            result = self.probe(name)
+            if result.usable:
+                return name, skipped
+            skipped.append((name, result.reason))
+        reasons = "; ".join(f"{n}: {r}" for n, r in skipped)
+        if not self.config.svcproxy.datapaths and self.config.kube_proxy.mode:
+            reasons += " (the datapath fallback list is empty, so svcproxy does not fall back)"
+        raise DatapathUnavailable(f"no usable datapath: {reasons}")
+
+    def apply(self, name: str, plan: ServiceMap, delta: PlanDelta, full: bool) -> ApplyResult:
+        result = self.pm.hook.svcproxy_apply_plan(name=name, plan=plan, delta=delta, full=full)
+        if result is None:
+            raise PluginError(f"no plugin applied the plan for datapath {name!r}")
+        return result  # type: ignore[no-any-return]
+
+    def plan_formats(self) -> list[str]:
+        formats: list[str] = []
+        for answer in self.pm.hook.svcproxy_list_plan_formats():
+            formats.extend(answer or ())
+        return formats
+
+    def render(self, name: str, plan: ServiceMap, output: str) -> str | None:
+        return self.pm.hook.svcproxy_render_plan(  # type: ignore[no-any-return]
+            name=name, plan=plan, output=output)
+
+    def cleanup(self) -> list[str]:
+        lines: list[str] = []
+        for answer in self.pm.hook.svcproxy_cleanup_datapath(config=self.config):
+            lines.extend(answer or ())
+        return lines
+
+    # -- lifecycle and observers ----------------------------------------------------
+
+    def start(self, datapath: str) -> None:
+        self.pm.hook.svcproxy_start_proxy(config=self.config, datapath=datapath)
+
+    def stop(self) -> None:
+        self.pm.hook.svcproxy_stop_proxy()
+
+    def observe_event(self, event: Event) -> None:
+        self._observe("svcproxy_observe_event", event=event)
+
+    def observe_sync(self, result: SyncResult) -> None:
+        self._observe("svcproxy_observe_sync", result=result)
+
+    def _observe(self, hook: str, **kwargs: Any) -> None:
+        # An observer's bug must not stop the proxy: log it and go on.
+        try:
+            getattr(self.pm.hook, hook)(**kwargs)
+        except Exception:
+            log.exception("a plugin failed in %s", hook)
+
+
+def plugin_module_hooks(module: ModuleType) -> list[str]:
+    """Hook names a module implements (used by docs tests)."""
+    return sorted(n for n in dir(module) if n.startswith("svcproxy_"))

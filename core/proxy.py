@@ -1,0 +1,162 @@
+"""The proxy: wires state, planner, datapath and runner together.
+
+One sync = snapshot the dirty Services, plan (partially, or fully every
+syncPeriod, after a Node change and after a failure), hand the plan and its
+delta to the active datapath, and on success adopt the plan as the applied
+state. On failure the applied state, the dirty set and the kernel's last good
+rules all stay as they were; the runner retries with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from .bus import EventBus
+from .config import Config
+from .datapath import SyncResult
+from .ir import ServiceMap
+from .plan import PlanContext, Planner, make_context
+from .manager import PluginHost
+from .runner import SyncPolicy, SyncRunner
+from .state import Change, ClusterState
+
+log = logging.getLogger(__name__)
+
+
+class Proxy:
+    def __init__(self, config: Config, plugins: PluginHost, node_name: str, datapath: str, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 use_host_addresses: bool = True) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.node_name = node_name
+        self.datapath = datapath
+        self.clock = clock
+        self.use_host_addresses = use_host_addresses
+        self.state = ClusterState(node_name)
+        self.bus = EventBus(self.state, plugins, self._on_change)
+        self.planner = Planner(plugins)
+        self.applied = ServiceMap()
+        self._lock = threading.Lock()  # guards dirty/needs_full/oldest
+        self._sync_lock = threading.Lock()  # one sync at a time
+        self.dirty: set[str] = set()
+        self.needs_full = True
+        self._oldest_change: float | None = None
+        self._last_full: float | None = None
+        self.runner: SyncRunner | None = None
+        self.last_result: SyncResult | None = None
+
+    def set_node_name(self, name: str) -> None:
+        """Set the node once the sources have been read (it may come from them)."""
+        with self.bus.lock:
+            self.node_name = name
+            self.state.node_name = name
+            self.needs_full = True
+
+    # -- changes ----------------------------------------------------------------------
+
+    def _on_change(self, change: Change) -> None:
+        with self._lock:
+            self.dirty |= change.services
+            if change.node:
+                self.needs_full = True
+            if self._oldest_change is None:
+                self._oldest_change = change.at
+        if self.runner is not None:
+            self.runner.request()
+
+    def context(self) -> PlanContext:
+        host: dict[int, list[str]] | None = None
+        if self.use_host_addresses:
+            found = {fam: self.plugins.node_addresses(fam) for fam in (4, 6)}
+            host = {f: list(a) for f, a in found.items() if a is not None} or None
+        return make_context(self.config, self.node_name, self.state.node, host)
+
+    # -- syncing ------------------------------------------------------------------------
+
+    def sync(self, full: bool = False) -> SyncResult:
+        """Plan and apply once. Never raises: the outcome is in the SyncResult."""
+        with self._sync_lock:
+            return self._sync(full)
+
+    def _sync(self, full: bool) -> SyncResult:
+        started_wall = time.time()
+        t0 = self.clock()
+        with self._lock:
+            dirty = set(self.dirty)
+            self.dirty.clear()
+            oldest = self._oldest_change
+            self._oldest_change = None
+            periodic = self._last_full is None or \
+                t0 - self._last_full >= self.config.kube_proxy.sync_period
+            full = full or self.needs_full or periodic
+            self.needs_full = False
+        phases: dict[str, float] = {}
+        try:
+            with self.bus.lock:
+                ctx = self.context()
+                if full:
+                    plan, delta = self.planner.plan_full(ctx, self.state, self.applied)
+                else:
+                    plan, delta = self.planner.plan_partial(ctx, self.state, self.applied, dirty)
+            t1 = self.clock()
+            phases["plan"] = t1 - t0
+            apply_result = None
+            if full or delta:
+                apply_result = self.plugins.apply(self.datapath, plan, delta, full)
+                phases.update({f"apply.{k}": v for k, v in apply_result.phases.items()})
+            phases["apply"] = self.clock() - t1
+        except Exception as exc:
+            with self._lock:
+                # Keep everything that was pending and repair with a full sync.
+                self.dirty |= dirty
+                self.needs_full = True
+                if oldest is not None and (self._oldest_change is None
+                                           or oldest < self._oldest_change):
+                    self._oldest_change = oldest
+            reason = f"{type(exc).__name__}: {exc}" if not str(exc).startswith(
+                type(exc).__name__) else str(exc)
+            log.error("%s sync with the %s datapath failed; the previous rules stay in place: %s",
+                      "full" if full else "partial", self.datapath, reason)
+            result = SyncResult(datapath=self.datapath, full=full, ok=False, started=started_wall,
+                                duration=self.clock() - t0, error=reason, phases=phases,
+                                frontends=len(self.applied),
+                                backends=self.applied.backend_count(),
+                                services_changed=len(dirty), oldest_change=oldest)
+            self.last_result = result
+            self.plugins.observe_sync(result)
+            return result
+        self.applied = plan
+        if full:
+            self._last_full = t0
+        result = SyncResult(datapath=self.datapath, full=full, ok=True, started=started_wall,
+                            duration=self.clock() - t0, frontends=len(plan),
+                            backends=plan.backend_count(), created=len(delta.created),
+                            updated=len(delta.updated), deleted=len(delta.deleted),
+                            services_changed=len(dirty), phases=phases, apply=apply_result,
+                            oldest_change=oldest)
+        log.info("%s sync (%s): %d frontends, %d backends; +%d ~%d -%d in %.3fs",
+                 "full" if full else "partial", self.datapath, result.frontends, result.backends,
+                 result.created, result.updated, result.deleted, result.duration)
+        self.last_result = result
+        self.plugins.observe_sync(result)
+        return result
+
+    # -- running --------------------------------------------------------------------------
+
+    def start_runner(self) -> SyncRunner:
+        kp = self.config.kube_proxy
+        policy = SyncPolicy(kp.min_sync_period, kp.sync_period, now=self.clock())
+        self.runner = SyncRunner(lambda: self.sync().ok, policy, clock=self.clock)
+        self.runner.start()
+        # the first sync after the sources have listed everything runs at once
+        self.runner.request()
+        return self.runner
+
+    def stop_runner(self) -> None:
+        if self.runner is not None:
+            self.runner.stop()
+            self.runner = None

@@ -1,0 +1,213 @@
+"""The manifest source: Services, EndpointSlices and Nodes from a directory of
+YAML/JSON files (multi-document files and `kind: List`, as `kubectl get -o yaml`
+writes them), watched for changes.
+
+Each scan re-reads files whose content changed and publishes ADDED, MODIFIED and
+DELETED events for objects whose content differs. A bad file is reported with
+its name and line and skipped; its last good objects, and every other file's,
+keep being served. Objects of other kinds (Pods, Deployments, ...) are ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..bus import Event, EventType
+from ..errors import ManifestError, ObjectError
+from ..model import PARSERS, ClusterObject, parse_object
+from ..yamlio import line_of, load_documents, syntax_error_line, syntax_error_text
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".yaml", ".yml", ".json")
+ObjectKey = tuple[str, str]  # (kind, namespace/name)
+
+
+def field_line(obj: Any, path: str) -> int | None:
+    """Line of a field path such as "spec.ports[0].port" inside a loaded object."""
+    line = line_of(obj)
+    cur = obj
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        if part.startswith("["):
+            idx = int(part[1:-1])
+            if not isinstance(cur, list) or idx >= len(cur):
+                break
+            cur = cur[idx]
+            line = line_of(cur) or line
+        else:
+            if not isinstance(cur, Mapping) or part not in cur:
+                break
+            line = line_of(cur, part) or line
+            cur = cur[part]
+    return line
+
+
+def _identity(raw: Mapping[str, Any]) -> ObjectKey | None:
+    meta = raw.get("metadata")
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str):
+        return None
+    kind = str(raw.get("kind"))
+    if kind == "Node":
+        return kind, meta["name"]
+    return kind, f"{meta.get('namespace') or 'default'}/{meta['name']}"
+
+
+def _items(doc: Any) -> Iterator[Any]:
+    """Flatten `kind: List` (and `ServiceList` etc.) documents."""
+    if isinstance(doc, Mapping) and isinstance(doc.get("items"), list) and \
+            str(doc.get("kind", "")).endswith("List"):
+        item_kind = str(doc["kind"])[:-4]
+        for item in doc["items"]:
+            if isinstance(item, dict) and "kind" not in item and item_kind in PARSERS:
+                item["kind"] = item_kind  # typed lists may omit the items' kind
+            yield item
+    else:
+        yield doc
+
+
+@dataclass
+class _FileState:
+    digest: str = ""
+    objects: dict[ObjectKey, ClusterObject] = field(default_factory=dict)
+    errors: list[ManifestError] = field(default_factory=list)
+
+
+class ManifestSource:
+    """Reads and watches one directory of manifests."""
+
+    def __init__(self, directory: str | Path, publish: Callable[[Event], object], *,
+                 poll_interval: float = 1.0) -> None:
+        self.directory = Path(directory)
+        self.publish = publish
+        self.poll_interval = poll_interval
+        self.name = f"manifests:{self.directory}"
+        self._files: dict[Path, _FileState] = {}
+        self._served: dict[ObjectKey, ClusterObject] = {}
+        self._reported: set[str] = set()
+
+    @property
+    def errors(self) -> list[ManifestError]:
+        """Problems found in the current files, in file order."""
+        return [e for p in sorted(self._files) for e in self._files[p].errors]
+
+    @property
+    def objects(self) -> dict[ObjectKey, ClusterObject]:
+        return dict(self._served)
+
+    def check_directory(self) -> None:
+        if not self.directory.is_dir():
+            raise ManifestError(str(self.directory), "not a directory")
+
+    def _paths(self) -> list[Path]:
+        return sorted(p for p in self.directory.rglob("*")
+                      if p.suffix in SUFFIXES and p.is_file()
+                      and not any(part.startswith(".") for part in p.relative_to(
+                          self.directory).parts))
+
+    def _parse_file(self, path: Path, text: str, previous: _FileState) -> _FileState:
+        state = _FileState(digest=hashlib.sha256(text.encode()).hexdigest())
+        try:
+            docs = load_documents(text)
+        except yaml.YAMLError as exc:
+            state.objects = previous.objects  # keep serving the last good content
+            state.errors.append(ManifestError(str(path), syntax_error_text(exc),
+                                              syntax_error_line(exc)))
+            return state
+        for doc in docs:
+            for raw in _items(doc):
+                if not isinstance(raw, Mapping):
+                    state.errors.append(ManifestError(str(path), "a manifest must be a mapping",
+                                                      line_of(doc)))
+                    continue
+                if str(raw.get("kind")) not in PARSERS:
+                    continue
+                ident = _identity(raw)
+                try:
+                    obj = parse_object(raw)
+                except ObjectError as exc:
+                    state.errors.append(ManifestError(str(path), str(exc),
+                                                      field_line(raw, exc.field)))
+                    if ident is not None and ident in previous.objects:
+                        state.objects[ident] = previous.objects[ident]
+                    continue
+                key = (obj.kind, obj.key)
+                if key in state.objects:
+                    state.errors.append(ManifestError(
+                        str(path), f"{obj.kind} {obj.key} is defined twice; the first is used",
+                        line_of(raw)))
+                    continue
+                state.objects[key] = obj
+        return state
+
+    def scan(self) -> list[Event]:
+        """Re-read changed files, publish the events and return them."""
+        seen: set[Path] = set()
+        for path in self._paths():
+            seen.add(path)
+            previous = self._files.get(path, _FileState())
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                msg = exc.strerror if isinstance(exc, OSError) else "not a UTF-8 text file"
+                self._files[path] = _FileState(digest="", objects=previous.objects,
+                                               errors=[ManifestError(str(path),
+                                                                     f"cannot read: {msg}")])
+                continue
+            if hashlib.sha256(text.encode()).hexdigest() == previous.digest:
+                continue
+            self._files[path] = self._parse_file(path, text, previous)
+        for gone in set(self._files) - seen:
+            del self._files[gone]
+        self._report()
+        return self._publish_changes()
+
+    def _report(self) -> None:
+        current = {str(e) for e in self.errors}
+        for text in sorted(current - self._reported):
+            log.error("%s; skipped", text)
+        self._reported = current
+
+    def _publish_changes(self) -> list[Event]:
+        merged: dict[ObjectKey, ClusterObject] = {}
+        owner: dict[ObjectKey, Path] = {}
+        for path in sorted(self._files):
+            for key, obj in self._files[path].objects.items():
+                if key in merged:
+                    log.warning("%s %s is defined in %s and %s; using the first", key[0], key[1],
+                                owner[key], path)
+                    continue
+                merged[key] = obj
+                owner[key] = path
+        events: list[Event] = []
+        # Nodes first, then Services, then slices: a plan never sees a slice
+        # before its Service within one scan.
+        order = {"Node": 0, "Service": 1, "EndpointSlice": 2}
+        for key in sorted(merged, key=lambda k: (order[k[0]], k[1])):
+            old = self._served.get(key)
+            if old is None:
+                events.append(Event(EventType.ADDED, merged[key], self.name))
+            elif old != merged[key]:
+                events.append(Event(EventType.MODIFIED, merged[key], self.name))
+        for key in sorted(set(self._served) - set(merged), key=lambda k: (-order[k[0]], k[1])):
+            events.append(Event(EventType.DELETED, self._served[key], self.name))
+        self._served = merged
+        for event in events:
+            self.publish(event)
+        return events
+
+    def watch(self, stop: threading.Event) -> None:
+        """Poll for changes every poll_interval until `stop` is set."""
+        while not stop.wait(self.poll_interval):
+            try:
+                self.scan()
+            except Exception:  # a watcher must outlive any single bad scan
+                log.exception("scanning %s failed", self.directory)
