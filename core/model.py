@@ -215,6 +215,8 @@ def parse_service(obj: Any) -> Service:
     if not raw_ips and spec.get("clusterIP") not in (None, ""):
         raw_ips = [spec.get("clusterIP")]
     for i, ip in enumerate(raw_ips):
+        if ip == "":
+            continue  # not allocated (ExternalName, or a Service being created)
         if ip == "None":
             headless = True
             continue

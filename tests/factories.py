@@ -1,0 +1,103 @@
+"""Builders for real-shaped API objects (as the API server returns them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def service(name: str = "web", namespace: str = "default", *, cluster_ip: str | list[str] = "10.96.0.10",
+            ports: list[dict[str, Any]] | None = None, type: str = "ClusterIP",
+            **spec: Any) -> dict[str, Any]:
+    ips = cluster_ip if isinstance(cluster_ip, list) else [cluster_ip]
+    status = spec.pop("status", {})
+    labels = spec.pop("labels", None)
+    annotations = spec.pop("annotations", None)
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "resourceVersion": "1"}
+    if labels:
+        meta["labels"] = labels
+    if annotations:
+        meta["annotations"] = annotations
+    body = {"type": type, "clusterIP": ips[0], "clusterIPs": ips,
+            "ports": ports if ports is not None else [
+                {"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}
+    body.update(spec)
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": body,
+            "status": status}
+
+
+def endpoint(ip: str, node: str = "", *, ready: bool | None = True, serving: bool | None = None,
+             terminating: bool | None = None, zones: list[str] | None = None,
+             nodes: list[str] | None = None) -> dict[str, Any]:
+    cond: dict[str, Any] = {}
+    if ready is not None:
+        cond["ready"] = ready
+    if serving is not None:
+        cond["serving"] = serving
+    if terminating is not None:
+        cond["terminating"] = terminating
+    ep: dict[str, Any] = {"addresses": [ip], "conditions": cond}
+    if node:
+        ep["nodeName"] = node
+    hints: dict[str, Any] = {}
+    if zones is not None:
+        hints["forZones"] = [{"name": z} for z in zones]
+    if nodes is not None:
+        hints["forNodes"] = [{"name": n} for n in nodes]
+    if hints:
+        ep["hints"] = hints
+    return ep
+
+
+def slice_(service_name: str = "web", namespace: str = "default", *,
+           endpoints: list[dict[str, Any]], name: str | None = None,
+           ports: list[dict[str, Any]] | None = None,
+           address_type: str = "IPv4") -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name or f"{service_name}-abc", "namespace": namespace,
+                     "labels": {"kubernetes.io/service-name": service_name},
+                     "resourceVersion": "1"},
+        "addressType": address_type, "endpoints": endpoints,
+        "ports": ports if ports is not None else [{"name": "http", "port": 8080,
+                                                   "protocol": "TCP"}],
+    }
+
+
+def node(name: str = "node-a", *, ips: list[str] | None = None, zone: str | None = None,
+         ) -> dict[str, Any]:
+    labels = {"kubernetes.io/hostname": name}
+    if zone:
+        labels["topology.kubernetes.io/zone"] = zone
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}
+                                     for ip in (ips or ["192.168.1.10"])]
+                       + [{"type": "Hostname", "address": name}]}}
+
+
+def build_state(objects: list[dict[str, Any]], node_name: str = "node-a"):  # type: ignore[no-untyped-def]
+    """A ClusterState holding `objects` (API dicts), as a source would deliver them."""
+    from svcproxy.bus import Event, EventType
+    from svcproxy.model import parse_object
+    from svcproxy.state import ClusterState
+
+    state = ClusterState(node_name)
+    for obj in objects:
+        state.apply(Event(EventType.ADDED, parse_object(obj)))
+    return state
+
+
+def plan_of(objects: list[dict[str, Any]], config_text: str = "", node_name: str = "node-a",
+            extra_plugins: list[tuple[str, Any]] | None = None):  # type: ignore[no-untyped-def]
+    """The full plan for `objects` with the built-in plugins (as `svcproxy plan` makes it)."""
+    from svcproxy.config import parse_config
+    from svcproxy.ir import ServiceMap
+    from svcproxy.manager import PluginHost
+    from svcproxy.plan import Planner, make_context
+
+    config = parse_config(config_text, "test.yaml")
+    host = PluginHost(config, extra_plugins=extra_plugins or [])
+    host.configure()
+    state = build_state(objects, node_name)
+    ctx = make_context(config, node_name, state.node)
+    plan, _ = Planner(host).plan_full(ctx, state, ServiceMap())
+    return plan
