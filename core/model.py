@@ -38,14 +38,14 @@ def _err(kind: str, name: str, path: str, value: Any, problem: str) -> ObjectErr
 class _Reader:
     """Typed access to one API object's fields with errors naming the object."""
 
-    def __init__(self, kind: str, obj: Any) -> None:
+    def __init__(self, kind: str, obj: Any, namespaced: bool = True) -> None:
         self.kind = kind
         if not isinstance(obj, Mapping):
             raise _err(kind, "<unknown>", "", obj, "an object must be a mapping")
         meta = obj.get("metadata")
         if not isinstance(meta, Mapping):
             raise _err(kind, "<unknown>", "metadata", meta, "metadata must be a mapping")
-        namespace = meta.get("namespace") or ""
+        namespace = meta.get("namespace") or ("default" if namespaced else "")
         name = meta.get("name")
         shown = f"{namespace}/{name}" if namespace else str(name)
         self.display = shown
@@ -303,7 +303,7 @@ def parse_service(obj: Any) -> Service:
     hc = r.integer(spec, "healthCheckNodePort", "spec.healthCheckNodePort", 0, 65535, 0) or 0
 
     return Service(
-        namespace=r.namespace or "default", name=r.name, type=svc_type,
+        namespace=r.namespace, name=r.name, type=svc_type,
         cluster_ips=tuple(cluster_ips), headless=headless, ports=tuple(ports),
         external_ips=external_ips, load_balancer_ingress=tuple(ingress),
         load_balancer_source_ranges=tuple(ranges), session_affinity=affinity,
@@ -417,7 +417,7 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
                                   protocol=protocol,  # type: ignore[arg-type]
                                   port=r.integer(p, "port", f"{path}.port", 1, 65535)))
     return EndpointSlice(
-        namespace=r.namespace or "default", name=r.name, service_name=service_name,
+        namespace=r.namespace, name=r.name, service_name=service_name,
         address_type=address_type, endpoints=tuple(endpoints), ports=tuple(ports),
         labels=_frozen_map(labels), annotations=_frozen_map(r.labels("annotations")),
         resource_version=str(r.meta.get("resourceVersion") or ""))
@@ -466,7 +466,7 @@ class Node:
 
 
 def parse_node(obj: Any) -> Node:
-    r = _Reader("Node", obj)
+    r = _Reader("Node", obj, namespaced=False)
     status = r.mapping(obj, "status", "status")
     spec = r.mapping(obj, "spec", "spec")
     addresses: list[NodeAddress] = []

@@ -101,3 +101,41 @@ def plan_of(objects: list[dict[str, Any]], config_text: str = "", node_name: str
     ctx = make_context(config, node_name, state.node)
     plan, _ = Planner(host).plan_full(ctx, state, ServiceMap())
     return plan
+
+
+class RecordingDatapath:
+    """A datapath plugin for core tests: keeps what it was told to program, as a
+    datapath's kernel would, and can be told to fail. (Kernel datapaths are
+    tested against real kernels in tests/host and tests/vm.)"""
+
+    def __init__(self, name: str = "recording") -> None:
+        from svcproxy.ir import ServiceMap
+
+        self.name = name
+        self.programmed = ServiceMap()
+        self.calls: list[tuple[bool, Any]] = []  # (full, delta)
+        self.fail_with: Exception | None = None
+
+    from svcproxy import hookimpl as _hookimpl
+
+    @_hookimpl
+    def svcproxy_list_datapaths(self) -> list[str]:
+        return [self.name]
+
+    @_hookimpl
+    def svcproxy_probe_datapath(self, name: str):  # type: ignore[no-untyped-def]
+        from svcproxy.datapath import ProbeResult
+
+        return ProbeResult.ok() if name == self.name else None
+
+    @_hookimpl
+    def svcproxy_apply_plan(self, name: str, plan: Any, delta: Any, full: bool):  # type: ignore[no-untyped-def]
+        from svcproxy.datapath import ApplyResult
+
+        if name != self.name:
+            return None
+        self.calls.append((full, delta))
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.programmed = plan
+        return ApplyResult(changes=len(delta), phases={"write": 0.0})
