@@ -24,8 +24,8 @@ from . import __version__
 from .config import Config, effective_values, load_config
 from .errors import SvcProxyError, UsageError
 from .ir import ServiceMap
-from .plan import Planner, make_context
 from .manager import PluginHost
+from .plan import Planner, make_context
 from .proxy import Proxy
 from .sources.manifests import ManifestSource
 from .state import ClusterState

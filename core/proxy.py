@@ -18,8 +18,8 @@ from .bus import EventBus
 from .config import Config
 from .datapath import SyncResult
 from .ir import ServiceMap
-from .plan import PlanContext, Planner, make_context
 from .manager import PluginHost
+from .plan import PlanContext, Planner, make_context
 from .runner import SyncPolicy, SyncRunner
 from .state import Change, ClusterState
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def service(name: str = "web", namespace: str = "default", *, cluster_ip: str | list[str] = "10.96.0.10",
+def service(name: str = "web", namespace: str = "default", *,
+            cluster_ip: str | list[str] = "10.96.0.10",
             ports: list[dict[str, Any]] | None = None, type: str = "ClusterIP",
             **spec: Any) -> dict[str, Any]:
     ips = cluster_ip if isinstance(cluster_ip, list) else [cluster_ip]

@@ -12,7 +12,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from svcproxy.cli import main
 
 ROOT = Path(__file__).parents[2]

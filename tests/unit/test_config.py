@@ -6,7 +6,6 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-
 from svcproxy.config import Config, effective_values, load_config, parse_config
 from svcproxy.durations import format_duration, parse_duration
 from svcproxy.errors import ConfigError
@@ -218,7 +217,7 @@ def test_configmap_errors_name_the_embedded_document(tmp_path) -> None:  # type:
 
 
 def test_missing_file_is_a_config_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
         load_config(tmp_path / "nope.yaml")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from factories import endpoint, node, service, slice_
-
 from svcproxy.errors import ObjectError
 from svcproxy.model import (
     parse_endpoint_slice,
@@ -144,7 +143,7 @@ def test_malformed_slice(mutate, field) -> None:  # type: ignore[no-untyped-def]
 def test_node() -> None:
     n = parse_node(node("n1", ips=["10.0.0.1", "fd00::1"], zone="z1"))
     assert n.ips() == ("10.0.0.1", "fd00::1") and n.zone == "z1" and n.key == "n1"
-    with pytest.raises(ObjectError, match="status.addresses.0..address"):
+    with pytest.raises(ObjectError, match=r"status\.addresses\[0\]\.address"):
         raw = node()
         raw["status"]["addresses"][0]["address"] = "not-an-ip"
         parse_node(raw)

@@ -8,12 +8,11 @@ import textwrap
 from factories import build_state, endpoint, node, plan_of, service, slice_
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from svcproxy.config import Config, parse_config
 from svcproxy.ir import FrontendKey, FrontendKind, ServiceMap
 from svcproxy.manager import PluginHost
-from svcproxy.plan import Planner, make_context, node_port_addresses
 from svcproxy.model import parse_node
+from svcproxy.plan import Planner, make_context, node_port_addresses
 
 NODE = node("node-a", ips=["192.168.1.10", "10.0.0.10", "fd00::10"], zone="z1")
 

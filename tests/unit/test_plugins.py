@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from factories import endpoint, service, slice_, plan_of
-
+from factories import endpoint, plan_of, service, slice_
 from svcproxy import hookimpl, hookspecs
 from svcproxy.config import parse_config
 from svcproxy.datapath import ApplyResult, ProbeResult

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
-
 from svcproxy.runner import SyncPolicy, SyncRunner
 
 
@@ -41,7 +41,7 @@ def test_min_interval_spaces_steady_requests() -> None:
         t = round(t + 0.1, 3)
     # a request every 100ms for 10s: 2 burst runs, then one per second
     assert len(runs) in (11, 12)
-    gaps = [b - a for a, b in zip(runs[2:], runs[3:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(runs[2:])]
     assert all(g >= 0.99 for g in gaps)
 
 
