@@ -140,3 +140,17 @@ class RecordingDatapath:
             raise self.fail_with
         self.programmed = plan
         return ApplyResult(changes=len(delta), phases={"write": 0.0})
+
+
+def install_dist(root: Any, dist: str, entry_points: dict[str, str], module: str,
+                 source: str) -> None:
+    """Install a distribution the way pip lays it out: a module plus dist-info with
+    METADATA and entry_points.txt, found by importlib.metadata on sys.path."""
+    import textwrap
+
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[svcproxy]\n{lines}\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from factories import endpoint, plan_of, service, slice_
+from factories import endpoint, install_dist, plan_of, service, slice_
 from svcproxy import hookimpl, hookspecs
 from svcproxy.config import parse_config
 from svcproxy.datapath import ApplyResult, ProbeResult
@@ -41,18 +41,6 @@ class Tagger:
     @hookimpl
     def svcproxy_adjust_frontend(self, frontend: Frontend) -> Frontend:
         return replace(frontend, scheduler_flags=(*frontend.scheduler_flags, self.tag))
-
-
-def install_dist(root: Path, dist: str, entry_points: dict[str, str], module: str,
-                 source: str) -> None:
-    """Install a distribution the way pip lays it out: a module plus dist-info with
-    METADATA and entry_points.txt, found by importlib.metadata on sys.path."""
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
-    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[svcproxy]\n{lines}\n")
 
 
 TAGGER_MODULE = """
