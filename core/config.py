@@ -404,6 +404,8 @@ class SvcProxyConfiguration:
     #: whether `plugins` came from the file (False: the built-in default list)
     plugins_explicit: bool = False
     datapaths: tuple[str, ...] = DEFAULT_DATAPATHS
+    #: options for datapath plugins, by datapath name
+    datapath_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -506,7 +508,7 @@ _PLUGIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
 def _load_svcproxy(doc: Mapping[str, Any], problems: list[ConfigProblem]) -> SvcProxyConfiguration:
-    known = ["apiVersion", "kind", "plugins", "datapaths"]
+    known = ["apiVersion", "kind", "plugins", "datapaths", "datapathOptions"]
     for key in doc:
         if key not in known:
             problems.append(ConfigProblem("", f"unknown field {key}{_nearest(str(key), known)}",
@@ -544,7 +546,18 @@ def _load_svcproxy(doc: Mapping[str, Any], problems: list[ConfigProblem]) -> Svc
                                           line_of(doc)))
         else:
             datapaths = tuple(raw_dp)
-    return SvcProxyConfiguration(plugins=plugins, plugins_explicit=explicit, datapaths=datapaths)
+    dp_options: dict[str, Mapping[str, Any]] = {}
+    raw_opts = doc.get("datapathOptions")
+    if raw_opts is not None:
+        if not isinstance(raw_opts, Mapping) or not all(isinstance(v, Mapping) or v is None
+                                                        for v in raw_opts.values()):
+            problems.append(ConfigProblem(
+                "datapathOptions", f"must map datapath names to option mappings "
+                f"(got {show(raw_opts)})", line_of(doc, "datapathOptions")))
+        else:
+            dp_options = {str(k): dict(v or {}) for k, v in raw_opts.items()}
+    return SvcProxyConfiguration(plugins=plugins, plugins_explicit=explicit, datapaths=datapaths,
+                                 datapath_options=dp_options)
 
 
 def _plugin_entry(entry: Any, path: str, problems: list[ConfigProblem]) -> PluginSpec | None:
@@ -692,6 +705,8 @@ def effective_values(config: Config) -> dict[str, Any]:
                         for p in config.svcproxy.plugins],
             "pluginsFromFile": config.svcproxy.plugins_explicit,
             "datapaths": list(config.svcproxy.datapaths),
+            "datapathOptions": {k: dict(v) for k, v in
+                                config.svcproxy.datapath_options.items()},
         },
     }
 

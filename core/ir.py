@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -115,7 +115,6 @@ class Frontend:
         return dict(self.extras).get(name, default)
 
     def with_extra(self, name: str, value: str) -> Frontend:
-        from dataclasses import replace
         extras = dict(self.extras)
         extras[name] = value
         return replace(self, extras=tuple(sorted(extras.items())))
@@ -184,6 +183,11 @@ class ServiceMap:
     services: Mapping[str, ServiceSummary] = field(default_factory=dict)
     #: the frontend keys each Service ("namespace/name") owns, for partial re-plans
     by_service: Mapping[str, tuple[FrontendKey, ...]] = field(default_factory=dict)
+    #: this node's addresses, primary first per family (datapaths need the node's
+    #: primary IP, e.g. for LoadBalancer source ranges)
+    node_ips: tuple[str, ...] = ()
+    #: the node addresses NodePorts listen on (nodePortAddresses applied)
+    node_port_ips: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, frontends: Iterable[Frontend],
@@ -211,8 +215,18 @@ class ServiceMap:
 
     def for_family(self, family: int) -> ServiceMap:
         """The part of the plan for one IP family (4 or 6)."""
-        return ServiceMap.build((f for f in self.frontends.values() if f.family == family),
+        def fam(ips: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(a for a in ips if ipaddress.ip_address(a).version == family)
+
+        part = ServiceMap.build((f for f in self.frontends.values() if f.family == family),
                                 self.services.values())
+        return replace(part, node_ips=fam(self.node_ips), node_port_ips=fam(self.node_port_ips))
+
+    def primary_ip(self, family: int) -> str | None:
+        for a in self.node_ips:
+            if ipaddress.ip_address(a).version == family:
+                return a
+        return None
 
     def backend_count(self) -> int:
         return sum(len(f.backends) for f in self.frontends.values())

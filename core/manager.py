@@ -32,16 +32,17 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "svcproxy"
 
-#: Built-in plugins by name -> module. Feature plugins first, then datapaths.
+#: Built-in plugins by name -> module, or "module:Class" for plugins that keep
+#: state (a fresh instance per PluginHost). Feature plugins first, then datapaths.
 BUILTIN_PLUGINS: dict[str, str] = {
     "clusterip": "svcproxy.plugins.clusterip",
     "nodeport": "svcproxy.plugins.nodeport",
     "externalips": "svcproxy.plugins.externalips",
     "loadbalancer": "svcproxy.plugins.loadbalancer",
     "affinity": "svcproxy.plugins.affinity",
-    "ipvs": "svcproxy.plugins.ipvs",
-    "iptables": "svcproxy.plugins.iptables",
-    "nftables": "svcproxy.plugins.nftables",
+    "ipvs": "svcproxy.plugins.ipvs:IpvsPlugin",
+    "iptables": "svcproxy.plugins.iptables:IptablesPlugin",
+    "nftables": "svcproxy.plugins.nftables:NftablesPlugin",
 }
 
 #: Plugins that are always enabled: without them no Service is reachable at all.
@@ -86,13 +87,15 @@ class PluginHost:
     def _resolve(self, name: str, eps: Mapping[str, importlib.metadata.EntryPoint]
                  ) -> tuple[Any, str]:
         if name in BUILTIN_PLUGINS:
+            module_name, _, attr = BUILTIN_PLUGINS[name].partition(":")
             try:
-                return importlib.import_module(BUILTIN_PLUGINS[name]), "built-in"
+                module = importlib.import_module(module_name)
             except ModuleNotFoundError as exc:
-                if exc.name == BUILTIN_PLUGINS[name]:
+                if exc.name == module_name:
                     raise PluginError(f"built-in plugin {name!r} is not part of this svcproxy "
                                       "version") from None
                 raise
+            return (_instantiate(getattr(module, attr)) if attr else module), "built-in"
         ep = eps.get(name)
         if ep is not None:
             dist = ep.dist
@@ -149,7 +152,9 @@ class PluginHost:
             except PluginError as exc:
                 self.missing_datapaths[dp] = str(exc)
                 continue
-            loaded.append(LoadedPlugin(dp, obj, origin, datapath=True))
+            loaded.append(LoadedPlugin(dp, obj, origin, datapath=True,
+                                       options=self.config.svcproxy.datapath_options.get(dp),
+                                       config_path=f"datapathOptions.{dp}"))
             enabled.add(dp)
         # pluggy calls the most recently registered implementation first, so
         # registering in reverse makes the config order the call order.
@@ -190,7 +195,8 @@ class PluginHost:
             try:
                 caller(config=self.config, options=dict(lp.options or {}))
             except (PluginError, ValueError, TypeError) as exc:
-                path = f"{lp.config_path}.options" if lp.config_path else f"plugin {lp.name}"
+                path = lp.config_path if lp.datapath else (
+                    f"{lp.config_path}.options" if lp.config_path else f"plugin {lp.name}")
                 raise ConfigError(self.config.source, [ConfigProblem(path, str(exc))]) from None
 
     # -- planning -------------------------------------------------------------------

@@ -164,6 +164,11 @@ def _summary(service: Service, ports: list[PortContext]) -> ServiceSummary:
                           no_local_endpoints_external=no_local_ext)
 
 
+def _node_ips(ctx: PlanContext) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return ((*ctx.node_addresses.get(4, ()), *ctx.node_addresses.get(6, ())),
+            (*ctx.node_port_addresses.get(4, ()), *ctx.node_port_addresses.get(6, ())))
+
+
 class Planner:
     """Turns cluster state into ServiceMaps through the plugins' frontend hooks."""
 
@@ -223,7 +228,7 @@ class Planner:
         by_service: dict[str, tuple[FrontendKey, ...]] = {}
         summaries: dict[str, ServiceSummary] = {}
         self._plan_into(ctx, state, state.services.keys(), frontends, by_service, summaries)
-        new = ServiceMap(frontends, summaries, by_service)
+        new = ServiceMap(frontends, summaries, by_service, *_node_ips(ctx))
         return new, new.diff(previous)
 
     def plan_partial(self, ctx: PlanContext, state: ClusterState, previous: ServiceMap,
@@ -244,5 +249,5 @@ class Planner:
         created = sorted(k for k in new_keys if k not in old)
         deleted = sorted(k for k in old if k not in new_keys)
         updated = sorted(k for k in new_keys if k in old and old[k] != frontends[k])
-        return (ServiceMap(frontends, summaries, by_service),
+        return (ServiceMap(frontends, summaries, by_service, *_node_ips(ctx)),
                 PlanDelta(tuple(created), tuple(updated), tuple(deleted)))

@@ -1,0 +1,183 @@
+"""Built-in datapath plugin `iptables`: kube-proxy's iptables-mode layout, the
+automatic fallback when IPVS cannot run.
+
+Options, from ``datapathOptions.iptables`` in the SvcProxyConfiguration
+(see docs/iptables.md):
+
+- ``backend``: ``auto`` (default; the backend the host already uses, as
+  kube-proxy decides it), ``nft`` or ``legacy``;
+- ``netns``: run every iptables/conntrack command inside this network
+  namespace (tests and benchmarks use a namespace as the "node").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from svcproxy import hookimpl
+from svcproxy.config import Config
+from svcproxy.datapath import ApplyResult, ProbeResult
+from svcproxy.errors import PluginError
+from svcproxy.ir import PlanDelta, ServiceMap
+
+from .datapath import FamilyState, cleanup_family, render_iptables_save, sync_family
+from .kernel import BACKENDS, IptablesKernel, KernelError, detect_backend
+from .rules import RuleOptions
+
+log = logging.getLogger(__name__)
+
+NAME = "iptables"
+FORMAT = "iptables-save"
+
+
+def rule_options(config: Config, family: int, plan: ServiceMap | None = None) -> RuleOptions:
+    """Rendering settings from the KubeProxyConfiguration (and the node's addresses)."""
+    kp = config.kube_proxy
+    detector: tuple[str, str] | None = None
+    mode = kp.effective_detect_local_mode
+    if mode == "ClusterCIDR":
+        cidr = next((c for c in kp.cluster_cidr
+                     if ipaddress.ip_network(c).version == family), None)
+        detector = ("-s", cidr) if cidr else None
+    elif mode == "BridgeInterface":
+        detector = ("-i", kp.detect_local.bridge_interface)
+    elif mode == "InterfaceNamePrefix":
+        detector = ("-i", kp.detect_local.interface_name_prefix + "+")
+    # NodeCIDR needs the Node's podCIDRs, which the plan does not carry yet:
+    # like kube-proxy without a CIDR, the detector is then a no-op.
+    setting = list(kp.node_port_addresses)
+    node_ports: tuple[str, ...] | None = None
+    if setting and setting != ["all"] and plan is not None:
+        node_ports = tuple(a for a in plan.node_port_ips
+                           if ipaddress.ip_address(a).version == family)
+    return RuleOptions(family=family, masquerade_bit=kp.masquerade_bit,
+                       masquerade_all=kp.masquerade_all, local_detector=detector,
+                       tcp_be_liberal=kp.conntrack.tcp_be_liberal,
+                       node_port_addresses=node_ports,
+                       node_ip=plan.primary_ip(family) if plan is not None else None)
+
+
+class IptablesPlugin:
+    def __init__(self) -> None:
+        self.config = Config()
+        self.backend_setting = "auto"
+        self.netns: str | None = None
+        self.backend: str | None = None
+        self.families: dict[int, FamilyState] = {}
+
+    # -- configuration -----------------------------------------------------------
+
+    @hookimpl
+    def svcproxy_configure_plugin(self, config: Config, options: Mapping[str, Any]) -> None:
+        self.config = config
+        opts = dict(options)
+        unknown = sorted(set(opts) - {"backend", "netns"})
+        if unknown:
+            raise PluginError(f"iptables: unknown option {unknown[0]!r} "
+                              "(options: backend, netns)")
+        backend = opts.get("backend", "auto")
+        if backend not in ("auto", *BACKENDS):
+            raise PluginError(f"iptables: backend must be auto, nft or legacy (got {backend!r})")
+        self.backend_setting = backend
+        netns = opts.get("netns")
+        if netns is not None and not isinstance(netns, str):
+            raise PluginError(f"iptables: netns must be a namespace name (got {netns!r})")
+        self.netns = netns
+
+    def _backend(self) -> str:
+        if self.backend is None:
+            if self.backend_setting == "auto":
+                self.backend, why = detect_backend(4, self.netns)
+                log.info("iptables backend: %s (%s)", self.backend, why)
+            else:
+                self.backend = self.backend_setting
+        return self.backend
+
+    def _family(self, family: int) -> FamilyState:
+        if family not in self.families:
+            kernel = IptablesKernel(family, self._backend(), self.netns)
+            self.families[family] = FamilyState(kernel)
+        return self.families[family]
+
+    # -- datapath hooks -----------------------------------------------------------
+
+    @hookimpl
+    def svcproxy_list_datapaths(self) -> list[str]:
+        return [NAME]
+
+    @hookimpl
+    def svcproxy_list_plan_formats(self) -> list[str]:
+        return [FORMAT]
+
+    @hookimpl
+    def svcproxy_probe_datapath(self, name: str) -> ProbeResult | None:
+        if name != NAME:
+            return None
+        try:
+            reason = IptablesKernel(4, self._backend(), self.netns).available()
+        except KernelError as exc:
+            reason = str(exc)
+        return ProbeResult.unusable(reason) if reason else ProbeResult.ok()
+
+    @hookimpl
+    def svcproxy_apply_plan(self, name: str, plan: ServiceMap, delta: PlanDelta,
+                            full: bool) -> ApplyResult | None:
+        if name != NAME:
+            return None
+        families = {f.family for f in plan} | {4} | set(self.families)
+        written = deleted = jumps = conntrack = 0
+        phases: dict[str, float] = {}
+        details: dict[str, object] = {}
+        for family in sorted(families):
+            state = self._family(family)
+            part = plan.for_family(family)
+            changed = None if full else [k for k in delta.changed
+                                         if ipaddress.ip_address(k.address).version == family]
+            if changed is not None and not changed and state.written is not None:
+                continue
+            try:
+                res = sync_family(state, part, changed, rule_options(self.config, family, part))
+            except KernelError as exc:
+                raise KernelError(f"IPv{family}: {exc}") from None
+            written += len(res.written)
+            deleted += len(res.deleted)
+            jumps += res.jumps
+            conntrack += res.conntrack_deleted
+            for k, v in res.phases.items():
+                phases[f"ipv{family}.{k}"] = v
+            details[f"ipv{family}"] = {"written": [f"{t}/{c}" for t, c in res.written],
+                                       "deleted": [f"{t}/{c}" for t, c in res.deleted]}
+        details["conntrack_deleted"] = conntrack
+        details["backend"] = self.backend
+        return ApplyResult(changes=written + deleted + jumps, repaired=0 if not full else
+                           written + deleted + jumps, phases=phases, details=details)
+
+    @hookimpl
+    def svcproxy_render_plan(self, name: str, plan: ServiceMap, output: str) -> str | None:
+        if output != FORMAT:
+            return None
+        families = sorted({f.family for f in plan} | {4})
+        parts = []
+        for family in families:
+            part = plan.for_family(family)
+            text = render_iptables_save(part, rule_options(self.config, family, part))
+            tool = "iptables-save" if family == 4 else "ip6tables-save"
+            parts.append(f"# {tool}\n{text}")
+        return "".join(parts)
+
+    @hookimpl
+    def svcproxy_cleanup_datapath(self) -> list[str]:
+        lines: list[str] = []
+        for family in (4, 6):
+            kernel = IptablesKernel(family, self._backend(), self.netns)
+            try:
+                lines += cleanup_family(kernel)
+            except KernelError as exc:
+                if family == 4:
+                    raise
+                log.debug("IPv6 cleanup skipped: %s", exc)
+        return lines
+

@@ -1,0 +1,297 @@
+"""Reconciling the kernel's iptables rules with the plan, one IP family at a time.
+
+The desired ruleset is assembled from per-service-port blocks (rules.py) plus
+the config-only chains. What is compared against it depends on the sync:
+
+- partial: only the service ports the delta touched are re-rendered and
+  compared with what svcproxy last wrote (kept in memory); the shared chains
+  are rewritten only if one of their fragments changed;
+- full: every chain is re-rendered and compared with what `iptables-save`
+  reads back from the kernel, so rules changed or deleted behind svcproxy's
+  back are repaired and stale chains removed.
+
+Either way only chains that differ are written, in one `iptables-restore
+--noflush` per table; nothing differing means nothing is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from svcproxy.ir import Frontend, FrontendKey, ServiceMap
+
+from .kernel import IptablesKernel
+from .rules import (
+    FILTER_CHAINS,
+    JUMPS,
+    NAT_CHAINS,
+    ChainKey,
+    RuleOptions,
+    ServicePortRules,
+    is_owned,
+    nodeports_jump,
+    service_port_rules,
+    static_chains,
+)
+
+log = logging.getLogger(__name__)
+
+SPKey = tuple[str, str]  # (service port name, protocol)
+#: the shared chains built from per-service-port fragments
+SHARED: tuple[ChainKey, ...] = (("nat", "KUBE-SERVICES"), ("nat", "KUBE-NODEPORTS"),
+                                ("filter", "KUBE-SERVICES"), ("filter", "KUBE-EXTERNAL-SERVICES"),
+                                ("filter", "KUBE-NODEPORTS"), ("filter", "KUBE-PROXY-FIREWALL"))
+TABLES = ("filter", "nat")
+
+
+def group(frontends: Iterable[Frontend]) -> dict[SPKey, list[Frontend]]:
+    out: dict[SPKey, list[Frontend]] = {}
+    for f in frontends:
+        out.setdefault((f.service, f.protocol), []).append(f)
+    for fs in out.values():
+        fs.sort(key=lambda f: f.key)
+    return out
+
+
+def render_service_ports(plan: ServiceMap, keys: Iterable[SPKey] | None,
+                         opts: RuleOptions) -> dict[SPKey, ServicePortRules]:
+    """Rules for the given service ports (all of them when keys is None)."""
+    if keys is None:
+        groups = group(plan)
+    else:
+        wanted = set(keys)
+        services = {k[0].split(":", 1)[0] for k in wanted}
+        frontends = [plan.frontends[fk] for s in services for fk in plan.by_service.get(s, ())
+                     if fk in plan.frontends]
+        groups = {k: v for k, v in group(frontends).items() if k in wanted}
+    out = {}
+    for key, fes in groups.items():
+        summary = plan.services.get(fes[0].service_key)
+        hc = summary.health_check_node_port if summary else 0
+        out[key] = service_port_rules(fes, hc, opts)
+    return out
+
+
+def assemble_shared(sp_rules: Mapping[SPKey, ServicePortRules], chain: ChainKey,
+                    opts: RuleOptions) -> tuple[str, ...]:
+    lines: list[str] = []
+    for key in sorted(sp_rules):
+        lines.extend(sp_rules[key].fragments.get(chain, ()))
+    if chain == ("nat", "KUBE-SERVICES"):
+        lines.extend(nodeports_jump(opts))
+    return tuple(lines)
+
+
+def desired_ruleset(sp_rules: Mapping[SPKey, ServicePortRules],
+                    opts: RuleOptions) -> dict[ChainKey, tuple[str, ...]]:
+    """Every chain svcproxy owns, with its rules."""
+    out: dict[ChainKey, tuple[str, ...]] = {}
+    for chain in NAT_CHAINS:
+        out[("nat", chain)] = ()
+    for chain in FILTER_CHAINS:
+        out[("filter", chain)] = ()
+    out.update(static_chains(opts))
+    for chain in SHARED:
+        out[chain] = assemble_shared(sp_rules, chain, opts)
+    for key in sorted(sp_rules):
+        out.update(sp_rules[key].chains)
+    return out
+
+
+def restore_text(writes: Mapping[ChainKey, tuple[str, ...]], deletes: Iterable[ChainKey],
+                 jumps: Iterable[tuple[str, str, str]] = (),
+                 unjumps: Iterable[tuple[str, str, str]] = ()) -> str:
+    """iptables-restore --noflush input: declaring a chain flushes it, then its
+    rules; chains to delete are flushed first and removed at the end, after
+    nothing refers to them any more."""
+    deletes = list(deletes)
+    jumps = list(jumps)
+    unjumps = list(unjumps)
+    out: list[str] = []
+    for table in TABLES:
+        w = sorted(c for t, c in writes if t == table)
+        d = sorted(c for t, c in deletes if t == table)
+        j = [(c, body) for t, c, body in jumps if t == table]
+        u = [(c, body) for t, c, body in unjumps if t == table]
+        if not (w or d or j or u):
+            continue
+        out.append(f"*{table}")
+        out.extend(f":{c} - [0:0]" for c in [*w, *d])
+        for c in w:
+            out.extend(writes[(table, c)])
+        out.extend(f"-D {c} {body}" for c, body in u)
+        # inserted at position 1 in reverse, so they end up in JUMPS order
+        out.extend(f"-I {c} 1 {body}" for c, body in reversed(j))
+        out.extend(f"-X {c}" for c in d)
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
+
+
+def render_iptables_save(plan: ServiceMap, opts: RuleOptions) -> str:
+    """What `svcproxy plan --output iptables-save` prints: svcproxy's chains as
+    iptables-save shows them after a sync (chain order as iptables-save sorts)."""
+    chains = desired_ruleset(render_service_ports(plan, None, opts), opts)
+    out: list[str] = []
+    for table in TABLES:
+        names = sorted(c for t, c in chains if t == table)
+        out.append(f"*{table}")
+        out.extend(f":{c} - [0:0]" for c in names)
+        jumps = [f"-A {c} {body}" for t, c, body in JUMPS if t == table]
+        out.extend(jumps)
+        for c in names:
+            out.extend(chains[(table, c)])
+        out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+@dataclass
+class FamilyState:
+    kernel: IptablesKernel
+    #: per service port, what was last applied successfully
+    sp_rules: dict[SPKey, ServicePortRules] = field(default_factory=dict)
+    #: chain -> rules as svcproxy last wrote them (None until a full sync read them)
+    written: dict[ChainKey, tuple[str, ...]] | None = None
+    plan: ServiceMap = field(default_factory=ServiceMap)
+
+
+@dataclass
+class FamilyResult:
+    written: list[ChainKey] = field(default_factory=list)
+    deleted: list[ChainKey] = field(default_factory=list)
+    jumps: int = 0
+    conntrack_deleted: int = 0
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def _touched(keys: Iterable[FrontendKey], *plans: ServiceMap) -> set[SPKey]:
+    out: set[SPKey] = set()
+    for k in keys:
+        for plan in plans:
+            f = plan.frontends.get(k)
+            if f is not None:
+                out.add((f.service, f.protocol))
+    return out
+
+
+def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[FrontendKey] | None,
+                opts: RuleOptions) -> FamilyResult:
+    """Bring one family's kernel rules to `plan`. `changed` None = full sync."""
+    result = FamilyResult()
+    t0 = time.perf_counter()
+    full = changed is None or state.written is None
+    if full:
+        sp_rules = render_service_ports(plan, None, opts)
+        desired = desired_ruleset(sp_rules, opts)
+        t1 = time.perf_counter()
+        current: dict[ChainKey, tuple[str, ...]] = {}
+        builtin: dict[ChainKey, tuple[str, ...]] = {}
+        for table in TABLES:
+            for chain, rules in state.kernel.save(table).items():
+                if is_owned(table, chain):
+                    current[(table, chain)] = rules
+                else:
+                    builtin[(table, chain)] = rules
+        result.phases["read"] = time.perf_counter() - t1
+        writes = {c: r for c, r in desired.items() if current.get(c) != r}
+        deletes = [c for c in current if c not in desired]
+        jumps = [(t, c, body) for t, c, body in JUMPS
+                 if f"-A {c} {body}" not in builtin.get((t, c), ())]
+        new_sp = sp_rules
+    else:
+        assert state.written is not None and changed is not None
+        touched = _touched(changed, plan, state.plan)
+        fresh = render_service_ports(plan, touched, opts)
+        new_sp = dict(state.sp_rules)
+        old_chains: set[ChainKey] = set()
+        shared_dirty: set[ChainKey] = set()
+        for key in touched:
+            old = new_sp.pop(key, None)
+            new = fresh.get(key)
+            if old is not None:
+                old_chains.update(old.chains)
+            if new is not None:
+                new_sp[key] = new
+            for chain in SHARED:
+                before = old.fragments.get(chain, ()) if old else ()
+                after = new.fragments.get(chain, ()) if new else ()
+                if before != after:
+                    shared_dirty.add(chain)
+        desired = {c: r for n in fresh.values() for c, r in n.chains.items()}
+        for chain in shared_dirty:
+            desired[chain] = assemble_shared(new_sp, chain, opts)
+        writes = {c: r for c, r in desired.items() if state.written.get(c) != r}
+        still_used = {c for k in touched if k in new_sp for c in new_sp[k].chains}
+        deletes = [c for c in old_chains if c not in still_used]
+        jumps = []
+    result.phases["render"] = time.perf_counter() - t0 - result.phases.get("read", 0.0)
+    text = restore_text(writes, deletes, jumps)
+    if text:
+        t2 = time.perf_counter()
+        state.kernel.restore(text)
+        result.phases["restore"] = time.perf_counter() - t2
+    result.written = sorted(writes)
+    result.deleted = sorted(deletes)
+    result.jumps = len(jumps)
+    # success: remember what the kernel now holds
+    if full:
+        state.written = dict(desired)
+    else:
+        assert state.written is not None
+        state.written.update(writes)
+        for c in deletes:
+            state.written.pop(c, None)
+    t3 = time.perf_counter()
+    result.conntrack_deleted = clear_stale_udp(state, state.sp_rules, new_sp, plan)
+    result.phases["conntrack"] = time.perf_counter() - t3
+    state.sp_rules = new_sp
+    state.plan = plan
+    return result
+
+
+def clear_stale_udp(state: FamilyState, old: Mapping[SPKey, ServicePortRules],
+                    new: Mapping[SPKey, ServicePortRules], plan: ServiceMap) -> int:
+    """Delete UDP conntrack entries that would keep steering clients to an
+    endpoint that is gone, or to nothing (entries created while a service had
+    no endpoints), as kube-proxy does after each sync."""
+    deleted = 0
+    for key in set(old) | set(new):
+        if key[1] != "UDP":
+            continue
+        before, after = old.get(key), new.get(key)
+        if before == after:
+            continue
+        targets = (after or before).udp_targets if (after or before) else ()
+        gone = (before.endpoints if before else frozenset()) - \
+            (after.endpoints if after else frozenset())
+        for address, port in targets:
+            for ip in sorted(gone):
+                deleted += state.kernel.conntrack_delete(
+                    ["-p", "udp", "--orig-dst", address, "--orig-port-dst", str(port),
+                     "--dst-nat", ip])
+            if before is not None and not before.endpoints and after is not None \
+                    and after.endpoints:
+                deleted += state.kernel.conntrack_delete(
+                    ["-p", "udp", "--orig-dst", address, "--orig-port-dst", str(port)])
+    return deleted
+
+
+def cleanup_family(kernel: IptablesKernel) -> list[str]:
+    """Remove svcproxy's jump rules and chains (and kube-proxy iptables-mode
+    leftovers, which share the layout); touch nothing else."""
+    owned: list[ChainKey] = []
+    unjumps = []
+    for table in TABLES:
+        chains = kernel.save(table)
+        owned += [(table, c) for c in chains if is_owned(table, c)]
+        for t, c, body in JUMPS:
+            if t == table and f"-A {c} {body}" in chains.get(c, ()):
+                unjumps.append((t, c, body))
+    text = restore_text({}, owned, unjumps=unjumps)
+    if not text:
+        return []
+    kernel.restore(text)
+    fam = "ip6tables" if kernel.family == 6 else "iptables"
+    return [f"{fam}: removed {len(unjumps)} jump rules and {len(owned)} chains"]

@@ -1,0 +1,176 @@
+"""The iptables datapath's only door to the kernel: iptables-save, iptables-restore
+and conntrack, for one IP family, in the host or in a network namespace.
+
+Programming goes through `iptables-restore --noflush` (atomic per table, and the
+only interface that works for both backends). python-iptables is not used: it
+drives only the legacy backend, so on a host whose `iptables` is the nft variant
+its rules would land in the other world silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("nft", "legacy")
+#: kubelet creates this chain in the mangle table of the backend it uses
+HINT_CHAIN = "KUBE-IPTABLES-HINT"
+
+
+class KernelError(Exception):
+    """An iptables tool failed; the message carries its output."""
+
+
+@dataclass
+class Table:
+    """One table as iptables-save shows it."""
+
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def parse_save(text: str) -> dict[str, Table]:
+    """iptables-save output -> table -> chain -> rule lines (each starting "-A")."""
+    tables: dict[str, Table] = {}
+    current: Table | None = None
+    rules: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:].strip(), Table())
+            rules = {}
+        elif current is None or not line or line.startswith("#"):
+            continue
+        elif line.startswith(":"):
+            name = line[1:].split(" ", 1)[0]
+            rules[name] = []
+        elif line.startswith("-A "):
+            name = line.split(" ", 2)[1]
+            rules.setdefault(name, []).append(line)
+        elif line == "COMMIT":
+            current.chains = {k: tuple(v) for k, v in rules.items()}
+    return tables
+
+
+class IptablesKernel:
+    """Runs the iptables tools for one family and backend, optionally inside a
+    network namespace (tests and benchmarks use one as the "node")."""
+
+    def __init__(self, family: int = 4, backend: str = "nft", netns: str | None = None,
+                 timeout: float = 120.0) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
+        self.family = family
+        self.backend = backend
+        self.netns = netns
+        self.timeout = timeout
+        #: how many restores this object ran (tests check "no change, no write")
+        self.restores = 0
+        self.last_restore = ""
+
+    # -- commands ------------------------------------------------------------------
+
+    def tool(self, name: str) -> str:
+        """e.g. tool("save") -> "ip6tables-nft-save"."""
+        base = "iptables" if self.family == 4 else "ip6tables"
+        return f"{base}-{self.backend}" + ("" if name == "" else f"-{name}")
+
+    def _prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.netns] if self.netns else []
+
+    def run(self, args: Sequence[str], stdin: str | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [*self._prefix(), *args]
+        try:
+            proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True,
+                                  timeout=self.timeout, env={**os.environ, "LC_ALL": "C"})
+        except FileNotFoundError:
+            raise KernelError(f"{args[0]} not found (install the iptables package)") from None
+        except subprocess.TimeoutExpired:
+            raise KernelError(f"{args[0]} did not finish in {self.timeout:.0f}s") from None
+        if check and proc.returncode != 0:
+            raise KernelError(f"{' '.join(args[:3])} failed (exit {proc.returncode}): "
+                              f"{proc.stderr.strip() or proc.stdout.strip()}")
+        return proc
+
+    def available(self) -> str | None:
+        """None when the tools work here, else why not."""
+        for name in ("save", "restore"):
+            if shutil.which(self.tool(name)) is None:
+                return f"{self.tool(name)} not found (install the iptables package)"
+        try:
+            self.run([self.tool(""), "-w", "5", "-t", "nat", "-S", "POSTROUTING"])
+            self.run([self.tool(""), "-w", "5", "-t", "filter", "-S", "FORWARD"])
+        except KernelError as exc:
+            return f"the kernel refused iptables ({self.backend} backend): {exc}"
+        return None
+
+    def save(self, table: str) -> dict[str, tuple[str, ...]]:
+        text = self.run([self.tool("save"), "-t", table]).stdout
+        return parse_save(text).get(table, Table()).chains
+
+    def restore(self, text: str) -> None:
+        self.restores += 1
+        self.last_restore = text
+        proc = self.run([self.tool("restore"), "-w", "5", "--noflush"], stdin=text, check=False)
+        if proc.returncode != 0:
+            raise KernelError(_explain_restore_failure(proc.stderr, text))
+
+    def conntrack_delete(self, args: Sequence[str]) -> int:
+        """Delete matching conntrack entries; returns how many were deleted."""
+        family = ["-f", "ipv6"] if self.family == 6 else []
+        proc = self.run(["conntrack", "-D", *family, *args], check=False)
+        m = re.search(r"(\d+) flow entries have been deleted", proc.stderr)
+        return int(m.group(1)) if m else 0
+
+
+def _explain_restore_failure(stderr: str, text: str) -> str:
+    m = re.search(r"line:? (\d+)", stderr)
+    detail = stderr.strip()
+    if m:
+        lines = text.splitlines()
+        n = int(m.group(1))
+        if 0 < n <= len(lines):
+            detail += f" (input line {n}: {lines[n - 1][:200]})"
+    return f"iptables-restore failed; nothing in the failed table was changed: {detail}"
+
+
+def detect_backend(family: int = 4, netns: str | None = None) -> tuple[str, str]:
+    """The backend the host already uses, as kube-proxy's iptables wrapper
+    decides it: the one holding kubelet's hint chain, else the one with more
+    rules, else the system's default `iptables`. Returns (backend, why)."""
+    counts: dict[str, int] = {}
+    for backend in BACKENDS:
+        k = IptablesKernel(family, backend, netns)
+        if shutil.which(k.tool("save")) is None:
+            continue
+        try:
+            mangle = k.run([k.tool("save"), "-t", "mangle"], check=False).stdout
+            if f":{HINT_CHAIN} " in mangle:
+                return backend, f"kubelet's {HINT_CHAIN} chain is in the {backend} tables"
+            text = k.run([k.tool("save")], check=False).stdout
+        except KernelError:
+            continue
+        counts[backend] = sum(1 for line in text.splitlines() if line.startswith("-A "))
+    if counts and max(counts.values()) > 0:
+        best = max(counts, key=lambda b: (counts[b], b == "nft"))
+        return best, f"the {best} backend holds the most rules ({counts})"
+    default = _system_default()
+    return default, f"no rules yet; the system default iptables is {default}"
+
+
+def _system_default() -> str:
+    path = shutil.which("iptables")
+    if path is None:
+        return "nft"
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "nft"
+    return "legacy" if "legacy" in out else "nft"

@@ -1,0 +1,450 @@
+"""kube-proxy's iptables-mode rule layout, rendered from the plan IR.
+
+Pure functions, no kernel access. Rules are rendered in the exact text
+`iptables-save` prints back (address masks, match order, `--set-xmark`, the
+`recent` defaults, the statistic probability as the kernel stores it), so the
+same text is restore input, `svcproxy plan --output iptables-save` output, and
+comparable line by line with what the kernel holds.
+
+Layout and chain names follow kube-proxy (pkg/proxy/iptables/proxier.go); see
+kube-proxy-behaviour.md 1.12.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from svcproxy.ir import Backend, Frontend, FrontendKind
+
+# Top-level chains svcproxy owns, per table, in kube-proxy's order.
+NAT_CHAINS = ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ")
+FILTER_CHAINS = ("KUBE-SERVICES", "KUBE-EXTERNAL-SERVICES", "KUBE-NODEPORTS", "KUBE-FORWARD",
+                 "KUBE-PROXY-FIREWALL")
+#: per-service and per-endpoint chains (nat); any chain with these prefixes is svcproxy's
+SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
+
+ChainKey = tuple[str, str]  # (table, chain)
+
+NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
+
+
+def is_owned(table: str, chain: str) -> bool:
+    """Whether a chain is one svcproxy (like kube-proxy's iptables mode) owns."""
+    if table == "nat":
+        return chain in NAT_CHAINS or chain.startswith(SERVICE_CHAIN_PREFIXES)
+    if table == "filter":
+        return chain in FILTER_CHAINS
+    return False
+
+
+# ---- names -----------------------------------------------------------------------
+
+def _hash(text: str) -> str:
+    digest = hashlib.sha256(text.encode()).digest()
+    return base64.b32encode(digest).decode()[:16]
+
+
+def chain_suffix(service_port: str, protocol: str) -> str:
+    """kube-proxy's portProtoHash: base32(sha256(servicePortName + protocol))[:16]."""
+    return _hash(service_port + protocol.lower())
+
+
+def endpoint_chain(service_port: str, protocol: str, endpoint: str) -> str:
+    """KUBE-SEP-<hash(servicePortName + protocol + "ip:port")>."""
+    return "KUBE-SEP-" + _hash(service_port + protocol.lower() + endpoint)
+
+
+# ---- canonical rule text -------------------------------------------------------
+
+def host(address: str) -> str:
+    ip = ipaddress.ip_address(address)
+    return f"{ip}/{ip.max_prefixlen}"
+
+
+def host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def comment(text: str) -> str:
+    return f'-m comment --comment "{text}"'
+
+
+def probability(p: float) -> str:
+    """The statistic match's probability as iptables-save prints it: kube-proxy
+    writes %0.10f, the kernel keeps lround(p * 2^31) and save prints %.11f."""
+    written = float(f"{p:0.10f}")
+    stored = int(written * 0x80000000 + 0.5)
+    return f"{stored / 0x80000000:.11f}"
+
+
+def mark(bit: int) -> str:
+    return f"{1 << bit:#x}"
+
+
+def rule(chain: str, *, src: str | None = None, not_src: str | None = None,
+         dst: str | None = None, iface: str | None = None, not_iface: str | None = None,
+         proto: str | None = None, matches: Sequence[str] = (),
+         target: str | None = None) -> str:
+    """One `-A` line in iptables-save's canonical order."""
+    parts = [f"-A {chain}"]
+    if not_src is not None:
+        parts.append(f"! -s {not_src}")
+    if src is not None:
+        parts.append(f"-s {src}")
+    if dst is not None:
+        parts.append(f"-d {dst}")
+    if not_iface is not None:
+        parts.append(f"! -i {not_iface}")
+    if iface is not None:
+        parts.append(f"-i {iface}")
+    if proto is not None:
+        parts.append(f"-p {proto}")
+    parts.extend(m for m in matches if m)
+    if target is not None:
+        parts.append(f"-j {target}")
+    return " ".join(parts)
+
+
+def port_match(proto: str, port: int) -> str:
+    return f"-m {proto} --dport {port}"
+
+
+# ---- settings a ruleset depends on ------------------------------------------------
+
+@dataclass(frozen=True)
+class RuleOptions:
+    """Config-derived settings for rendering (one per IP family)."""
+
+    family: int = 4
+    masquerade_bit: int = 14
+    masquerade_all: bool = False
+    #: "if local" source match for traffic from pods: ("-s", cidr) or ("-i", name)
+    local_detector: tuple[str, str] | None = None
+    tcp_be_liberal: bool = False
+    random_fully: bool = True
+    #: None = every local address (-m addrtype --dst-type LOCAL); otherwise the
+    #: node addresses NodePorts listen on
+    node_port_addresses: tuple[str, ...] | None = None
+    #: the node's primary IP (LoadBalancer source ranges that contain it also
+    #: admit the node's own hairpin traffic, as kube-proxy does)
+    node_ip: str | None = None
+
+    @property
+    def mark(self) -> str:
+        return mark(self.masquerade_bit)
+
+    def if_local(self) -> dict[str, str]:
+        """rule() arguments matching traffic from local pods."""
+        if self.local_detector is None:
+            return {}
+        kind, value = self.local_detector
+        return {"src": value} if kind == "-s" else {"iface": value}
+
+    def if_not_local(self) -> dict[str, str]:
+        if self.local_detector is None:
+            return {}
+        kind, value = self.local_detector
+        return {"not_src": value} if kind == "-s" else {"not_iface": value}
+
+    def reject(self) -> str:
+        return "REJECT --reject-with " + ("icmp-port-unreachable" if self.family == 4
+                                           else "icmp6-port-unreachable")
+
+    def recent_mask(self) -> str:
+        return "255.255.255.255" if self.family == 4 else \
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+
+
+def static_chains(opts: RuleOptions) -> dict[ChainKey, tuple[str, ...]]:
+    """Chains whose content depends only on the config."""
+    m = opts.mark
+    masq = "MASQUERADE --random-fully" if opts.random_fully else "MASQUERADE"
+    forward = []
+    if not opts.tcp_be_liberal:
+        forward.append(rule("KUBE-FORWARD", matches=["-m conntrack --ctstate INVALID"],
+                            target="DROP"))
+    forward += [
+        rule("KUBE-FORWARD", matches=[comment("kubernetes forwarding rules"),
+                                      f"-m mark --mark {m}/{m}"], target="ACCEPT"),
+        rule("KUBE-FORWARD", matches=[comment("kubernetes forwarding conntrack rule"),
+                                      "-m conntrack --ctstate RELATED,ESTABLISHED"],
+             target="ACCEPT"),
+    ]
+    return {
+        ("nat", "KUBE-MARK-MASQ"): (rule("KUBE-MARK-MASQ", target=f"MARK --set-xmark {m}/{m}"),),
+        ("nat", "KUBE-POSTROUTING"): (
+            rule("KUBE-POSTROUTING", matches=[f"-m mark ! --mark {m}/{m}"], target="RETURN"),
+            rule("KUBE-POSTROUTING", target=f"MARK --set-xmark {m}/0x0"),
+            rule("KUBE-POSTROUTING",
+                 matches=[comment("kubernetes service traffic requiring SNAT")], target=masq),
+        ),
+        ("filter", "KUBE-FORWARD"): tuple(forward),
+    }
+
+
+#: Jumps from built-in chains into svcproxy's chains: (table, chain, rule body).
+JUMPS: tuple[tuple[str, str, str], ...] = (
+    ("filter", "INPUT", '-m conntrack --ctstate NEW -m comment --comment '
+                        '"kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL'),
+    ("filter", "INPUT", '-m comment --comment "kubernetes health check service ports" '
+                        '-j KUBE-NODEPORTS'),
+    ("filter", "INPUT", '-m conntrack --ctstate NEW -m comment --comment '
+                        '"kubernetes externally-visible service portals" '
+                        '-j KUBE-EXTERNAL-SERVICES'),
+    ("filter", "FORWARD", '-m conntrack --ctstate NEW -m comment --comment '
+                          '"kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL'),
+    ("filter", "FORWARD", '-m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD'),
+    ("filter", "FORWARD", '-m conntrack --ctstate NEW -m comment --comment '
+                          '"kubernetes service portals" -j KUBE-SERVICES'),
+    ("filter", "FORWARD", '-m conntrack --ctstate NEW -m comment --comment '
+                          '"kubernetes externally-visible service portals" '
+                          '-j KUBE-EXTERNAL-SERVICES'),
+    ("filter", "OUTPUT", '-m conntrack --ctstate NEW -m comment --comment '
+                         '"kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL'),
+    ("filter", "OUTPUT", '-m conntrack --ctstate NEW -m comment --comment '
+                         '"kubernetes service portals" -j KUBE-SERVICES'),
+    ("nat", "OUTPUT", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
+    ("nat", "PREROUTING", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
+    ("nat", "POSTROUTING", '-m comment --comment "kubernetes postrouting rules" '
+                           '-j KUBE-POSTROUTING'),
+)
+
+
+# ---- one service port ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ServicePortRules:
+    """Everything one service port (in one family) contributes.
+
+    `chains` are the per-service chains it owns outright; `fragments` are its
+    rules inside the shared top-level chains."""
+
+    chains: dict[ChainKey, tuple[str, ...]] = field(default_factory=dict)
+    fragments: dict[ChainKey, tuple[str, ...]] = field(default_factory=dict)
+    #: effective backends by frontend address (conntrack cleanup uses them)
+    udp_targets: tuple[tuple[str, int], ...] = ()  # (frontend address, port)
+    endpoints: frozenset[str] = frozenset()  # endpoint IPs reachable through it
+
+
+def _live(backends: Iterable[Backend]) -> tuple[Backend, ...]:
+    # weight 0 means "no new connections" (draining): iptables has no weights,
+    # so such a backend is simply not selectable.
+    return tuple(b for b in backends if b.weight > 0)
+
+
+def _endpoint_rules(chain: str, spn: str, proto: str, backends: Sequence[Backend],
+                    affinity: int, opts: RuleOptions) -> list[str]:
+    out: list[str] = []
+    seps = [endpoint_chain(spn, proto, host_port(b.address, b.port)) for b in backends]
+    if affinity:
+        for b, sep in zip(backends, seps, strict=True):
+            out.append(rule(chain, matches=[
+                comment(f"{spn} -> {host_port(b.address, b.port)}"),
+                f"-m recent --rcheck --seconds {affinity} --reap --name {sep} "
+                f"--mask {opts.recent_mask()} --rsource"], target=sep))
+    remaining = sum(b.weight for b in backends)
+    for i, (b, sep) in enumerate(zip(backends, seps, strict=True)):
+        matches = [comment(f"{spn} -> {host_port(b.address, b.port)}")]
+        if i < len(backends) - 1:
+            matches.append(f"-m statistic --mode random --probability "
+                           f"{probability(b.weight / remaining)}")
+        remaining -= b.weight
+        out.append(rule(chain, matches=matches, target=sep))
+    return out
+
+
+def service_port_rules(frontends: Sequence[Frontend], health_check_node_port: int,
+                       opts: RuleOptions) -> ServicePortRules:
+    """kube-proxy's per-service-port block of syncProxyRules, for the frontends of
+    one service port in one family."""
+    first = frontends[0]
+    spn = first.service
+    proto = first.protocol.lower()
+    suffix = chain_suffix(spn, proto)
+    svc, svl, ext, fw = (f"KUBE-{k}-{suffix}" for k in ("SVC", "SVL", "EXT", "FW"))
+
+    cluster_ip = next((f for f in frontends if f.kind == FrontendKind.CLUSTER_IP), None)
+    external = [f for f in frontends if f.kind != FrontendKind.CLUSTER_IP]
+    node_ports = [f for f in external if f.kind == FrontendKind.NODE_PORT]
+    ext_ips = [f for f in external if f.kind == FrontendKind.EXTERNAL_IP]
+    lbs = [f for f in external if f.kind == FrontendKind.LOAD_BALANCER]
+
+    cluster_eps: tuple[Backend, ...] = ()
+    local_eps: tuple[Backend, ...] = ()
+    uses_cluster = uses_local = False
+    for f in frontends:
+        if f.traffic_policy == "Local":
+            uses_local = True
+            local_eps = local_eps or _live(f.backends)
+            if f.cluster_backends:
+                uses_cluster = True
+                cluster_eps = cluster_eps or _live(f.cluster_backends)
+        else:
+            uses_cluster = True
+            cluster_eps = cluster_eps or _live(f.backends)
+    internal_local = cluster_ip is not None and cluster_ip.traffic_policy == "Local"
+    external_local = any(f.traffic_policy == "Local" for f in external)
+    reachable = {(b.address, b.port): b for b in (*cluster_eps, *local_eps)}
+    has_endpoints = bool(reachable)
+    has_internal = bool(local_eps) if internal_local else has_endpoints
+    has_external = bool(local_eps) if external_local else has_endpoints
+    uses_svc = bool(cluster_eps) and uses_cluster
+    uses_svl = bool(local_eps) and uses_local
+    internal_chain = svl if internal_local else svc
+    external_policy_chain = svl if external_local else svc
+    uses_ext = has_endpoints and bool(external)
+    sources = [r for f in lbs for r in f.source_ranges]
+    uses_fw = has_endpoints and bool(lbs) and bool(sources)
+    affinity = first.persistence_timeout
+
+    if not has_endpoints:
+        filter_target, filter_comment = opts.reject(), f"{spn} has no endpoints"
+        ext_target, ext_comment = filter_target, filter_comment
+    else:
+        filter_target, filter_comment = "DROP", f"{spn} has no local endpoints"
+        ext_target, ext_comment = filter_target, filter_comment
+
+    nat_svc: list[str] = []
+    nat_np: list[str] = []
+    f_svc: list[str] = []
+    f_ext: list[str] = []
+    f_np: list[str] = []
+    f_fw: list[str] = []
+    chains: dict[ChainKey, list[str]] = {}
+    pm = port_match
+
+    if cluster_ip is not None:
+        args = dict(dst=host(cluster_ip.address), proto=proto)
+        if has_internal:
+            nat_svc.append(rule("KUBE-SERVICES", **args, matches=[
+                comment(f"{spn} cluster IP"), pm(proto, cluster_ip.port)], target=internal_chain))
+        else:
+            f_svc.append(rule("KUBE-SERVICES", **args, matches=[
+                comment(filter_comment), pm(proto, cluster_ip.port)], target=filter_target))
+    for f in ext_ips:
+        if has_endpoints:
+            nat_svc.append(rule("KUBE-SERVICES", dst=host(f.address), proto=proto, matches=[
+                comment(f"{spn} external IP"), pm(proto, f.port)], target=ext))
+        if not has_external:
+            f_ext.append(rule("KUBE-EXTERNAL-SERVICES", dst=host(f.address), proto=proto,
+                              matches=[comment(ext_comment), pm(proto, f.port)],
+                              target=ext_target))
+    for f in lbs:
+        if has_endpoints:
+            nat_svc.append(rule("KUBE-SERVICES", dst=host(f.address), proto=proto, matches=[
+                comment(f"{spn} loadbalancer IP"), pm(proto, f.port)],
+                target=fw if uses_fw else ext))
+        if uses_fw:
+            f_fw.append(rule("KUBE-PROXY-FIREWALL", dst=host(f.address), proto=proto, matches=[
+                comment(f"{spn} traffic not accepted by {fw}"), pm(proto, f.port)],
+                target="DROP"))
+    if not has_external:
+        for f in lbs:
+            f_ext.append(rule("KUBE-EXTERNAL-SERVICES", dst=host(f.address), proto=proto,
+                              matches=[comment(ext_comment), pm(proto, f.port)],
+                              target=ext_target))
+    node_port = node_ports[0].port if node_ports else 0
+    if node_port:
+        if has_endpoints:
+            nat_np.append(rule("KUBE-NODEPORTS", proto=proto, matches=[
+                comment(spn), pm(proto, node_port)], target=ext))
+        if not has_external:
+            f_ext.append(rule("KUBE-EXTERNAL-SERVICES", proto=proto, matches=[
+                comment(ext_comment), "-m addrtype --dst-type LOCAL", pm(proto, node_port)],
+                target=ext_target))
+    if health_check_node_port:
+        f_np.append(rule("KUBE-NODEPORTS", proto="tcp", matches=[
+            comment(f"{spn} health check node port"), pm("tcp", health_check_node_port)],
+            target="ACCEPT"))
+
+    if uses_ext:
+        rules: list[str] = []
+        if not external_local:
+            rules.append(rule(ext, matches=[
+                comment(f"masquerade traffic for {spn} external destinations")],
+                target="KUBE-MARK-MASQ"))
+        elif uses_svc:
+            # Pods and the node itself may use any endpoint; only traffic from
+            # outside is restricted to local endpoints (and keeps its source IP).
+            if opts.local_detector is not None:
+                rules.append(rule(ext, **opts.if_local(), matches=[
+                    comment(f"pod traffic for {spn} external destinations")], target=svc))
+            rules.append(rule(ext, matches=[
+                comment(f"masquerade LOCAL traffic for {spn} external destinations"),
+                "-m addrtype --src-type LOCAL"], target="KUBE-MARK-MASQ"))
+            rules.append(rule(ext, matches=[
+                comment(f"route LOCAL traffic for {spn} external destinations"),
+                "-m addrtype --src-type LOCAL"], target=svc))
+        if has_external:
+            rules.append(rule(ext, target=external_policy_chain))
+        chains[("nat", ext)] = rules
+
+    if uses_fw:
+        rules = []
+        for cidr in sources:
+            rules.append(rule(fw, src=str(ipaddress.ip_network(cidr)),
+                              matches=[comment(f"{spn} loadbalancer IP")], target=ext))
+        node_ip = opts.node_ip
+        if node_ip and any(ipaddress.ip_address(node_ip) in ipaddress.ip_network(c)
+                           for c in sources):
+            for f in lbs:
+                rules.append(rule(fw, src=host(f.address),
+                                  matches=[comment(f"{spn} loadbalancer IP")], target=ext))
+        rules.append(rule(fw, matches=[
+            comment(f"other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL")]))
+        chains[("nat", fw)] = rules
+
+    if uses_svc:
+        rules = []
+        if cluster_ip is not None:
+            args = dict(dst=host(cluster_ip.address), proto=proto)
+            masq = [comment(f"{spn} cluster IP"), pm(proto, cluster_ip.port)]
+            if opts.masquerade_all:
+                rules.append(rule(svc, **args, matches=masq, target="KUBE-MARK-MASQ"))
+            elif opts.local_detector is not None:
+                rules.append(rule(svc, **opts.if_not_local(), **args, matches=masq,
+                                  target="KUBE-MARK-MASQ"))
+        rules += _endpoint_rules(svc, spn, proto, cluster_eps, affinity, opts)
+        chains[("nat", svc)] = rules
+    if uses_svl:
+        chains[("nat", svl)] = _endpoint_rules(svl, spn, proto, local_eps, affinity, opts)
+
+    for b in reachable.values():
+        ep = host_port(b.address, b.port)
+        sep = endpoint_chain(spn, proto, ep)
+        dnat = [comment(spn)]
+        if affinity:
+            dnat.append(f"-m recent --set --name {sep} --mask {opts.recent_mask()} --rsource")
+        dnat.append(f"-m {proto}")
+        chains[("nat", sep)] = [
+            rule(sep, src=host(b.address), matches=[comment(spn)], target="KUBE-MARK-MASQ"),
+            rule(sep, proto=proto, matches=dnat, target=f"DNAT --to-destination {ep}"),
+        ]
+
+    fragments = {
+        ("nat", "KUBE-SERVICES"): tuple(nat_svc),
+        ("nat", "KUBE-NODEPORTS"): tuple(nat_np),
+        ("filter", "KUBE-SERVICES"): tuple(f_svc),
+        ("filter", "KUBE-EXTERNAL-SERVICES"): tuple(f_ext),
+        ("filter", "KUBE-NODEPORTS"): tuple(f_np),
+        ("filter", "KUBE-PROXY-FIREWALL"): tuple(f_fw),
+    }
+    udp = tuple((f.address, f.port) for f in frontends) if proto == "udp" else ()
+    return ServicePortRules(chains={k: tuple(v) for k, v in chains.items()},
+                            fragments={k: v for k, v in fragments.items() if v},
+                            udp_targets=udp,
+                            endpoints=frozenset(b.address for b in reachable.values()))
+
+
+def nodeports_jump(opts: RuleOptions) -> tuple[str, ...]:
+    """The last rule of nat KUBE-SERVICES: local destinations go on to KUBE-NODEPORTS."""
+    if opts.node_port_addresses is None:
+        return (rule("KUBE-SERVICES", matches=[comment(NODEPORTS_COMMENT),
+                                               "-m addrtype --dst-type LOCAL"],
+                     target="KUBE-NODEPORTS"),)
+    return tuple(rule("KUBE-SERVICES", dst=host(a), matches=[comment(NODEPORTS_COMMENT)],
+                      target="KUBE-NODEPORTS") for a in opts.node_port_addresses)

@@ -1,0 +1,183 @@
+"""Network-namespace test topologies: a "node" namespace that routes between
+client namespaces and backend ("pod") namespaces, as a Kubernetes node routes
+between the outside and its pods.
+
+    client c1 (192.168.100.2)  --veth--  node  --veth--  pod 10.244.1.11 (node-a)
+    client c2 (198.51.100.2)   --veth--  node  --veth--  pod 10.244.2.12 (node-b)
+
+Pods get /32 addresses and a link-local gateway (169.254.1.1 / fe80::1), the
+node a /32 route per pod: no bridge, so nothing but svcproxy's rules sits in the
+path. Everything is removed by `close()`, including after a failed test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).parent
+_ids = itertools.count()
+
+
+def sh(*args: str, netns: str | None = None, check: bool = True,
+       stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    cmd = (["ip", "netns", "exec", netns] if netns else []) + list(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, input=stdin, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
+    return proc
+
+
+@dataclass
+class Pod:
+    name: str
+    ip: str
+    netns: str
+    ip6: str | None = None
+    process: subprocess.Popen[str] | None = None
+
+
+class UdpSession:
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+
+    def ask(self) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("x\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+
+@dataclass
+class Topology:
+    prefix: str = field(default_factory=lambda: f"svp{os.getpid() % 100000}x{next(_ids)}")
+    namespaces: list[str] = field(default_factory=list)
+    processes: list[subprocess.Popen[str]] = field(default_factory=list)
+    pods: dict[str, Pod] = field(default_factory=dict)
+    clients: dict[str, str] = field(default_factory=dict)
+    _links = itertools.count()
+
+    @property
+    def node(self) -> str:
+        return f"{self.prefix}-node"
+
+    def _ns(self, name: str) -> str:
+        ns = f"{self.prefix}-{name}"
+        sh("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        sh("ip", "link", "set", "lo", "up", netns=ns)
+        return ns
+
+    def _veth(self, peer_ns: str) -> tuple[str, str]:
+        n = next(self._links)
+        node_if, peer_if = f"v{n}n", f"v{n}p"
+        sh("ip", "link", "add", node_if, "netns", self.node, "type", "veth",
+           "peer", "name", peer_if, "netns", peer_ns)
+        sh("ip", "link", "set", node_if, "up", netns=self.node)
+        sh("ip", "link", "set", peer_if, "up", netns=peer_ns)
+        return node_if, peer_if
+
+    def create_node(self) -> str:
+        self._ns("node")
+        for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
+            sh("sysctl", "-qw", key, netns=self.node)
+        return self.node
+
+    def add_client(self, name: str, ip: str, node_ip: str, prefix: int = 24,
+                   ip6: str | None = None, node_ip6: str | None = None) -> str:
+        ns = self._ns(name)
+        node_if, peer_if = self._veth(ns)
+        sh("ip", "addr", "add", f"{node_ip}/{prefix}", "dev", node_if, netns=self.node)
+        sh("ip", "addr", "add", f"{ip}/{prefix}", "dev", peer_if, netns=ns)
+        sh("ip", "route", "add", "default", "via", node_ip, netns=ns)
+        if ip6 and node_ip6:
+            sh("ip", "-6", "addr", "add", f"{node_ip6}/64", "dev", node_if, "nodad",
+               netns=self.node)
+            sh("ip", "-6", "addr", "add", f"{ip6}/64", "dev", peer_if, "nodad", netns=ns)
+            sh("ip", "-6", "route", "add", "default", "via", node_ip6, netns=ns)
+        self.clients[name] = ns
+        return ns
+
+    def set_default_route(self, via: str) -> None:
+        sh("ip", "route", "add", "default", "via", via, netns=self.node)
+
+    def add_pod(self, name: str, ip: str, ip6: str | None = None) -> Pod:
+        ns = self._ns(name)
+        node_if, peer_if = self._veth(ns)
+        sh("ip", "addr", "add", "169.254.1.1/32", "dev", node_if, netns=self.node)
+        sh("ip", "route", "add", f"{ip}/32", "dev", node_if, netns=self.node)
+        sh("ip", "addr", "add", f"{ip}/32", "dev", peer_if, netns=ns)
+        sh("ip", "route", "add", "169.254.1.1", "dev", peer_if, netns=ns)
+        sh("ip", "route", "add", "default", "via", "169.254.1.1", "dev", peer_if, netns=ns)
+        if ip6:
+            sh("ip", "-6", "addr", "add", "fe80::1/64", "dev", node_if, "nodad", netns=self.node)
+            sh("ip", "-6", "route", "add", f"{ip6}/128", "dev", node_if, netns=self.node)
+            sh("ip", "-6", "addr", "add", f"{ip6}/128", "dev", peer_if, "nodad", netns=ns)
+            sh("ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", peer_if,
+               netns=ns)
+        pod = Pod(name, ip, ns, ip6)
+        pod.process = self._serve(name, ns, ipv6=bool(ip6))
+        self.pods[name] = pod
+        return pod
+
+    def _serve(self, name: str, ns: str, ipv6: bool) -> subprocess.Popen[str]:
+        args = ["ip", "netns", "exec", ns, sys.executable, str(HERE / "backend_server.py"), name]
+        if ipv6:
+            args.append("--ipv6")
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.processes.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != "ready":
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"pod {name} did not start: {err}")
+        return proc
+
+    def client(self, client: str, *args: str, timeout: float = 120) -> dict[str, object]:
+        proc = sh(sys.executable, str(HERE / "traffic_client.py"), *args,
+                  netns=self.clients[client], timeout=timeout)
+        return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+    def answers(self, client: str, mode: str, host: str, port: int,
+                count: int) -> dict[str, int]:
+        return self.client(client, mode, host, str(port), str(count))["answers"]  # type: ignore[return-value]
+
+    def hold(self, client: str, host: str, port: int) -> subprocess.Popen[str]:
+        """Open one HTTP connection; write a line to stdin to use it again."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self.clients[client], sys.executable,
+                                 str(HERE / "traffic_client.py"), "hold", host, str(port)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.processes.append(proc)
+        return proc
+
+    def hold_udp(self, client: str, host: str, port: int) -> UdpSession:
+        """One UDP socket in `client`; each ask() sends from the same source port."""
+        proc = subprocess.Popen(["ip", "netns", "exec", self.clients[client], sys.executable,
+                                 str(HERE / "traffic_client.py"), "udp-hold", host, str(port)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.processes.append(proc)
+        return UdpSession(proc)
+
+    def close(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            for stream in (proc.stdout, proc.stderr, proc.stdin):
+                if stream is not None:
+                    stream.close()
+        for ns in reversed(self.namespaces):
+            sh("ip", "netns", "del", ns, check=False)
+        self.namespaces.clear()

@@ -1,0 +1,132 @@
+"""The iptables datapath with real traffic: clients in their own namespaces
+reach "pods" through the node namespace's rules."""
+
+from __future__ import annotations
+
+from conftest import NODE_IP, Node
+from factories import endpoint, service, slice_
+from netns import Topology, sh
+from svcproxy.bus import EventType
+
+HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
+SLICE_PORTS = [{"name": "http", "port": 8080, "protocol": "TCP"},
+               {"name": "dns", "port": 5353, "protocol": "UDP"}]
+
+
+def pods(topo: Topology, *spec: tuple[str, str, str]) -> list[dict]:  # type: ignore[type-arg]
+    """Start pods and return their endpoints: (name, ip, node)."""
+    eps = []
+    for name, ip, node_name in spec:
+        topo.add_pod(name, ip)
+        eps.append(endpoint(ip, node_name))
+    return eps
+
+
+def test_cluster_ip_and_node_port_spread_over_all_backends(topo: Topology) -> None:
+    n = Node(topo)
+    eps = pods(topo, ("a", "10.244.1.11", "node-a"), ("b", "10.244.2.12", "node-b"),
+               ("c", "10.244.3.13", "node-c"))
+    n.publish(service("web", cluster_ip="10.96.0.10", type="NodePort",
+                      ports=[{**HTTP[0], "nodePort": 30080}]))
+    n.publish(slice_("web", endpoints=eps))
+    n.sync()
+    for host, port in (("10.96.0.10", 80), (NODE_IP, 30080)):
+        answers = topo.answers("c1", "http", host, port, 60)
+        assert set(answers) == {"a", "b", "c"}, (host, answers)
+        assert min(answers.values()) >= 8, (host, answers)
+
+
+def test_session_affinity_sticks(topo: Topology) -> None:
+    n = Node(topo)
+    eps = pods(topo, ("a", "10.244.1.11", "node-a"), ("b", "10.244.2.12", "node-b"))
+    n.publish(service("sticky", cluster_ip="10.96.0.20", ports=HTTP, sessionAffinity="ClientIP",
+                      sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}}))
+    n.publish(slice_("sticky", endpoints=eps))
+    n.sync()
+    answers = topo.answers("c1", "http", "10.96.0.20", 80, 20)
+    assert len(answers) == 1 and sum(answers.values()) == 20, answers
+
+
+def test_service_without_endpoints_is_refused_at_once(topo: Topology) -> None:
+    n = Node(topo)
+    n.publish(service("empty", cluster_ip="10.96.0.30", ports=HTTP))
+    n.sync()
+    out = topo.client("c1", "http", "10.96.0.30", "80", "3")
+    assert out["answers"] == {"!refused": 3}
+    assert out["seconds"] < 1.0  # type: ignore[operator]
+
+
+def test_local_policy_reaches_only_local_backends(topo: Topology) -> None:
+    n = Node(topo)
+    eps = pods(topo, ("local1", "10.244.1.11", "node-a"), ("local2", "10.244.1.12", "node-a"),
+               ("remote", "10.244.2.13", "node-b"))
+    n.publish(service("edge", cluster_ip="10.96.0.40", type="NodePort",
+                      externalTrafficPolicy="Local",
+                      ports=[{**HTTP[0], "nodePort": 30090}]))
+    n.publish(slice_("edge", endpoints=eps))
+    n.sync()
+    external = topo.answers("c1", "http", NODE_IP, 30090, 40)
+    assert set(external) == {"local1", "local2"}, external
+    internal = topo.answers("c1", "http", "10.96.0.40", 80, 45)
+    assert set(internal) == {"local1", "local2", "remote"}, internal
+
+
+def test_local_policy_without_local_endpoints_drops(topo: Topology) -> None:
+    n = Node(topo)
+    eps = pods(topo, ("remote", "10.244.2.13", "node-b"))
+    n.publish(service("edge", cluster_ip="10.96.0.41", type="NodePort",
+                      externalTrafficPolicy="Local", ports=[{**HTTP[0], "nodePort": 30091}]))
+    n.publish(slice_("edge", endpoints=eps))
+    n.sync()
+    assert topo.answers("c1", "http", NODE_IP, 30091, 2) == {"!timeout": 2}
+    assert topo.answers("c1", "http", "10.96.0.41", 80, 3) == {"remote": 3}
+
+
+def test_load_balancer_source_ranges(topo: Topology) -> None:
+    n = Node(topo)
+    eps = pods(topo, ("a", "10.244.1.11", "node-a"))
+    n.publish(service("lb", cluster_ip="10.96.0.50", type="LoadBalancer",
+                      ports=[{**HTTP[0], "nodePort": 30100}],
+                      loadBalancerSourceRanges=["192.168.100.0/24"],
+                      status={"loadBalancer": {"ingress": [{"ip": "203.0.113.10"}]}}))
+    n.publish(slice_("lb", endpoints=eps))
+    n.sync()
+    assert topo.answers("c1", "http", "203.0.113.10", 80, 3) == {"a": 3}
+    assert topo.answers("c2", "http", "203.0.113.10", 80, 2) == {"!timeout": 2}
+    # source ranges guard the LoadBalancer IP only, as in kube-proxy
+    assert topo.answers("c2", "http", NODE_IP.replace("192.168.100", "198.51.100"), 30100,
+                        2) == {"a": 2}
+
+
+def test_udp_clients_move_off_a_removed_endpoint(topo: Topology) -> None:
+    n = Node(topo)
+    eps = pods(topo, ("a", "10.244.1.11", "node-a"), ("b", "10.244.2.12", "node-b"))
+    dns = [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]
+    n.publish(service("dns", cluster_ip="10.96.0.53", ports=dns))
+    n.publish(slice_("dns", endpoints=eps, ports=SLICE_PORTS))
+    n.sync()
+    hold = topo.hold_udp("c1", "10.96.0.53", 53)
+    first = hold.ask()
+    assert first in ("a", "b")
+    assert hold.ask() == first  # one socket, one conntrack entry, one backend
+    keep = [e for e in eps if e["addresses"][0] != topo.pods[first].ip]
+    n.publish(slice_("dns", endpoints=keep, ports=SLICE_PORTS), EventType.MODIFIED)
+    result = n.sync()
+    assert result.apply.details["conntrack_deleted"] >= 1
+    other = "b" if first == "a" else "a"
+    assert hold.ask() == other  # the pod still runs: only conntrack cleanup moves us
+    hold.close()
+
+
+def test_ipv6_cluster_ip(topo: Topology) -> None:
+    n = Node(topo)
+    topo.add_pod("a6", "10.244.1.11", ip6="fd00:244:1::11")
+    n.publish(service("v6", cluster_ip=["10.96.0.60", "fd00:96::60"], ports=HTTP))
+    n.publish(slice_("v6", name="v6-4", endpoints=[endpoint("10.244.1.11", "node-a")]))
+    n.publish(slice_("v6", name="v6-6", address_type="IPv6",
+                     endpoints=[endpoint("fd00:244:1::11", "node-a")]))
+    n.sync()
+    assert topo.answers("c1", "http", "fd00:96::60", 80, 3) == {"a6": 3}
+    assert topo.answers("c1", "http", "10.96.0.60", 80, 3) == {"a6": 3}
+    rules = sh("ip6tables-nft-save", "-t", "nat", netns=topo.node).stdout
+    assert "-d fd00:96::60/128 -p tcp" in rules

@@ -1,0 +1,97 @@
+"""Client for host tests, run inside a client namespace. Prints one JSON object.
+
+  http HOST PORT COUNT      COUNT new TCP connections, one GET each: who answered
+  udp HOST PORT COUNT       COUNT datagrams from fresh sockets
+  udp-same HOST PORT COUNT  COUNT datagrams from one socket (one conntrack entry)
+  udp-hold HOST PORT        one UDP socket; per line on stdin send a datagram and
+                            print who answered (a line each)
+  hold HOST PORT            open one HTTP connection, answer once, then wait for a
+                            line on stdin and ask again on the same connection
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import json
+import socket
+import sys
+import time
+from collections import Counter
+
+TIMEOUT = 1.0
+
+
+def family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def http_once(host: str, port: int) -> str:
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+        conn.request("GET", "/", headers={"Connection": "close"})
+        body = conn.getresponse().read().decode()
+        conn.close()
+        return body
+    except ConnectionRefusedError:
+        return "!refused"
+    except TimeoutError:
+        return "!timeout"
+    except OSError as exc:
+        if exc.errno == errno.EHOSTUNREACH:
+            return "!unreachable"
+        return f"!{type(exc).__name__}"
+
+
+def udp_once(sock: socket.socket, host: str, port: int) -> str:
+    sock.sendto(b"hi", (host, port))
+    try:
+        data, _ = sock.recvfrom(2048)
+        return data.decode()
+    except TimeoutError:
+        return "!timeout"
+    except ConnectionRefusedError:
+        return "!refused"
+
+
+def main() -> None:
+    mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    out: dict[str, object] = {}
+    if mode == "http":
+        started = time.monotonic()
+        out["answers"] = Counter(http_once(host, port) for _ in range(int(sys.argv[4])))
+        out["seconds"] = time.monotonic() - started
+    elif mode in ("udp", "udp-same"):
+        answers: Counter[str] = Counter()
+        sock = None
+        for _ in range(int(sys.argv[4])):
+            if sock is None or mode == "udp":
+                if sock is not None:
+                    sock.close()
+                sock = socket.socket(family(host), socket.SOCK_DGRAM)
+                sock.settimeout(TIMEOUT)
+            answers[udp_once(sock, host, port)] += 1
+        out["answers"] = answers
+    elif mode == "udp-hold":
+        sock = socket.socket(family(host), socket.SOCK_DGRAM)
+        sock.settimeout(TIMEOUT)
+        for _ in sys.stdin:
+            print(udp_once(sock, host, port), flush=True)
+        return
+    elif mode == "hold":
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        conn.request("GET", "/")
+        first = conn.getresponse().read().decode()
+        print(json.dumps({"first": first}), flush=True)
+        sys.stdin.readline()
+        try:
+            conn.request("GET", "/")
+            second = conn.getresponse().read().decode()
+        except OSError as exc:
+            second = f"!{type(exc).__name__}"
+        out = {"first": first, "second": second}
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
