@@ -29,6 +29,7 @@ from .plan import Planner, make_context
 from .proxy import Proxy
 from .sources.manifests import ManifestSource
 from .state import ClusterState
+from .status import StatusFile
 
 log = logging.getLogger("svcproxy")
 
@@ -159,12 +160,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 # ---- run ----------------------------------------------------------------------------
 
-def _select_datapath(host: PluginHost) -> str:
+def _select_datapath(host: PluginHost) -> tuple[str, list[tuple[str, str]]]:
     name, skipped = host.select_datapath()
     for dp, reason in skipped:
         log.warning("%s datapath unusable: %s; using %s", dp, reason, name)
     log.info("using the %s datapath", name)
-    return name
+    return name, skipped
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -174,15 +175,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                          "version; use --manifests DIR")
     if not args.manifests:
         raise UsageError("run needs a source: --manifests DIR")
-    datapath = _select_datapath(host)
+    datapath, skipped = _select_datapath(host)
     proxy = Proxy(config, host, "", datapath)
     source = ManifestSource(args.manifests, publish=proxy.bus.publish,
                             poll_interval=args.poll_interval)
     source.check_directory()
-    host.start(datapath)
+    source.scan()
+    proxy.set_node_name(_resolve_node_name(args.node, config, proxy.state))
+    if args.status_file:
+        host.register("status-file", StatusFile(args.status_file, proxy.node_name))
+    host.start(datapath, skipped)
     try:
-        source.scan()
-        proxy.set_node_name(_resolve_node_name(args.node, config, proxy.state))
         if args.once:
             result = proxy.sync(full=True)
             if not result.ok:
@@ -286,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--kubeconfig", metavar="PATH")
     sp.add_argument("--node", metavar="NAME")
     sp.add_argument("--once", action="store_true", help="one full sync, then exit")
+    sp.add_argument("--status-file", metavar="PATH",
+                    help="keep a JSON status file here (active datapath, fallback reasons, "
+                    "last sync)")
     sp.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_run)
 

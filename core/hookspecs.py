@@ -45,9 +45,11 @@ def svcproxy_configure_plugin(config: Config, options: Mapping[str, Any]) -> Non
 # ---- lifecycle ---------------------------------------------------------------------
 
 @hookspec
-def svcproxy_start_proxy(config: Config, datapath: str) -> None:
+def svcproxy_start_proxy(config: Config, datapath: str,
+                         skipped: Sequence[tuple[str, str]]) -> None:
     """Called once when `svcproxy run` has chosen its datapath, before the first
-    sync. Start servers or threads here (metrics, health checks)."""
+    sync, with the datapaths skipped on the way and why ((name, reason) pairs).
+    Start servers or threads here (metrics, health checks)."""
 
 
 @hookspec

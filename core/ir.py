@@ -95,6 +95,10 @@ class Frontend:
     #: the address must be made local to the node (bound to kube-ipvs0 in IPVS
     #: mode); False for node addresses and addresses already local
     bind_address: bool = True
+    #: the service port has usable endpoints somewhere in the cluster, even if
+    #: none is selected here (kube-proxy's hasAnyEndpoints: decides between
+    #: "no endpoints" (REJECT) and "no local endpoints" (DROP))
+    any_endpoints: bool = False
     #: free-form settings plugins pass to datapaths, as sorted (key, value) pairs
     extras: tuple[tuple[str, str], ...] = ()
 
@@ -133,6 +137,7 @@ class Frontend:
             "traffic_policy": self.traffic_policy,
             "source_ranges": list(self.source_ranges),
             "bind_address": self.bind_address,
+            "any_endpoints": self.any_endpoints,
             "backends": [_backend_json(b) for b in self.backends],
             "cluster_backends": [_backend_json(b) for b in self.cluster_backends],
         }

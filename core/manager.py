@@ -73,6 +73,11 @@ class PluginHost:
     """Loads, orders and calls plugins. Every hook call in the core goes through
     one of its methods, so timing, logging and error wrapping live here."""
 
+    def register(self, name: str, plugin: Any) -> None:
+        """Add a plugin after loading (the CLI's own observers)."""
+        self.pm.register(plugin, name=name)
+        self.plugins.append(LoadedPlugin(name, plugin, "svcproxy"))
+
     def __init__(self, config: Config, *, extra_plugins: Iterable[tuple[str, Any]] = ()) -> None:
         self.config = config
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -289,8 +294,9 @@ class PluginHost:
 
     # -- lifecycle and observers ----------------------------------------------------
 
-    def start(self, datapath: str) -> None:
-        self.pm.hook.svcproxy_start_proxy(config=self.config, datapath=datapath)
+    def start(self, datapath: str, skipped: Sequence[tuple[str, str]] = ()) -> None:
+        self.pm.hook.svcproxy_start_proxy(config=self.config, datapath=datapath,
+                                          skipped=list(skipped))
 
     def stop(self) -> None:
         self.pm.hook.svcproxy_stop_proxy()

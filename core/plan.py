@@ -141,7 +141,8 @@ class PortContext:
                         service=self.service_port_name, backends=backends,
                         traffic_policy=policy, cluster_backends=cluster_backends,
                         scheduler=self.config.kube_proxy.ipvs_scheduler,
-                        bind_address=bind_address, **extra)
+                        bind_address=bind_address, any_endpoints=self.endpoints.has_any,
+                        **extra)
 
 
 def _summary(service: Service, ports: list[PortContext]) -> ServiceSummary:

@@ -289,7 +289,7 @@ def service_port_rules(frontends: Sequence[Frontend], health_check_node_port: in
     internal_local = cluster_ip is not None and cluster_ip.traffic_policy == "Local"
     external_local = any(f.traffic_policy == "Local" for f in external)
     reachable = {(b.address, b.port): b for b in (*cluster_eps, *local_eps)}
-    has_endpoints = bool(reachable)
+    has_endpoints = bool(reachable) or any(f.any_endpoints for f in frontends)
     has_internal = bool(local_eps) if internal_local else has_endpoints
     has_external = bool(local_eps) if external_local else has_endpoints
     uses_svc = bool(cluster_eps) and uses_cluster

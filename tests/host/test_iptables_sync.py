@@ -162,14 +162,22 @@ def test_cli_falls_back_from_ipvs_and_serves_traffic(topo: Topology, tmp_path: P
         mode: ipvs
     """))
     svcproxy = str(Path(sys.executable).parent / "svcproxy")
+    status = tmp_path / "status.json"
     proc = subprocess.run(["ip", "netns", "exec", topo.node, svcproxy, "run", "--once",
-                           "--manifests", str(manifests), "--config", str(config)],
+                           "--manifests", str(manifests), "--config", str(config),
+                           "--status-file", str(status)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     fallback = [line for line in proc.stderr.splitlines() if "datapath unusable" in line]
     assert len(fallback) == 1 and "ipvs datapath unusable: " in fallback[0]
     assert fallback[0].endswith("; using iptables")
     assert "ip_vs" in fallback[0]
+    import json
+    recorded = json.loads(status.read_text())
+    assert recorded["datapath"] == "iptables" and recorded["node"] == "node-a"
+    assert recorded["fallbacks"][0]["datapath"] == "ipvs"
+    assert "ip_vs" in recorded["fallbacks"][0]["reason"]
+    assert recorded["last_sync"]["ok"] and recorded["last_sync"]["frontends"] == 2
     answers = topo.answers("c1", "http", NODE_IP, 30080, 30)
     assert set(answers) == {"a", "b"}
     proc = subprocess.run(["ip", "netns", "exec", topo.node, svcproxy, "cleanup",
