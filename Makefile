@@ -32,10 +32,10 @@ unit: venv
 test: venv lint typecheck
 	$(VENV)/bin/pytest tests -q $(PYTEST_ARGS)
 
-# The main job on the bundled example cluster: the dry run of what svcproxy
-# programs for it.
+# The main job on the bundled example cluster: the dry run, then a real sync in
+# a throwaway network namespace (IPVS, or the iptables fallback), then cleanup.
 example: venv
-	$(VENV)/bin/svcproxy plan --manifests examples/cluster
+	scripts/example.sh
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -406,6 +406,8 @@ class SvcProxyConfiguration:
     datapaths: tuple[str, ...] = DEFAULT_DATAPATHS
     #: options for datapath plugins, by datapath name
     datapath_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: seconds between full syncs; None = max(syncPeriod, 10 x last full sync time)
+    full_sync_period: float | None = None
 
 
 @dataclass(frozen=True)
@@ -508,7 +510,7 @@ _PLUGIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
 def _load_svcproxy(doc: Mapping[str, Any], problems: list[ConfigProblem]) -> SvcProxyConfiguration:
-    known = ["apiVersion", "kind", "plugins", "datapaths", "datapathOptions"]
+    known = ["apiVersion", "kind", "plugins", "datapaths", "datapathOptions", "fullSyncPeriod"]
     for key in doc:
         if key not in known:
             problems.append(ConfigProblem("", f"unknown field {key}{_nearest(str(key), known)}",
@@ -556,8 +558,19 @@ def _load_svcproxy(doc: Mapping[str, Any], problems: list[ConfigProblem]) -> Svc
                 f"(got {show(raw_opts)})", line_of(doc, "datapathOptions")))
         else:
             dp_options = {str(k): dict(v or {}) for k, v in raw_opts.items()}
+    full_sync_period: float | None = None
+    raw_full = doc.get("fullSyncPeriod")
+    if raw_full is not None:
+        try:
+            full_sync_period = _duration()(raw_full)
+            if full_sync_period <= 0:
+                raise _FieldError(f"must be greater than 0 (got {show(raw_full)})")
+        except _FieldError as exc:
+            problems.append(ConfigProblem("fullSyncPeriod", str(exc),
+                                          line_of(doc, "fullSyncPeriod")))
+            full_sync_period = None
     return SvcProxyConfiguration(plugins=plugins, plugins_explicit=explicit, datapaths=datapaths,
-                                 datapath_options=dp_options)
+                                 datapath_options=dp_options, full_sync_period=full_sync_period)
 
 
 def _plugin_entry(entry: Any, path: str, problems: list[ConfigProblem]) -> PluginSpec | None:
@@ -707,6 +720,8 @@ def effective_values(config: Config) -> dict[str, Any]:
             "datapaths": list(config.svcproxy.datapaths),
             "datapathOptions": {k: dict(v) for k, v in
                                 config.svcproxy.datapath_options.items()},
+            "fullSyncPeriod": format_duration(config.svcproxy.full_sync_period)
+            if config.svcproxy.full_sync_period is not None else "auto",
         },
     }
 

@@ -9,11 +9,17 @@ only these types, never Services.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
+
+
+def ip_family(address: str) -> int:
+    """4 or 6 for an address already in canonical form (as the model stores them)."""
+    return 6 if ":" in address else 4
 
 
 class FrontendKind(StrEnum):
@@ -33,12 +39,16 @@ class FrontendKey:
     port: int
     protocol: str
 
-    def sort_key(self) -> tuple[int, int, int, str]:
+    @functools.cached_property
+    def _sort(self) -> tuple[int, int, int, str]:
         ip = ipaddress.ip_address(self.address)
         return ip.version, int(ip), self.port, self.protocol
 
+    def sort_key(self) -> tuple[int, int, int, str]:
+        return self._sort
+
     def __lt__(self, other: FrontendKey) -> bool:
-        return self.sort_key() < other.sort_key()
+        return self._sort < other._sort
 
     def __str__(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address
@@ -102,13 +112,13 @@ class Frontend:
     #: free-form settings plugins pass to datapaths, as sorted (key, value) pairs
     extras: tuple[tuple[str, str], ...] = ()
 
-    @property
+    @functools.cached_property
     def key(self) -> FrontendKey:
         return FrontendKey(self.address, self.port, self.protocol)
 
     @property
     def family(self) -> int:
-        return ipaddress.ip_address(self.address).version
+        return ip_family(self.address)
 
     @property
     def service_key(self) -> str:
@@ -221,7 +231,7 @@ class ServiceMap:
     def for_family(self, family: int) -> ServiceMap:
         """The part of the plan for one IP family (4 or 6)."""
         def fam(ips: tuple[str, ...]) -> tuple[str, ...]:
-            return tuple(a for a in ips if ipaddress.ip_address(a).version == family)
+            return tuple(a for a in ips if ip_family(a) == family)
 
         part = ServiceMap.build((f for f in self.frontends.values() if f.family == family),
                                 self.services.values())
@@ -229,7 +239,7 @@ class ServiceMap:
 
     def primary_ip(self, family: int) -> str | None:
         for a in self.node_ips:
-            if ipaddress.ip_address(a).version == family:
+            if ip_family(a) == family:
                 return a
         return None
 

@@ -20,7 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .endpoints import Categorized, categorize, endpoints_for_port
-from .ir import Backend, Frontend, FrontendKey, FrontendKind, PlanDelta, ServiceMap, ServiceSummary
+from .ir import (
+    Backend,
+    Frontend,
+    FrontendKey,
+    FrontendKind,
+    PlanDelta,
+    ServiceMap,
+    ServiceSummary,
+    ip_family,
+)
 from .model import EndpointSlice, Node, Service, ServicePort
 
 if TYPE_CHECKING:
@@ -49,7 +58,7 @@ class PlanContext:
         return self.node.zone if self.node else ""
 
     def is_local_address(self, address: str) -> bool:
-        fam = ipaddress.ip_address(address).version
+        fam = ip_family(address)
         return address in self.node_addresses.get(fam, ())
 
 
@@ -112,7 +121,7 @@ class PortContext:
     @property
     def cluster_ip(self) -> str | None:
         for ip in self.service.cluster_ips:
-            if ipaddress.ip_address(ip).version == self.family:
+            if ip_family(ip) == self.family:
                 return ip
         return None
 
@@ -123,7 +132,7 @@ class PortContext:
         return f"{base}:{self.port.name}" if self.port.name else base
 
     def in_family(self, address: str) -> bool:
-        return ipaddress.ip_address(address).version == self.family
+        return ip_family(address) == self.family
 
     def backends_for(self, policy: str) -> tuple[tuple[Backend, ...], tuple[Backend, ...]]:
         """(backends, cluster_backends) for a frontend with traffic policy `policy`."""
@@ -188,7 +197,7 @@ class Planner:
         ports: list[PortContext] = []
         frontends: list[Frontend] = []
         for ip in service.cluster_ips:
-            family = ipaddress.ip_address(ip).version
+            family = ip_family(ip)
             for sp in service.ports:
                 candidates = endpoints_for_port(slices, sp.name, sp.protocol, family,
                                                 ctx.node_name)

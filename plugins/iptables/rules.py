@@ -13,6 +13,7 @@ kube-proxy-behaviour.md 1.12.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Sequence
@@ -44,15 +45,18 @@ def is_owned(table: str, chain: str) -> bool:
 # ---- names -----------------------------------------------------------------------
 
 def _hash(text: str) -> str:
-    digest = hashlib.sha256(text.encode()).digest()
-    return base64.b32encode(digest).decode()[:16]
+    """base32(sha256(text))[:16]. 16 base32 characters are exactly the first 10
+    bytes, so only those are encoded (b32encode is slow pure Python)."""
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:10]).decode()
 
 
+@functools.lru_cache(maxsize=65536)
 def chain_suffix(service_port: str, protocol: str) -> str:
     """kube-proxy's portProtoHash: base32(sha256(servicePortName + protocol))[:16]."""
     return _hash(service_port + protocol.lower())
 
 
+@functools.lru_cache(maxsize=262144)
 def endpoint_chain(service_port: str, protocol: str, endpoint: str) -> str:
     """KUBE-SEP-<hash(servicePortName + protocol + "ip:port")>."""
     return "KUBE-SEP-" + _hash(service_port + protocol.lower() + endpoint)
@@ -61,8 +65,9 @@ def endpoint_chain(service_port: str, protocol: str, endpoint: str) -> str:
 # ---- canonical rule text -------------------------------------------------------
 
 def host(address: str) -> str:
-    ip = ipaddress.ip_address(address)
-    return f"{ip}/{ip.max_prefixlen}"
+    """An address as iptables-save prints a host match (IR addresses are already
+    in canonical form)."""
+    return f"{address}/128" if ":" in address else f"{address}/32"
 
 
 def host_port(address: str, port: int) -> str:

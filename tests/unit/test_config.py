@@ -278,3 +278,13 @@ def test_effective_values_render_durations() -> None:
     assert values["effective"]["syncPeriod"] == "1h30m0s"
     assert values["effective"]["datapathOrder"] == ["ipvs", "iptables"]
     assert values["effective"]["ipvsScheduler"] == "rr"
+
+
+def test_full_sync_period_setting() -> None:
+    c = parse_config(SVC_DOC + "fullSyncPeriod: 1h\n", "c.yaml")
+    assert c.svcproxy.full_sync_period == 3600
+    assert Config().svcproxy.full_sync_period is None
+    with pytest.raises(ConfigError, match="fullSyncPeriod: must be greater than 0"):
+        parse_config(SVC_DOC + "fullSyncPeriod: 0s\n", "c.yaml")
+    with pytest.raises(ConfigError, match="fullSyncPeriod: invalid duration"):
+        parse_config(SVC_DOC + "fullSyncPeriod: soon\n", "c.yaml")

@@ -41,8 +41,9 @@ class Observer:
         self.events.append(str(event))
 
 
-def make(cfg: str = CFG) -> tuple[Proxy, RecordingDatapath, Observer, Clock]:
-    dp, obs, clock = RecordingDatapath(), Observer(), Clock()
+def make(cfg: str = CFG, dp: RecordingDatapath | None = None,
+         clock: Clock | None = None) -> tuple[Proxy, RecordingDatapath, Observer, Clock]:
+    dp, obs, clock = dp or RecordingDatapath(), Observer(), clock or Clock()
     config = parse_config(cfg.replace("mode: ipvs", "mode: ''"), "cfg.yaml")
     host = PluginHost(config, extra_plugins=[("recording", dp), ("observer", obs)])
     host.configure()
@@ -148,3 +149,34 @@ def test_oldest_change_is_reported_for_programming_latency() -> None:
     send(proxy, service("c", cluster_ip="10.96.0.3"))
     r = proxy.sync()
     assert r.oldest_change is not None and obs.results[-1] is r
+
+
+def test_full_sync_period_adapts_to_full_sync_cost() -> None:
+    clock = Clock()
+
+    class SlowFull(RecordingDatapath):
+        @hookimpl
+        def svcproxy_apply_plan(self, name, plan, delta, full):  # type: ignore[no-untyped-def]
+            if full:
+                clock.t += 10  # a full sync that takes 10s
+            return super().svcproxy_apply_plan(name, plan, delta, full)
+
+    proxy, _, _, _ = make(dp=SlowFull(), clock=clock)
+    populate(proxy)
+    assert proxy.sync().full
+    assert proxy.full_sync_period() == 100.0  # 10 x 10s beats syncPeriod 30s
+    clock.t += 50
+    assert not proxy.sync().full
+    clock.t += 51
+    assert proxy.sync().full
+
+
+def test_configured_full_sync_period() -> None:
+    proxy, _, _, clock = make(CFG + "fullSyncPeriod: 5m\n")
+    populate(proxy)
+    proxy.sync()
+    assert proxy.full_sync_period() == 300
+    clock.t += 200
+    assert not proxy.sync().full
+    clock.t += 101
+    assert proxy.sync().full
