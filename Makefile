@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | deps
 venv: $(STAMP)
 
 lint: venv
-	$(VENV)/bin/ruff check core plugins tests examples
+	$(VENV)/bin/ruff check core plugins tests examples benchmarks
 
 typecheck: venv
 	$(VENV)/bin/mypy core

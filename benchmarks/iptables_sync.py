@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -34,7 +33,6 @@ sys.path.insert(0, str(ROOT / "tests" / "host"))
 
 from factories import endpoint, node, service, slice_  # noqa: E402
 from netns import Topology, sh  # noqa: E402
-
 from svcproxy.bus import Event, EventType  # noqa: E402
 from svcproxy.config import parse_config  # noqa: E402
 from svcproxy.manager import PluginHost  # noqa: E402
@@ -91,7 +89,7 @@ def kernel_of(proxy: Proxy) -> Any:
 
 
 def count_rules(netns: str, backend: str) -> int:
-    out = sh(f"iptables-{backend}-save", netns=netns).stdout
+    out = sh(f"iptables-{backend}-save", netns=netns, timeout=1800).stdout
     return sum(1 for line in out.splitlines() if line.startswith("-A "))
 
 
@@ -109,8 +107,9 @@ def bench_sync(n: int, backend: str) -> dict[str, float]:
         rules = count_rules(topo.node, backend)
 
         t0 = time.perf_counter()
-        assert proxy.sync(full=True).ok
+        re = proxy.sync(full=True)
         resync = time.perf_counter() - t0
+        assert re.ok and re.apply is not None and re.apply.changes == 0
 
         publish(proxy, slice_("svc-00007", "bench", endpoints=[
             endpoint(ip(7 * 5 + j, 128)) for j in range(4)] + [endpoint("10.250.0.1")],
@@ -128,12 +127,14 @@ def bench_sync(n: int, backend: str) -> dict[str, float]:
         floor.create_node()
         t0 = time.perf_counter()
         subprocess.run(["ip", "netns", "exec", floor.node, f"iptables-{backend}-restore",
-                        "-w", "5", "--noflush"], input=text, text=True, check=True)
+                        "-w", "5", "--noflush"], input=text, text=True, check=True,
+                       timeout=1800)
         raw = time.perf_counter() - t0
     finally:
         floor.close()
     return {"services": n, "rules": rules, "full": full, "raw_restore": raw, "resync": resync,
-            "partial": partial, "phases": result.phases, "partial_phases": part.phases}
+            "partial": partial, "phases": result.phases, "partial_phases": part.phases,
+            "resync_phases": re.phases}
 
 
 def bench_latency(n: int, backend: str, samples: int = 400) -> float:
@@ -179,6 +180,8 @@ def main() -> None:
               f"{100 * r['partial'] / r['full']:>12.1f}%")
         phases = ", ".join(f"{k} {v:.3f}s" for k, v in sorted(r["phases"].items()))
         print(f"{'':>9} full sync phases: {phases}")
+        phases = ", ".join(f"{k} {v:.3f}s" for k, v in sorted(r["resync_phases"].items()))
+        print(f"{'':>9} resync phases: {phases}")
         phases = ", ".join(f"{k} {v:.3f}s" for k, v in sorted(r["partial_phases"].items()))
         print(f"{'':>9} partial sync phases: {phases}")
     if args.latency_sizes:

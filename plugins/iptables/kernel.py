@@ -62,7 +62,7 @@ class IptablesKernel:
     network namespace (tests and benchmarks use one as the "node")."""
 
     def __init__(self, family: int = 4, backend: str = "nft", netns: str | None = None,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 900.0) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
         self.family = family
