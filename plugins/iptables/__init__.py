@@ -21,7 +21,7 @@ from svcproxy import hookimpl
 from svcproxy.config import Config
 from svcproxy.datapath import ApplyResult, ProbeResult
 from svcproxy.errors import PluginError
-from svcproxy.ir import PlanDelta, ServiceMap
+from svcproxy.ir import PlanDelta, ServiceMap, ip_family
 
 from .datapath import FamilyState, cleanup_family, render_iptables_save, sync_family
 from .kernel import BACKENDS, IptablesKernel, KernelError, detect_backend
@@ -51,8 +51,7 @@ def rule_options(config: Config, family: int, plan: ServiceMap | None = None) ->
     setting = list(kp.node_port_addresses)
     node_ports: tuple[str, ...] | None = None
     if setting and setting != ["all"] and plan is not None:
-        node_ports = tuple(a for a in plan.node_port_ips
-                           if ipaddress.ip_address(a).version == family)
+        node_ports = tuple(a for a in plan.node_port_ips if ip_family(a) == family)
     return RuleOptions(family=family, masquerade_bit=kp.masquerade_bit,
                        masquerade_all=kp.masquerade_all, local_detector=detector,
                        tcp_be_liberal=kp.conntrack.tcp_be_liberal,
@@ -67,6 +66,8 @@ class IptablesPlugin:
         self.netns: str | None = None
         self.backend: str | None = None
         self.families: dict[int, FamilyState] = {}
+        #: families whose tools do not work here, with the reason (logged once)
+        self.unusable: dict[int, str] = {}
 
     # -- configuration -----------------------------------------------------------
 
@@ -127,19 +128,20 @@ class IptablesPlugin:
                             full: bool) -> ApplyResult | None:
         if name != NAME:
             return None
-        families = {f.family for f in plan} | {4} | set(self.families)
+        families = {f.family for f in plan.frontends.values()} | {4} | set(self.families)
         written = deleted = jumps = conntrack = 0
         phases: dict[str, float] = {}
         details: dict[str, object] = {}
         for family in sorted(families):
+            if family == 6 and not self._ipv6_usable():
+                continue
             state = self._family(family)
-            part = plan.for_family(family)
             changed = None if full else [k for k in delta.changed
-                                         if ipaddress.ip_address(k.address).version == family]
+                                         if ip_family(k.address) == family]
             if changed is not None and not changed and state.written is not None:
                 continue
             try:
-                res = sync_family(state, part, changed, rule_options(self.config, family, part))
+                res = sync_family(state, plan, changed, rule_options(self.config, family, plan))
             except KernelError as exc:
                 raise KernelError(f"IPv{family}: {exc}") from None
             written += len(res.written)
@@ -155,15 +157,24 @@ class IptablesPlugin:
         return ApplyResult(changes=written + deleted + jumps, repaired=0 if not full else
                            written + deleted + jumps, phases=phases, details=details)
 
+    def _ipv6_usable(self) -> bool:
+        # Like kube-proxy, run single-stack when ip6tables cannot work here
+        # rather than failing every sync.
+        if 6 not in self.unusable and 6 not in self.families:
+            reason = IptablesKernel(6, self._backend(), self.netns).available()
+            if reason:
+                self.unusable[6] = reason
+                log.warning("IPv6 frontends are not programmed: %s", reason)
+        return 6 not in self.unusable
+
     @hookimpl
     def svcproxy_render_plan(self, name: str, plan: ServiceMap, output: str) -> str | None:
         if output != FORMAT:
             return None
-        families = sorted({f.family for f in plan} | {4})
+        families = sorted({f.family for f in plan.frontends.values()} | {4})
         parts = []
         for family in families:
-            part = plan.for_family(family)
-            text = render_iptables_save(part, rule_options(self.config, family, part))
+            text = render_iptables_save(plan, rule_options(self.config, family, plan))
             tool = "iptables-save" if family == 4 else "ip6tables-save"
             parts.append(f"# {tool}\n{text}")
         return "".join(parts)

@@ -58,14 +58,16 @@ def group(frontends: Iterable[Frontend]) -> dict[SPKey, list[Frontend]]:
 
 def render_service_ports(plan: ServiceMap, keys: Iterable[SPKey] | None,
                          opts: RuleOptions) -> dict[SPKey, ServicePortRules]:
-    """Rules for the given service ports (all of them when keys is None)."""
+    """Rules for the given service ports (all of them when keys is None) in the
+    family of `opts`; `plan` may hold both families."""
+    family = opts.family
     if keys is None:
-        groups = group(plan)
+        groups = group(f for f in plan.frontends.values() if f.family == family)
     else:
         wanted = set(keys)
         services = {k[0].split(":", 1)[0] for k in wanted}
-        frontends = [plan.frontends[fk] for s in services for fk in plan.by_service.get(s, ())
-                     if fk in plan.frontends]
+        frontends = [f for s in services for fk in plan.by_service.get(s, ())
+                     if (f := plan.frontends.get(fk)) is not None and f.family == family]
         groups = {k: v for k, v in group(frontends).items() if k in wanted}
     out = {}
     for key, fes in groups.items():
@@ -167,6 +169,7 @@ class FamilyResult:
 
 
 def _touched(keys: Iterable[FrontendKey], *plans: ServiceMap) -> set[SPKey]:
+    """Service ports owning the changed frontend keys (old or new)."""
     out: set[SPKey] = set()
     for k in keys:
         for plan in plans:
@@ -178,7 +181,8 @@ def _touched(keys: Iterable[FrontendKey], *plans: ServiceMap) -> set[SPKey]:
 
 def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[FrontendKey] | None,
                 opts: RuleOptions) -> FamilyResult:
-    """Bring one family's kernel rules to `plan`. `changed` None = full sync."""
+    """Bring the kernel rules of family `opts.family` to `plan` (which may hold
+    both families). `changed` None = full sync."""
     result = FamilyResult()
     t0 = time.perf_counter()
     full = changed is None or state.written is None
@@ -258,7 +262,7 @@ def clear_stale_udp(state: FamilyState, old: Mapping[SPKey, ServicePortRules],
     no endpoints), as kube-proxy does after each sync."""
     deleted = 0
     for key in set(old) | set(new):
-        if key[1] != "UDP":
+        if key[1] != "UDP" or old.get(key) is new.get(key):
             continue
         before, after = old.get(key), new.get(key)
         if before == after:
