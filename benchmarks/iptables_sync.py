@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -169,12 +170,18 @@ def main() -> None:
     p.add_argument("--sizes", default="1000,10000")
     p.add_argument("--latency-sizes", default="10,1000,10000")
     p.add_argument("--backend", default="nft", choices=["nft", "legacy"])
+    p.add_argument("--repeat", type=int, default=5,
+                   help="runs per size up to 2,000 services (medians are printed); larger "
+                   "sizes run once")
     args = p.parse_args()
-    print(f"iptables datapath benchmark, backend {args.backend}")
+    print(f"iptables datapath benchmark, backend {args.backend} "
+          f"(medians of {args.repeat} runs up to 2,000 services)")
     print(f"{'services':>9} {'rules':>7} {'svcproxy full':>14} {'iptables-restore':>17} "
           f"{'ratio':>6} {'resync':>8} {'partial':>8} {'partial/full':>13}")
     for n in (int(s) for s in args.sizes.split(",") if s):
-        r = bench_sync(n, args.backend)
+        runs = [bench_sync(n, args.backend) for _ in range(args.repeat if n <= 2000 else 1)]
+        r = {k: statistics.median(x[k] for x in runs) if isinstance(runs[0][k], float)
+             else runs[len(runs) // 2][k] for k in runs[0]}
         print(f"{n:>9} {r['rules']:>7} {r['full']:>13.3f}s {r['raw_restore']:>16.3f}s "
               f"{r['full'] / r['raw_restore']:>6.2f} {r['resync']:>7.3f}s {r['partial']:>7.3f}s "
               f"{100 * r['partial'] / r['full']:>12.1f}%")

@@ -12,7 +12,6 @@ kube-proxy-behaviour.md 1.12.
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
 import ipaddress
@@ -44,10 +43,20 @@ def is_owned(table: str, chain: str) -> bool:
 
 # ---- names -----------------------------------------------------------------------
 
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+#: every pair of base32 characters, indexed by the 10 bits they encode
+_B32_PAIRS = [a + b for a in _B32 for b in _B32]
+
+
 def _hash(text: str) -> str:
-    """base32(sha256(text))[:16]. 16 base32 characters are exactly the first 10
-    bytes, so only those are encoded (b32encode is slow pure Python)."""
-    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:10]).decode()
+    """base32(sha256(text))[:16]: 16 base32 characters are exactly the first 80
+    bits, encoded here 10 bits at a time (base64.b32encode is slow pure Python
+    and this runs for every endpoint of a large cluster)."""
+    bits = int.from_bytes(hashlib.sha256(text.encode()).digest()[:10], "big")
+    p = _B32_PAIRS
+    return (p[bits >> 70] + p[(bits >> 60) & 1023] + p[(bits >> 50) & 1023]
+            + p[(bits >> 40) & 1023] + p[(bits >> 30) & 1023] + p[(bits >> 20) & 1023]
+            + p[(bits >> 10) & 1023] + p[bits & 1023])
 
 
 @functools.lru_cache(maxsize=65536)
@@ -78,6 +87,7 @@ def comment(text: str) -> str:
     return f'-m comment --comment "{text}"'
 
 
+@functools.lru_cache(maxsize=4096)
 def probability(p: float) -> str:
     """The statistic match's probability as iptables-save prints it: kube-proxy
     writes %0.10f, the kernel keeps lround(p * 2^31) and save prints %.11f."""
@@ -95,23 +105,26 @@ def rule(chain: str, *, src: str | None = None, not_src: str | None = None,
          proto: str | None = None, matches: Sequence[str] = (),
          target: str | None = None) -> str:
     """One `-A` line in iptables-save's canonical order."""
-    parts = [f"-A {chain}"]
+    # plain concatenation: this runs for every rule of a large cluster
+    line = "-A " + chain
     if not_src is not None:
-        parts.append(f"! -s {not_src}")
+        line += " ! -s " + not_src
     if src is not None:
-        parts.append(f"-s {src}")
+        line += " -s " + src
     if dst is not None:
-        parts.append(f"-d {dst}")
+        line += " -d " + dst
     if not_iface is not None:
-        parts.append(f"! -i {not_iface}")
+        line += " ! -i " + not_iface
     if iface is not None:
-        parts.append(f"-i {iface}")
+        line += " -i " + iface
     if proto is not None:
-        parts.append(f"-p {proto}")
-    parts.extend(m for m in matches if m)
+        line += " -p " + proto
+    for m in matches:
+        if m:
+            line += " " + m
     if target is not None:
-        parts.append(f"-j {target}")
-    return " ".join(parts)
+        line += " -j " + target
+    return line
 
 
 def port_match(proto: str, port: int) -> str:
@@ -244,16 +257,17 @@ def _live(backends: Iterable[Backend]) -> tuple[Backend, ...]:
 def _endpoint_rules(chain: str, spn: str, proto: str, backends: Sequence[Backend],
                     affinity: int, opts: RuleOptions) -> list[str]:
     out: list[str] = []
-    seps = [endpoint_chain(spn, proto, host_port(b.address, b.port)) for b in backends]
+    eps = [host_port(b.address, b.port) for b in backends]
+    seps = [endpoint_chain(spn, proto, ep) for ep in eps]
     if affinity:
-        for b, sep in zip(backends, seps, strict=True):
+        for ep, sep in zip(eps, seps, strict=True):
             out.append(rule(chain, matches=[
-                comment(f"{spn} -> {host_port(b.address, b.port)}"),
+                comment(f"{spn} -> {ep}"),
                 f"-m recent --rcheck --seconds {affinity} --reap --name {sep} "
                 f"--mask {opts.recent_mask()} --rsource"], target=sep))
     remaining = sum(b.weight for b in backends)
-    for i, (b, sep) in enumerate(zip(backends, seps, strict=True)):
-        matches = [comment(f"{spn} -> {host_port(b.address, b.port)}")]
+    for i, (b, ep, sep) in enumerate(zip(backends, eps, seps, strict=True)):
+        matches = [comment(f"{spn} -> {ep}")]
         if i < len(backends) - 1:
             matches.append(f"-m statistic --mode random --probability "
                            f"{probability(b.weight / remaining)}")
