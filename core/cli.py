@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from .ir import ServiceMap
 from .manager import PluginHost
 from .plan import Planner, make_context
 from .proxy import Proxy
+from .sources.kubernetes import KubernetesSource, load_client
 from .sources.manifests import ManifestSource
 from .state import ClusterState
 from .status import StatusFile
@@ -170,44 +172,65 @@ def _select_datapath(host: PluginHost) -> tuple[str, list[tuple[str, str]]]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config, host = _plugins(args.config)
-    if args.kubeconfig:
-        raise UsageError("--kubeconfig: the Kubernetes API source is not available in this "
-                         "version; use --manifests DIR")
-    if not args.manifests:
-        raise UsageError("run needs a source: --manifests DIR")
     datapath, skipped = _select_datapath(host)
     proxy = Proxy(config, host, "", datapath)
-    source = ManifestSource(args.manifests, publish=proxy.bus.publish,
-                            poll_interval=args.poll_interval)
-    source.check_directory()
-    source.scan()
-    proxy.set_node_name(_resolve_node_name(args.node, config, proxy.state))
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: Any) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    background: list[threading.Thread] = []
+    k8s: KubernetesSource | None = None
+    if args.manifests:
+        source = ManifestSource(args.manifests, publish=proxy.bus.publish,
+                                poll_interval=args.poll_interval)
+        source.check_directory()
+        source.scan()
+        proxy.set_node_name(_resolve_node_name(args.node, config, proxy.state))
+        if not args.once:
+            background.append(threading.Thread(target=source.watch, args=(stop,),
+                                               name="manifests", daemon=True))
+    else:
+        api = load_client(args.kubeconfig)
+        proxy.set_node_name(_resolve_node_name(args.node, config, None))
+        for name in KubernetesSource.REQUIRED:
+            proxy.bus.expect(name)
+        k8s = KubernetesSource(api, proxy.node_name, proxy.bus.publish, proxy.bus.mark_synced,
+                               resync_period=config.kube_proxy.config_sync_period)
+        host.register("kubernetes-events", k8s)
     if args.status_file:
         host.register("status-file", StatusFile(args.status_file, proxy.node_name))
     host.start(datapath, skipped)
     try:
+        if k8s is not None:
+            k8s.start()
+            log.info("waiting for the initial lists of Services and EndpointSlices")
+            deadline = time.monotonic() + args.sync_timeout
+            while not proxy.bus.wait_ready(0.2):
+                if stop.is_set():
+                    return 0
+                if time.monotonic() > deadline:
+                    raise SvcProxyError(f"the initial lists did not complete within "
+                                        f"{args.sync_timeout:.0f}s (see the log for why)")
         if args.once:
             result = proxy.sync(full=True)
             if not result.ok:
                 raise SvcProxyError(f"sync failed: {result.error}")
             return 0
-        stop = threading.Event()
-
-        def _stop(signum: int, _frame: Any) -> None:
-            log.info("received %s; stopping", signal.Signals(signum).name)
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
         proxy.start_runner()
-        watcher = threading.Thread(target=source.watch, args=(stop,), name="manifests",
-                                   daemon=True)
-        watcher.start()
+        for t in background:
+            t.start()
         stop.wait()
         proxy.stop_runner()
-        watcher.join(timeout=5)
+        for t in background:
+            t.join(timeout=5)
         return 0
     finally:
+        if k8s is not None:
+            k8s.stop()
         host.stop()
 
 
@@ -285,9 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="run the proxy")
     sp.add_argument("--config", metavar="FILE")
     src = sp.add_mutually_exclusive_group()
-    src.add_argument("--manifests", metavar="DIR")
-    src.add_argument("--kubeconfig", metavar="PATH")
-    sp.add_argument("--node", metavar="NAME")
+    src.add_argument("--manifests", metavar="DIR",
+                     help="read Services, EndpointSlices and Nodes from a directory")
+    src.add_argument("--kubeconfig", metavar="PATH",
+                     help="watch the API server (default without --manifests: in-cluster "
+                     "config, then $KUBECONFIG)")
+    sp.add_argument("--node", "--hostname-override", dest="node", metavar="NAME",
+                    help="the node to proxy for (default: hostnameOverride, $NODE_NAME, "
+                    "the hostname)")
+    sp.add_argument("--sync-timeout", type=float, default=300.0, help=argparse.SUPPRESS)
     sp.add_argument("--once", action="store_true", help="one full sync, then exit")
     sp.add_argument("--status-file", metavar="PATH",
                     help="keep a JSON status file here (active datapath, fallback reasons, "

@@ -12,6 +12,7 @@ APScheduler background scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import threading
@@ -39,6 +40,8 @@ class SyncPolicy:
         self.pending = False
         self.failures = 0
         self.retry_at: float | None = None
+        #: requests counted so far; a sync covers those made before it started
+        self.requests = 0
 
     def _refill(self, now: float) -> None:
         if self.min_interval <= 0:
@@ -51,6 +54,7 @@ class SyncPolicy:
     def request(self, now: float) -> None:
         """A change wants to be synced."""
         self.pending = True
+        self.requests += 1
 
     def next_run(self, now: float) -> float:
         """The absolute time the next sync should start (may be <= now: run now)."""
@@ -68,13 +72,15 @@ class SyncPolicy:
             return now
         return now + (1 - self.tokens) * self.min_interval
 
-    def ran(self, now: float, ok: bool) -> None:
-        """Record a sync that started at `now`."""
+    def ran(self, now: float, ok: bool, covered: int | None = None) -> None:
+        """Record a sync that started at `now` and saw the first `covered`
+        requests (default: all so far). Requests that came in while it ran stay
+        pending."""
         self._refill(now)
         self.tokens = max(0.0, self.tokens - 1)
         self.last_run = now
         if ok:
-            self.pending = False
+            self.pending = self.requests > (self.requests if covered is None else covered)
             self.failures = 0
             self.retry_at = None
         else:
@@ -94,7 +100,7 @@ class SyncRunner:
 
     `sync_fn` returns True on success. Requests from any thread are safe."""
 
-    JOB_ID = "svcproxy-sync"
+    JOB_PREFIX = "svcproxy-sync-"
 
     def __init__(self, sync_fn: Callable[[], bool], policy: SyncPolicy,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -107,6 +113,10 @@ class SyncRunner:
         self._lock = threading.Lock()
         self._running = False
         self._scheduled: float | None = None
+        # Each booking gets its own job id: APScheduler removes a finished date
+        # job by id after running it, which would also remove a booking made
+        # with the same id from inside that run.
+        self._token = 0
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -121,7 +131,8 @@ class SyncRunner:
             self.scheduler.shutdown(wait=True)
 
     def request(self) -> None:
-        """Ask for a sync soon (coalesced with other requests)."""
+        """Ask for a sync soon (coalesced with other requests). A request made
+        while a sync runs books another one after it."""
         with self._lock:
             self.policy.request(self.clock())
             if not self._running:
@@ -139,14 +150,21 @@ class SyncRunner:
         if self._scheduled is not None and self._scheduled <= at:
             return  # an earlier (or equal) run is already booked
         self._scheduled = at
+        previous = self._token
+        self._token += 1
         run_date = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=max(0.0, at - now))
-        self.scheduler.add_job(self._run, "date", run_date=run_date, id=self.JOB_ID,
-                               replace_existing=True)
+        self.scheduler.add_job(self._run, "date", args=(self._token,), run_date=run_date,
+                               id=f"{self.JOB_PREFIX}{self._token}")
+        with contextlib.suppress(Exception):  # already ran or removed: nothing to cancel
+            self.scheduler.remove_job(f"{self.JOB_PREFIX}{previous}")
 
-    def _run(self) -> None:
+    def _run(self, token: int) -> None:
         with self._lock:
+            if token != self._token:
+                return  # superseded by an earlier booking that already ran
             self._running = True
             self._scheduled = None
+            covered = self.policy.requests
         started = self.clock()
         ok = False
         try:
@@ -156,7 +174,7 @@ class SyncRunner:
         finally:
             with self._lock:
                 self._running = False
-                self.policy.ran(started, ok)
+                self.policy.ran(started, ok, covered)
                 if not ok:
                     log.warning("sync failed; retrying in %.1fs (attempt %d)",
                                 self.policy.backoff(), self.policy.failures)

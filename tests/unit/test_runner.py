@@ -140,3 +140,39 @@ def test_runner_survives_an_exception_in_sync() -> None:
         assert done.wait(10)
     finally:
         runner.stop()
+
+
+def test_a_request_made_during_a_sync_is_never_lost() -> None:
+    """Changes that arrive while a sync runs book the next sync from inside the
+    running job; APScheduler must not drop that booking when it retires the
+    finished job."""
+    runs: list[int] = []
+    done = threading.Event()
+    runner: SyncRunner
+
+    def sync() -> bool:
+        runs.append(len(runs))
+        if len(runs) < 30:
+            runner.request()
+        else:
+            done.set()
+        return True
+
+    runner = SyncRunner(sync, SyncPolicy(0.0, 3600.0))
+    runner.start()
+    try:
+        runner.request()
+        assert done.wait(20), f"stalled after {len(runs)} syncs"
+    finally:
+        runner.stop()
+
+
+def test_request_during_a_sync_stays_pending() -> None:
+    p = SyncPolicy(min_interval=0.0, max_interval=60.0, now=0.0)
+    p.request(0.0)
+    covered = p.requests
+    p.request(0.5)  # arrives while the sync that started at 0.0 runs
+    p.ran(0.0, ok=True, covered=covered)
+    assert p.pending and p.next_run(1.0) == 1.0
+    p.ran(1.0, ok=True, covered=p.requests)
+    assert not p.pending

@@ -1,0 +1,394 @@
+"""The Kubernetes API source: list+watch of Services, EndpointSlices and this
+node's Node object with the official `kubernetes` client, as kube-proxy's
+informers do.
+
+Per resource a reflector thread lists (in pages), publishes what changed
+against what it holds, then watches from the list's resourceVersion with
+bookmarks. A watch that ends is resumed from the last resourceVersion seen; a
+410 Gone (expired resourceVersion) relists, which publishes DELETED for
+objects that vanished meanwhile and MODIFIED only for objects whose content
+changed. Errors back off exponentially with jitter (honouring Retry-After);
+every `configSyncPeriod` the reflector relists to repair anything missed.
+
+Objects are read as raw JSON (``_preload_content=False``) and parsed by
+svcproxy's own model, so events reach the bus exactly as the manifest source's
+do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from ..bus import Event, EventType
+from ..errors import ObjectError, UsageError
+from ..hookspecs import hookimpl
+from ..model import ClusterObject, parse_endpoint_slice, parse_node, parse_service
+
+log = logging.getLogger(__name__)
+
+#: kube-proxy's informer selector: skip Services owned by another proxy and
+#: headless ones (the EndpointSlice controller labels their slices)
+PROXY_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+PAGE_SIZE = 500
+
+
+class Gone(Exception):
+    """The resourceVersion we asked for has expired: relist."""
+
+
+class RetryLater(Exception):
+    def __init__(self, message: str, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+@dataclass
+class Backoff:
+    """Jittered exponential backoff: 0.8 s, 1.6 s, ... up to `cap`."""
+
+    base: float = 0.8
+    cap: float = 30.0
+    attempts: int = 0
+
+    def next(self, hint: float | None = None) -> float:
+        self.attempts += 1
+        delay = min(self.cap, self.base * 2 ** (self.attempts - 1))
+        delay *= random.uniform(0.5, 1.5)
+        return float(max(delay, hint or 0.0))
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+def load_client(kubeconfig: str | None) -> Any:
+    """An ApiClient from a kubeconfig file, $KUBECONFIG or the in-cluster
+    service account. Raises UsageError naming what is wrong."""
+    from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        if kubeconfig:
+            cfg = client.Configuration()
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig, client_configuration=cfg)
+            return client.ApiClient(cfg)
+        try:
+            cfg = client.Configuration()
+            config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=cfg)
+            return client.ApiClient(cfg)
+        except ConfigException:
+            cfg = client.Configuration()
+            # $KUBECONFIG or ~/.kube/config
+            config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            return client.ApiClient(cfg)
+    except (ConfigException, OSError, ValueError, TypeError, yaml.YAMLError) as exc:
+        where = kubeconfig or "in-cluster config, $KUBECONFIG or ~/.kube/config"
+        raise UsageError(f"--kubeconfig: cannot load a Kubernetes client config from "
+                         f"{where}: {exc}") from None
+
+
+def _lines(resp: Any) -> Iterator[str]:
+    """Complete lines of a streamed (chunked) watch response. A partial line at
+    the end (the connection dropped mid-event) is discarded."""
+    buf = b""
+    for chunk in resp.stream(4096, decode_content=False):
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if line.strip():
+                yield line.decode()
+
+
+@dataclass
+class Resource:
+    name: str  # for logs and the bus's sync tracking: "services", "endpointslices", "nodes"
+    list_fn: Callable[..., Any]
+    parse: Callable[[Any], ClusterObject]
+    kind: str
+    api_version: str
+    selector: dict[str, str]
+
+
+class Reflector:
+    """List+watch of one resource, publishing parsed events."""
+
+    def __init__(self, resource: Resource, publish: Callable[[Event], object],
+                 on_synced: Callable[[str], None], stop: threading.Event,
+                 resync_period: float, watch_timeout: tuple[int, int] = (240, 480),
+                 request_timeout: float = 30.0) -> None:
+        self.r = resource
+        self.publish = publish
+        self.on_synced = on_synced
+        self.stop = stop
+        self.resync_period = resync_period
+        self.watch_timeout = watch_timeout
+        self.request_timeout = request_timeout
+        self.store: dict[str, ClusterObject] = {}
+        self.resource_version = ""
+        self.synced = False
+        self.backoff = Backoff()
+        self._resp: Any = None
+        self.lists = 0  # how many full lists ran (tests watch relists)
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    def _call(self, **kwargs: Any) -> Any:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return self.r.list_fn(_preload_content=False, **self.r.selector, **kwargs)
+        except ApiException as exc:
+            if exc.status == 410:
+                raise Gone(str(exc.reason)) from None
+            retry = None
+            if exc.headers and exc.headers.get("Retry-After"):
+                try:
+                    retry = float(exc.headers["Retry-After"])
+                except ValueError:
+                    retry = None
+            raise RetryLater(f"API server answered {exc.status} {exc.reason}", retry) from None
+        except (HTTPError, OSError) as exc:
+            raise RetryLater(f"cannot reach the API server: {type(exc).__name__}: {exc}") \
+                from None
+
+    # -- list ------------------------------------------------------------------------
+
+    def relist(self) -> None:
+        items: list[Any] = []
+        cont = None
+        rv = ""
+        while True:
+            kwargs: dict[str, Any] = {"limit": PAGE_SIZE,
+                                      "_request_timeout": self.request_timeout}
+            if cont:
+                kwargs["_continue"] = cont
+            resp = self._call(**kwargs)
+            try:
+                body = json.loads(resp.data)
+            except ValueError as exc:
+                raise RetryLater(f"list of {self.r.name}: invalid JSON: {exc}") from None
+            items.extend(body.get("items") or [])
+            meta = body.get("metadata") or {}
+            rv = meta.get("resourceVersion", rv)
+            cont = meta.get("continue")
+            if not cont:
+                break
+        self.lists += 1
+        fresh: dict[str, ClusterObject] = {}
+        for raw in items:
+            obj = self._parse(raw)
+            if obj is not None:
+                fresh[obj.key] = obj
+        for key, obj in fresh.items():
+            old = self.store.get(key)
+            if old is None:
+                self.publish(Event(EventType.ADDED, obj, "kubernetes"))
+            elif old != obj:
+                self.publish(Event(EventType.MODIFIED, obj, "kubernetes"))
+        for key in [k for k in self.store if k not in fresh]:
+            self.publish(Event(EventType.DELETED, self.store[key], "kubernetes"))
+        self.store = fresh
+        self.resource_version = rv
+        if not self.synced:
+            self.synced = True
+            log.info("initial list of %s: %d objects (resourceVersion %s)", self.r.name,
+                     len(fresh), rv)
+            self.on_synced(self.r.name)
+
+    def _parse(self, raw: Any) -> ClusterObject | None:
+        if isinstance(raw, dict):
+            raw.setdefault("kind", self.r.kind)
+            raw.setdefault("apiVersion", self.r.api_version)
+        try:
+            return self.r.parse(raw)
+        except ObjectError as exc:
+            log.warning("ignoring a malformed %s from the API server: %s", self.r.kind, exc)
+            return None
+
+    # -- watch -----------------------------------------------------------------------
+
+    def watch(self, until: float) -> None:
+        """Watch from resource_version until the server ends the stream, `until`
+        passes (resync), or stop is set."""
+        timeout = random.randint(*self.watch_timeout)
+        timeout = max(1, min(timeout, int(until - time.monotonic()) + 1))
+        resp = self._call(watch=True, resource_version=self.resource_version,
+                          allow_watch_bookmarks=True, timeout_seconds=timeout,
+                          _request_timeout=(self.request_timeout, timeout + 30))
+        self._resp = resp
+        try:
+            for line in _lines(resp):
+                if self.stop.is_set():
+                    return
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    log.warning("watch of %s: skipping an unreadable event", self.r.name)
+                    continue
+                self._handle(event)
+                self.backoff.reset()
+                if time.monotonic() >= until:
+                    return
+        except (Gone, RetryLater):
+            raise
+        except Exception as exc:  # urllib3 raises several kinds when a stream breaks
+            if self.stop.is_set():
+                return
+            raise RetryLater(f"watch of {self.r.name} broke: {type(exc).__name__}: {exc}") \
+                from None
+        finally:
+            self._resp = None
+            resp.release_conn()
+
+    def _handle(self, event: Mapping[str, Any]) -> None:
+        etype = event.get("type")
+        raw = event.get("object") or {}
+        if etype == "ERROR":
+            code = raw.get("code")
+            if code == 410:
+                raise Gone(str(raw.get("message", "resource version expired")))
+            raise RetryLater(f"watch of {self.r.name}: {raw.get('message') or raw}")
+        rv = (raw.get("metadata") or {}).get("resourceVersion")
+        if etype == "BOOKMARK":
+            if rv:
+                self.resource_version = rv
+            return
+        obj = self._parse(raw)
+        if rv:
+            self.resource_version = rv
+        if obj is None:
+            return
+        if etype == "DELETED":
+            if self.store.pop(obj.key, None) is not None:
+                self.publish(Event(EventType.DELETED, obj, "kubernetes"))
+        elif etype in ("ADDED", "MODIFIED"):
+            old = self.store.get(obj.key)
+            self.store[obj.key] = obj
+            if old is None:
+                self.publish(Event(EventType.ADDED, obj, "kubernetes"))
+            elif old != obj:
+                self.publish(Event(EventType.MODIFIED, obj, "kubernetes"))
+
+    # -- the loop --------------------------------------------------------------------
+
+    def run(self) -> None:
+        need_list = True
+        next_resync = time.monotonic() + self.resync_period
+        while not self.stop.is_set():
+            try:
+                if need_list or time.monotonic() >= next_resync:
+                    self.relist()
+                    need_list = False
+                    next_resync = time.monotonic() + self.resync_period
+                    self.backoff.reset()
+                self.watch(next_resync)
+            except Gone as exc:
+                log.info("watch of %s: %s; relisting", self.r.name, exc)
+                need_list = True
+            except RetryLater as exc:
+                delay = self.backoff.next(exc.delay)
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                self.stop.wait(delay)
+            except Exception:
+                delay = self.backoff.next()
+                log.exception("%s reflector failed; retrying in %.1fs", self.r.name, delay)
+                self.stop.wait(delay)
+
+    def interrupt(self) -> None:
+        resp = self._resp
+        if resp is not None:
+            # closing under a blocked reader may raise in either thread: the
+            # reader sees stop set and exits quietly
+            with contextlib.suppress(Exception):
+                if hasattr(resp, "shutdown"):
+                    resp.shutdown()
+                else:
+                    resp.close()
+
+
+class KubernetesSource:
+    """The three reflectors, plus the operator-facing Node events. Also a
+    plugin: it posts a Warning Event on the Node when the datapath fell back."""
+
+    name = "kubernetes"
+
+    def __init__(self, api_client: Any, node_name: str, publish: Callable[[Event], object],
+                 on_synced: Callable[[str], None], resync_period: float = 900.0,
+                 watch_timeout: tuple[int, int] = (240, 480)) -> None:
+        from kubernetes import client
+
+        self.api_client = api_client
+        self.node_name = node_name
+        self.core = client.CoreV1Api(api_client)
+        self.discovery = client.DiscoveryV1Api(api_client)
+        self.stop_event = threading.Event()
+        resources = [
+            Resource("services", self.core.list_service_for_all_namespaces, parse_service,
+                     "Service", "v1", {"label_selector": PROXY_SELECTOR}),
+            Resource("endpointslices", self.discovery.list_endpoint_slice_for_all_namespaces,
+                     parse_endpoint_slice, "EndpointSlice", "discovery.k8s.io/v1",
+                     {"label_selector": PROXY_SELECTOR}),
+            Resource("nodes", self.core.list_node, parse_node, "Node", "v1",
+                     {"field_selector": f"metadata.name={node_name}"}),
+        ]
+        self.reflectors = [Reflector(r, publish, on_synced, self.stop_event, resync_period,
+                                     watch_timeout) for r in resources]
+        self.threads: list[threading.Thread] = []
+
+    #: sources whose initial list gates the first sync (kube-proxy waits for the
+    #: Service and EndpointSlice caches, not for the Node)
+    REQUIRED = ("services", "endpointslices")
+
+    def start(self) -> None:
+        for r in self.reflectors:
+            t = threading.Thread(target=r.run, name=f"reflector-{r.r.name}", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for r in self.reflectors:
+            r.interrupt()
+        for t in self.threads:
+            t.join(timeout=10)
+
+    # -- operator events ---------------------------------------------------------------
+
+    @hookimpl
+    def svcproxy_start_proxy(self, datapath: str, skipped: list[tuple[str, str]]) -> None:
+        for name, reason in skipped:
+            self.post_node_event("DatapathFallback",
+                                 f"{name} datapath unusable: {reason}; using {datapath}")
+
+    def post_node_event(self, reason: str, message: str, type_: str = "Warning") -> None:
+        from kubernetes import client
+
+        now = datetime.datetime.now(datetime.UTC)
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{self.node_name}.svcproxy-",
+                                         namespace="default"),
+            involved_object=client.V1ObjectReference(kind="Node", name=self.node_name,
+                                                     uid=self.node_name, api_version="v1"),
+            reason=reason, message=message, type=type_, count=1,
+            first_timestamp=now, last_timestamp=now,
+            source=client.V1EventSource(component="svcproxy", host=self.node_name),
+            reporting_component="svcproxy", reporting_instance=socket.gethostname())
+        try:
+            self.core.create_namespaced_event("default", body, _request_timeout=10)
+        except Exception as exc:  # an event is best effort; the log already says it
+            log.warning("could not post the %s event on Node %s: %s", reason, self.node_name,
+                        exc)

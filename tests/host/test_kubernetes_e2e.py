@@ -1,0 +1,99 @@
+"""`svcproxy run --kubeconfig` against the test API server: the datapath is
+programmed from API objects, follows changes, and the fallback is reported as
+a Node event."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from apiserver import FakeAPIServer
+from conftest import NODE_IP
+from factories import endpoint, node, service, slice_
+from netns import Topology
+
+HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
+
+
+@pytest.fixture
+def server() -> Iterator[FakeAPIServer]:
+    s = FakeAPIServer()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def wait_answers(topo: Topology, host: str, port: int, want: set[str],
+                 timeout: float = 30) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    answers: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        answers = topo.answers("c1", "http", host, port, 20)
+        if set(answers) == want:
+            return answers
+        time.sleep(0.3)
+    raise AssertionError(f"wanted {want}, got {answers}")
+
+
+def test_run_with_kubeconfig_programs_and_follows_the_api(topo: Topology,
+                                                          server: FakeAPIServer,
+                                                          tmp_path: Path) -> None:
+    topo.add_pod("a", "10.244.1.11")
+    topo.add_pod("b", "10.244.2.12")
+    server.apply(node("node-a", ips=[NODE_IP]))
+    server.apply(service("web", cluster_ip="10.96.0.10", type="NodePort",
+                         ports=[{**HTTP[0], "nodePort": 30080}]))
+    server.apply(slice_("web", endpoints=[endpoint("10.244.1.11", "node-a")]))
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        apiVersion: kubeproxy.config.k8s.io/v1alpha1
+        kind: KubeProxyConfiguration
+        mode: ipvs
+        iptables: {{minSyncPeriod: 0s}}
+        ---
+        apiVersion: svcproxy.io/v1alpha1
+        kind: SvcProxyConfiguration
+        datapathOptions:
+          iptables: {{netns: {topo.node}}}
+    """))
+    kubeconfig = server.kubeconfig(tmp_path / "kubeconfig")
+    svcproxy = str(Path(sys.executable).parent / "svcproxy")
+    proc = subprocess.Popen([svcproxy, "run", "--kubeconfig", str(kubeconfig), "--config",
+                             str(config), "--node", "node-a"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    topo.processes.append(proc)
+    try:
+        wait_answers(topo, "10.96.0.10", 80, {"a"})
+        wait_answers(topo, NODE_IP, 30080, {"a"})
+        server.apply(slice_("web", endpoints=[endpoint("10.244.1.11", "node-a"),
+                                              endpoint("10.244.2.12", "node-b")]))
+        try:
+            wait_answers(topo, "10.96.0.10", 80, {"a", "b"})
+        except AssertionError:
+            proc.kill()
+            print(proc.stderr.read())
+            raise
+        server.delete(service("web"))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if topo.answers("c1", "http", "10.96.0.10", 80, 1) != {"a": 1, "b": 1}:
+                break
+        assert set(topo.answers("c1", "http", "10.96.0.10", 80, 2)) <= {"!timeout",
+                                                                        "!unreachable"}
+        fallback = [e for e in server.posted_events if e["reason"] == "DatapathFallback"]
+        assert len(fallback) == 1 and "ipvs datapath unusable" in fallback[0]["message"]
+        assert fallback[0]["involvedObject"]["name"] == "node-a"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read() if proc.stderr else ""
+    assert "waiting for the initial lists" in err and "Traceback" not in err
