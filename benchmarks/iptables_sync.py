@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests" / "host"))
 
 from factories import endpoint, node, service, slice_  # noqa: E402
 from netns import Topology, sh  # noqa: E402
+
 from svcproxy.bus import Event, EventType  # noqa: E402
 from svcproxy.config import parse_config  # noqa: E402
 from svcproxy.manager import PluginHost  # noqa: E402

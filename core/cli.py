@@ -203,7 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         host.register("kubernetes-events", k8s)
     if args.status_file:
         host.register("status-file", StatusFile(args.status_file, proxy.node_name))
-    host.start(datapath, skipped)
+    host.start(datapath, skipped, proxy.node_name)
     try:
         if k8s is not None:
             k8s.start()

@@ -46,10 +46,11 @@ def svcproxy_configure_plugin(config: Config, options: Mapping[str, Any]) -> Non
 
 @hookspec
 def svcproxy_start_proxy(config: Config, datapath: str,
-                         skipped: Sequence[tuple[str, str]]) -> None:
+                         skipped: Sequence[tuple[str, str]], node: str) -> None:
     """Called once when `svcproxy run` has chosen its datapath, before the first
-    sync, with the datapaths skipped on the way and why ((name, reason) pairs).
-    Start servers or threads here (metrics, health checks)."""
+    sync, with the datapaths skipped on the way and why ((name, reason) pairs)
+    and the name of the node it proxies for. Start servers or threads here
+    (metrics, health checks)."""
 
 
 @hookspec

@@ -40,6 +40,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "externalips": "svcproxy.plugins.externalips",
     "loadbalancer": "svcproxy.plugins.loadbalancer",
     "affinity": "svcproxy.plugins.affinity",
+    "metrics": "svcproxy.plugins.metrics:MetricsPlugin",
     "ipvs": "svcproxy.plugins.ipvs:IpvsPlugin",
     "iptables": "svcproxy.plugins.iptables:IptablesPlugin",
     "nftables": "svcproxy.plugins.nftables:NftablesPlugin",
@@ -294,9 +295,10 @@ class PluginHost:
 
     # -- lifecycle and observers ----------------------------------------------------
 
-    def start(self, datapath: str, skipped: Sequence[tuple[str, str]] = ()) -> None:
+    def start(self, datapath: str, skipped: Sequence[tuple[str, str]] = (),
+              node: str = "") -> None:
         self.pm.hook.svcproxy_start_proxy(config=self.config, datapath=datapath,
-                                          skipped=list(skipped))
+                                          skipped=list(skipped), node=node)
 
     def stop(self) -> None:
         self.pm.hook.svcproxy_stop_proxy()

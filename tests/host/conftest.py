@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from factories import node
 from netns import Topology
+
 from svcproxy.bus import Event, EventType
 from svcproxy.config import parse_config
 from svcproxy.manager import PluginHost

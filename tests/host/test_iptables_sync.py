@@ -13,6 +13,7 @@ import pytest
 from conftest import NODE_IP, Node
 from factories import endpoint, node, service, slice_
 from netns import Topology, sh
+
 from svcproxy.bus import EventType
 from svcproxy.plugins.iptables.kernel import parse_save
 from svcproxy.plugins.iptables.rules import chain_suffix, is_owned

@@ -6,6 +6,7 @@ from __future__ import annotations
 from conftest import NODE_IP, Node
 from factories import endpoint, service, slice_
 from netns import Topology, sh
+
 from svcproxy.bus import EventType
 
 HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]

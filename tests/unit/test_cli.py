@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from svcproxy.cli import main
 
 ROOT = Path(__file__).parents[2]
@@ -133,7 +134,8 @@ def test_plugins_lists_builtins_in_order(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["plugins", "-o", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     feature = [r["name"] for r in rows if r["role"] in ("feature", "essential")]
-    assert feature == ["clusterip", "nodeport", "externalips", "loadbalancer", "affinity"]
+    assert feature == ["clusterip", "nodeport", "externalips", "loadbalancer", "affinity",
+                       "metrics"]
     assert rows[0]["origin"] == "built-in" and "build_frontends" in rows[0]["hooks"]
 
 

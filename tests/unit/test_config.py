@@ -6,6 +6,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+
 from svcproxy.config import Config, effective_values, load_config, parse_config
 from svcproxy.durations import format_duration, parse_duration
 from svcproxy.errors import ConfigError
@@ -241,7 +242,7 @@ def test_svcproxy_document_plugins_and_datapaths() -> None:
 def test_default_plugins_and_datapath_order() -> None:
     c = Config()
     assert [p.name for p in c.svcproxy.plugins] == ["clusterip", "nodeport", "externalips",
-                                                     "loadbalancer", "affinity"]
+                                                     "loadbalancer", "affinity", "metrics"]
     assert c.datapath_order() == ("ipvs", "iptables")
 
 

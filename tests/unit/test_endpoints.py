@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from factories import endpoint, slice_
+
 from svcproxy.endpoints import Candidate, categorize, endpoints_for_port
 from svcproxy.ir import Backend
 from svcproxy.model import parse_endpoint_slice

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from factories import endpoint, node, plan_of, service, slice_
+
 from svcproxy.ir import ServiceMap
 from svcproxy.plugins.iptables.datapath import (
     SHARED,

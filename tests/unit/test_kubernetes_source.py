@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from apiserver import FakeAPIServer
 from factories import endpoint, node, service, slice_
+
 from svcproxy.bus import Event
 from svcproxy.model import parse_endpoint_slice, parse_node, parse_service
 from svcproxy.sources import kubernetes as k8s

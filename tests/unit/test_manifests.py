@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from factories import endpoint, service, slice_
+
 from svcproxy.bus import Event
 from svcproxy.errors import ManifestError
 from svcproxy.sources.manifests import ManifestSource

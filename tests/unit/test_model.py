@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from factories import endpoint, node, service, slice_
+
 from svcproxy.errors import ObjectError
 from svcproxy.model import (
     parse_endpoint_slice,

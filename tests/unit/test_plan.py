@@ -8,6 +8,7 @@ import textwrap
 from factories import build_state, endpoint, node, plan_of, service, slice_
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from svcproxy.config import Config, parse_config
 from svcproxy.ir import FrontendKey, FrontendKind, ServiceMap
 from svcproxy.manager import PluginHost

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from factories import endpoint, install_dist, plan_of, service, slice_
+
 from svcproxy import hookimpl, hookspecs
 from svcproxy.config import parse_config
 from svcproxy.datapath import ApplyResult, ProbeResult

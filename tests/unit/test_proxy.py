@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from factories import RecordingDatapath, endpoint, node, service, slice_
+
 from svcproxy import hookimpl
 from svcproxy.bus import Event, EventType
 from svcproxy.config import parse_config

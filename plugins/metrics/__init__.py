@@ -1,0 +1,181 @@
+"""Built-in plugin `metrics`: kube-proxy's /healthz and /livez on
+healthzBindAddress (default 0.0.0.0:10256), with kube-proxy's semantics
+(pkg/proxy/healthcheck/proxy_health.go).
+
+- Unhealthy iff an update was queued (a change arrived) and no sync has
+  succeeded for longer than healthTimeout = 2 x syncPeriod. No pending update
+  means healthy, also during start-up.
+- /livez: 200 when healthy, else 503. /healthz: the same and the Node must be
+  eligible (it exists, is not being deleted, and has no
+  ToBeDeletedByClusterAutoscaler taint).
+- JSON body {"lastUpdated", "currentTime", "healthy", "status": {"IPv4": ...}}
+  (/healthz adds "nodeEligible"); on 200 lastUpdated is "now", as kube-proxy
+  reports it for backwards compatibility.
+
+Prometheus /metrics on metricsBindAddress arrives with the observability issue.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from svcproxy import hookimpl
+from svcproxy.bus import Event, EventType
+from svcproxy.config import Config
+from svcproxy.datapath import SyncResult
+from svcproxy.model import Node
+
+log = logging.getLogger(__name__)
+
+AUTOSCALER_TAINT = "ToBeDeletedByClusterAutoscaler"
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _rfc3339(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+class ProxyHealth:
+    """kube-proxy's ProxyHealthServer state, on an injectable wall clock."""
+
+    def __init__(self, timeout: float, clock: Callable[[], float] = time.time,
+                 families: Sequence[str] = ("IPv4",)) -> None:
+        self.timeout = timeout
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.last_updated: dict[str, float] = {}
+        self.oldest_pending: dict[str, float] = {}
+        self.families = list(families)
+        self.node: Node | None = None
+        self.node_seen = False
+
+    def queued_update(self) -> None:
+        with self.lock:
+            now = self.clock()
+            for fam in self.families:
+                self.oldest_pending.setdefault(fam, now)
+
+    def updated(self) -> None:
+        with self.lock:
+            now = self.clock()
+            for fam in self.families:
+                self.last_updated[fam] = now
+                self.oldest_pending.pop(fam, None)
+
+    def status(self) -> tuple[bool, dict[str, Any]]:
+        with self.lock:
+            now = self.clock()
+            per: dict[str, Any] = {}
+            healthy = True
+            for fam in self.families:
+                pending = self.oldest_pending.get(fam)
+                ok = pending is None or now - pending <= self.timeout
+                healthy = healthy and ok
+                per[fam] = {"lastUpdated": _rfc3339(self.last_updated.get(fam, 0.0)),
+                            "healthy": ok}
+            last = max(self.last_updated.values(), default=0.0)
+            body = {"lastUpdated": _rfc3339(now if healthy else last),
+                    "currentTime": _rfc3339(now), "healthy": healthy, "status": per}
+            return healthy, body
+
+    def node_eligible(self) -> bool:
+        node = self.node
+        if node is None:
+            return False
+        return not node.deleting and not any(k == AUTOSCALER_TAINT for k, _ in node.taints)
+
+
+class MetricsPlugin:
+    def __init__(self) -> None:
+        self.config = Config()
+        self.health = ProxyHealth(60.0)
+        self.node_name = ""
+        self.server: ThreadingHTTPServer | None = None
+        self.thread: threading.Thread | None = None
+        self.address = ""
+
+    @hookimpl
+    def svcproxy_configure_plugin(self, config: Config) -> None:
+        self.config = config
+        self.health.timeout = config.kube_proxy.health_timeout
+
+    @hookimpl
+    def svcproxy_start_proxy(self, config: Config, node: str) -> None:
+        self.node_name = node
+        address = config.kube_proxy.healthz_bind_address
+        if not address:
+            return
+        host, port = _split(address)
+        plugin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                plugin.serve(self)
+
+        try:
+            self.server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            log.error("cannot serve /healthz on %s: %s", address, exc)
+            return
+        self.server.daemon_threads = True
+        self.address = f"{host}:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="healthz",
+                                       daemon=True)
+        self.thread.start()
+        # kube-proxy marks itself updated when its sync loop starts
+        self.health.updated()
+        log.info("serving /healthz and /livez on %s", self.address)
+
+    @hookimpl
+    def svcproxy_stop_proxy(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    @hookimpl
+    def svcproxy_observe_event(self, event: Event) -> None:
+        obj = event.object
+        if isinstance(obj, Node):
+            if self.node_name and obj.name != self.node_name:
+                return
+            self.health.node = None if event.type == EventType.DELETED else obj
+            return
+        self.health.queued_update()
+
+    @hookimpl
+    def svcproxy_observe_sync(self, result: SyncResult) -> None:
+        if result.ok:
+            self.health.updated()
+
+    def serve(self, h: BaseHTTPRequestHandler) -> None:
+        path = h.path.split("?", 1)[0]
+        if path not in ("/healthz", "/livez"):
+            h.send_error(404)
+            return
+        healthy, body = self.health.status()
+        if path == "/healthz":
+            eligible = self.health.node_eligible()
+            body["nodeEligible"] = eligible
+            healthy = healthy and eligible
+        data = json.dumps(body).encode()
+        h.send_response(200 if healthy else 503)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("X-Content-Type-Options", "nosniff")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
