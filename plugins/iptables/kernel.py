@@ -149,6 +149,11 @@ def detect_backend(family: int = 4, netns: str | None = None) -> tuple[str, str]
         k = IptablesKernel(family, backend, netns)
         if shutil.which(k.tool("save")) is None:
             continue
+        if backend == "legacy" and not _legacy_tables_loaded(k):
+            # iptables-legacy-save would create empty legacy tables, after which
+            # every iptables-nft command warns about them: look, do not touch
+            counts[backend] = 0
+            continue
         try:
             mangle = k.run([k.tool("save"), "-t", "mangle"], check=False).stdout
             if f":{HINT_CHAIN} " in mangle:
@@ -162,6 +167,16 @@ def detect_backend(family: int = 4, netns: str | None = None) -> tuple[str, str]
         return best, f"the {best} backend holds the most rules ({counts})"
     default = _system_default()
     return default, f"no rules yet; the system default iptables is {default}"
+
+
+def _legacy_tables_loaded(kernel: IptablesKernel) -> bool:
+    """Whether any legacy (x_tables) table exists in the kernel's namespace."""
+    names = "ip_tables_names" if kernel.family == 4 else "ip6_tables_names"
+    try:
+        proc = kernel.run(["cat", f"/proc/net/{names}"], check=False)
+    except KernelError:
+        return False
+    return bool(proc.stdout.strip())
 
 
 def _system_default() -> str:

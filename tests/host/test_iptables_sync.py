@@ -213,3 +213,17 @@ def test_weights_shape_the_spread(topo: Topology, weights: tuple[int, int]) -> N
     answers = topo.answers("c1", "http", "10.96.0.10", 80, 80)
     assert "c" not in answers
     assert answers.get("b", 0) > 2 * answers.get("a", 0), answers
+
+
+def test_backend_detection(topo: Topology) -> None:
+    from svcproxy.plugins.iptables.kernel import detect_backend
+
+    backend, why = detect_backend(4, topo.node)
+    assert backend == "nft" and "no rules yet" in why
+    # looking must not create legacy tables (iptables-nft would warn about them forever)
+    assert sh("cat", "/proc/net/ip_tables_names", netns=topo.node).stdout.strip() == ""
+    sh("iptables-legacy", "-t", "filter", "-A", "FORWARD", "-j", "ACCEPT", netns=topo.node)
+    assert detect_backend(4, topo.node)[0] == "legacy"
+    sh("iptables-nft", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT", netns=topo.node)
+    backend, why = detect_backend(4, topo.node)
+    assert backend == "nft" and "KUBE-IPTABLES-HINT" in why

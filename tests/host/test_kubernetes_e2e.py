@@ -74,19 +74,16 @@ def test_run_with_kubeconfig_programs_and_follows_the_api(topo: Topology,
         wait_answers(topo, NODE_IP, 30080, {"a"})
         server.apply(slice_("web", endpoints=[endpoint("10.244.1.11", "node-a"),
                                               endpoint("10.244.2.12", "node-b")]))
-        try:
-            wait_answers(topo, "10.96.0.10", 80, {"a", "b"})
-        except AssertionError:
-            proc.kill()
-            print(proc.stderr.read())
-            raise
+        wait_answers(topo, "10.96.0.10", 80, {"a", "b"})
         server.delete(service("web"))
         deadline = time.monotonic() + 30
+        answers: dict[str, int] = {}
         while time.monotonic() < deadline:
-            if topo.answers("c1", "http", "10.96.0.10", 80, 1) != {"a": 1, "b": 1}:
-                break
-        assert set(topo.answers("c1", "http", "10.96.0.10", 80, 2)) <= {"!timeout",
-                                                                        "!unreachable"}
+            answers = topo.answers("c1", "http", "10.96.0.10", 80, 2)
+            if all(a.startswith("!") for a in answers):
+                break  # no rule claims the ClusterIP any more
+            time.sleep(0.3)
+        assert all(a.startswith("!") for a in answers), answers
         fallback = [e for e in server.posted_events if e["reason"] == "DatapathFallback"]
         assert len(fallback) == 1 and "ipvs datapath unusable" in fallback[0]["message"]
         assert fallback[0]["involvedObject"]["name"] == "node-a"
