@@ -1,0 +1,149 @@
+"""The batched IPVS netlink module against the real kernel, checked with
+ipvsadm."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+
+import pytest
+
+from svcproxy.plugins.ipvs import probe_ipvs
+from svcproxy.plugins.ipvs.netlink import (
+    F_PERSISTENT,
+    F_SCHED1,
+    F_SCHED2,
+    IPVSNetlink,
+    RealServer,
+    VirtualServer,
+)
+
+
+def ipvsadm_rules() -> list[str]:
+    out = subprocess.run(["ipvsadm", "-S", "-n"], capture_output=True, text=True,
+                         check=True).stdout
+    return sorted(line.strip() for line in out.splitlines() if line.strip())
+
+
+def as_ipvsadm(table: dict[VirtualServer, list[RealServer]]) -> list[str]:
+    """What `ipvsadm -S -n` prints for a table (masquerade real servers)."""
+    lines = []
+    for vs, dests in table.items():
+        proto = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}[vs.protocol]
+        host = f"[{vs.address}]" if ":" in vs.address else vs.address
+        head = f"-A {proto} {host}:{vs.port} -s {vs.scheduler}"
+        flags = []
+        prefix = vs.scheduler if vs.scheduler in ("sh", "mh") else ""
+        if vs.flags & F_SCHED1:
+            flags.append(f"{prefix}-fallback" if prefix else "flag-1")
+        if vs.flags & F_SCHED2:
+            flags.append(f"{prefix}-port" if prefix else "flag-2")
+        if flags:
+            head += " -b " + ",".join(flags)
+        if vs.flags & F_PERSISTENT:
+            head += f" -p {vs.timeout}"
+        lines.append(head)
+        for rs in dests:
+            rhost = f"[{rs.address}]" if ":" in rs.address else rs.address
+            lines.append(f"-a {proto} {host}:{vs.port} -r {rhost}:{rs.port} -m -w {rs.weight}")
+    return sorted(lines)
+
+
+def table(n: int) -> dict[VirtualServer, list[RealServer]]:
+    out = {}
+    for i in range(n):
+        proto = "UDP" if i % 7 == 0 else "TCP"
+        vs = VirtualServer(f"10.96.{i // 250}.{i % 250 + 1}", 80 + i % 3, proto)
+        out[vs] = [RealServer(f"10.244.{i // 250}.{j * 50 + i % 50}", 8080) for j in range(5)]
+    v6 = VirtualServer("fd00:96::1", 443, "TCP", scheduler="wrr")
+    out[v6] = [RealServer("fd00:244::1", 8443, weight=3), RealServer("fd00:244::2", 8443)]
+    return out
+
+
+def test_batch_load_matches_ipvsadm() -> None:
+    want = table(300)
+    with IPVSNetlink() as nl:
+        b = nl.batch()
+        for vs, dests in want.items():
+            b.add_service(vs)
+            for rs in dests:
+                b.add_dest(vs, rs)
+        assert len(b) == 300 + 1500 + 1 + 2
+        assert b.commit() == []
+        got = nl.dump()
+    assert {vs: sorted(d) for vs, d in got.items()} == {vs: sorted(d) for vs, d in want.items()}
+    assert ipvsadm_rules() == as_ipvsadm(want)
+
+
+def test_flags_persistence_and_updates() -> None:
+    sticky = VirtualServer("10.96.0.1", 80, "TCP", "rr", F_PERSISTENT, 600)
+    mh = VirtualServer("10.96.0.2", 53, "UDP", "mh", F_SCHED1 | F_SCHED2)
+    rs = RealServer("10.244.0.1", 8080)
+    with IPVSNetlink() as nl:
+        b = nl.batch()
+        for vs in (sticky, mh):
+            b.add_service(vs)
+            b.add_dest(vs, rs)
+        assert b.commit() == []
+        rules = ipvsadm_rules()
+        assert "-A -t 10.96.0.1:80 -s rr -p 600" in rules
+        assert "-A -u 10.96.0.2:53 -s mh -b mh-fallback,mh-port" in rules
+        assert rules == as_ipvsadm({sticky: [rs], mh: [rs]})
+        assert set(nl.services()) == {sticky, mh}
+        b = nl.batch()
+        b.update_dest(sticky, RealServer("10.244.0.1", 8080, weight=0))
+        b.update_service(VirtualServer("10.96.0.1", 80, "TCP", "wlc"))
+        assert b.commit() == []
+        assert "-a -t 10.96.0.1:80 -r 10.244.0.1:8080 -m -w 0" in ipvsadm_rules()
+        assert "-A -t 10.96.0.1:80 -s wlc" in ipvsadm_rules()
+        b = nl.batch()
+        b.delete_dest(mh, rs)
+        b.delete_service(sticky)
+        assert b.commit() == []
+        assert nl.dump() == {mh: []}
+
+
+def test_failures_are_per_operation() -> None:
+    vs = VirtualServer("10.96.0.1", 80, "TCP")
+    with IPVSNetlink() as nl:
+        b = nl.batch()
+        b.add_service(vs)
+        b.add_service(vs)  # EEXIST
+        b.add_dest(vs, RealServer("10.244.0.1", 80))
+        b.delete_dest(vs, RealServer("10.244.0.9", 80))  # not there
+        b.add_service(VirtualServer("10.96.0.2", 80, "TCP", scheduler="bogus"))
+        b.add_service(VirtualServer("10.96.0.3", 80, "TCP"))
+        failures = b.commit()
+        assert [(f.op, f.errno) for f in failures] == [
+            ("add service", errno.EEXIST), ("delete real server", errno.ENOENT),
+            ("add service", errno.ENOENT)]
+        assert "File exists" in str(failures[0])
+        assert set(nl.services()) == {vs, VirtualServer("10.96.0.3", 80, "TCP")}
+        assert nl.dests(vs) == [RealServer("10.244.0.1", 80)]
+
+
+def test_timeouts_and_flush() -> None:
+    with IPVSNetlink() as nl:
+        before = nl.timeouts()
+        nl.set_timeouts(7200, 30, 120)
+        assert nl.timeouts() == (7200, 30, 120)
+        nl.set_timeouts(0, 0, 0)  # 0 keeps what is there
+        assert nl.timeouts() == (7200, 30, 120)
+        nl.set_timeouts(*before)
+        b = nl.batch()
+        b.add_service(VirtualServer("10.96.0.1", 80, "TCP"))
+        assert b.commit() == []
+        nl.flush()
+        assert nl.services() == []
+
+
+@pytest.mark.parametrize("scheduler", ["rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh",
+                                       "sed", "nq", "mh", "fo", "ovf"])
+def test_probe_accepts_every_kernel_scheduler(scheduler: str) -> None:
+    assert probe_ipvs(scheduler) is None
+    assert subprocess.run(["ipvsadm", "-S", "-n"], capture_output=True, text=True,
+                          check=True).stdout.strip() == ""  # the test server is gone again
+
+
+def test_probe_names_an_unknown_scheduler() -> None:
+    assert probe_ipvs("bogus") == "scheduler bogus not available (modprobe ip_vs_bogus)"
