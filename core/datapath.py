@@ -34,6 +34,9 @@ class ApplyResult:
     #: datapath-specific phase durations in seconds ("restore", "ipset", ...)
     phases: dict[str, float] = field(default_factory=dict)
     details: dict[str, object] = field(default_factory=dict)
+    #: the datapath has deferred work (e.g. real servers draining): call apply
+    #: on the next sync even when nothing changed
+    followup: bool = False
 
 
 @dataclass(frozen=True)

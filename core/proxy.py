@@ -47,6 +47,7 @@ class Proxy:
         self._oldest_change: float | None = None
         self._last_full: float | None = None
         self._last_full_duration = 0.0
+        self._followup = False
         self.runner: SyncRunner | None = None
         self.last_result: SyncResult | None = None
 
@@ -118,8 +119,9 @@ class Proxy:
             t1 = self.clock()
             phases["plan"] = t1 - t0
             apply_result = None
-            if full or delta:
+            if full or delta or self._followup:
                 apply_result = self.plugins.apply(self.datapath, plan, delta, full)
+                self._followup = apply_result.followup
                 phases.update({f"apply.{k}": v for k, v in apply_result.phases.items()})
             phases["apply"] = self.clock() - t1
         except Exception as exc:

@@ -1,4 +1,4 @@
-"""Built-in datapath plugin `ipvs` — so far its capability probe only.
+"""Built-in datapath plugin `ipvs`: IPVS virtual servers for every frontend.
 
 The probe is functional, as kube-proxy's is since v1.27 (PR #114669): load the
 ip_vs module if needed, then create and delete a test virtual server
@@ -6,22 +6,34 @@ ip_vs module if needed, then create and delete a test virtual server
 is reported in words a user can act on, and svcproxy falls back to the next
 datapath.
 
-Programming IPVS (virtual servers, real servers, kube-ipvs0, ipsets) is not in
-this version yet: on a kernel where the probe succeeds the plugin still reports
-itself unusable and says so, so svcproxy falls back instead of running without
-rules.
+It programs virtual and real servers (batched netlink), kube-ipvs0 and its
+addresses, the sysctls IPVS needs (recorded and restored by cleanup), the IPVS
+timeouts, and drains removed TCP real servers. The ipsets and iptables helper
+rules of kube-proxy's IPVS mode (masquerade of off-cluster traffic, NodePort
+and LoadBalancer filters) are not there yet, so the probe reports the datapath
+unusable unless ``datapathOptions.ipvs.experimental: true``; svcproxy then
+falls back to iptables.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
+from collections.abc import Mapping
+from typing import Any
 
 from svcproxy import hookimpl
 from svcproxy.config import Config
-from svcproxy.datapath import ProbeResult
+from svcproxy.datapath import ApplyResult, ProbeResult
+from svcproxy.errors import PluginError, SyncError
+from svcproxy.ir import PlanDelta, ServiceMap
+
+from .datapath import IpvsOptions, IpvsState, render_ipvsadm, to_ipvs
+from .kernel import IpvsKernel, in_netns
 
 log = logging.getLogger(__name__)
 
@@ -77,27 +89,168 @@ def probe_ipvs(scheduler: str) -> str | None:
     return None
 
 
+#: sysctls the datapath needs (kube-proxy-behaviour.md 1.2)
+SYSCTLS = {
+    "net/ipv4/vs/conntrack": "1",
+    "net/ipv4/vs/expire_nodest_conn": "1",
+    "net/ipv4/vs/expire_quiescent_template": "1",
+    "net/ipv4/ip_forward": "1",
+}
+#: where the previous values of changed sysctls are kept for `svcproxy cleanup`
+SYSCTL_BACKUP = "/var/lib/svcproxy/sysctl-backup.json"
+
+
+def _kernel_version() -> tuple[int, int]:
+    release = os.uname().release
+    parts = release.split(".")
+    try:
+        return int(parts[0]), int(parts[1].split("-")[0])
+    except (ValueError, IndexError):
+        return (0, 0)
+
+
 class IpvsPlugin:
     def __init__(self) -> None:
         self.config = Config()
+        self.netns: str | None = None
+        self.experimental = False
+        self.options = IpvsOptions()
+        self.backup_path = SYSCTL_BACKUP
+        self.state: IpvsState | None = None
 
     @hookimpl
-    def svcproxy_configure_plugin(self, config: Config) -> None:
+    def svcproxy_configure_plugin(self, config: Config, options: Mapping[str, Any]) -> None:
         self.config = config
+        known = {"netns", "experimental", "drainSeconds", "drainIgnoresInactive",
+                 "sysctlBackup"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise PluginError(f"ipvs: unknown option {unknown[0]!r} (options: "
+                              f"{', '.join(sorted(known))})")
+        self.netns = options.get("netns")
+        self.experimental = bool(options.get("experimental", False))
+        self.backup_path = str(options.get("sysctlBackup", SYSCTL_BACKUP))
+        drain = options.get("drainSeconds", 30)
+        if isinstance(drain, bool) or not isinstance(drain, int | float) or drain < 0:
+            raise PluginError(f"ipvs: drainSeconds must be a number >= 0 (got {drain!r})")
+        self.options = IpvsOptions(exclude_cidrs=config.kube_proxy.ipvs.exclude_cidrs,
+                                   drain_seconds=float(drain),
+                                   drain_ignores_inactive=bool(
+                                       options.get("drainIgnoresInactive", True)))
 
     @hookimpl
     def svcproxy_list_datapaths(self) -> list[str]:
         return [NAME]
 
     @hookimpl
+    def svcproxy_list_plan_formats(self) -> list[str]:
+        return ["ipvsadm"]
+
+    @hookimpl
     def svcproxy_probe_datapath(self, name: str) -> ProbeResult | None:
         if name != NAME:
             return None
         try:
-            reason = probe_ipvs(self.config.kube_proxy.ipvs_scheduler)
+            with in_netns(self.netns):
+                reason = probe_ipvs(self.config.kube_proxy.ipvs_scheduler)
         except Exception as exc:  # pyroute2 raises many kinds; all mean "unusable"
             reason = f"IPVS probe failed: {type(exc).__name__}: {exc}"
-        if reason is None:
-            reason = ("IPVS works in this kernel, but this svcproxy version cannot program "
-                      "it yet (the IPVS datapath is still being built)")
-        return ProbeResult.unusable(reason)
+        if reason is None and not self.experimental:
+            reason = ("IPVS works in this kernel, but this svcproxy version's IPVS datapath "
+                      "is not complete yet (no ipset/iptables helper rules); set "
+                      "datapathOptions.ipvs.experimental: true to use it anyway")
+        return ProbeResult.unusable(reason) if reason else ProbeResult.ok()
+
+    def _state(self) -> IpvsState:
+        if self.state is None:
+            kernel = IpvsKernel(self.netns)
+            self._ensure_sysctls(kernel)
+            kp = self.config.kube_proxy.ipvs
+            if kp.tcp_timeout or kp.tcp_fin_timeout or kp.udp_timeout:
+                kernel.nl.set_timeouts(int(kp.tcp_timeout), int(kp.tcp_fin_timeout),
+                                       int(kp.udp_timeout))
+            self.state = IpvsState(kernel, self.options)
+        return self.state
+
+    def _ensure_sysctls(self, kernel: IpvsKernel) -> None:
+        """Set what the datapath needs, recording each previous value once (the
+        first time svcproxy changes it) so cleanup can restore it."""
+        wanted = dict(SYSCTLS)
+        if (4, 1) <= _kernel_version() < (5, 9):
+            wanted["net/ipv4/vs/conn_reuse_mode"] = "0"
+        try:
+            with open(self.backup_path) as f:
+                backup = json.load(f)
+        except (OSError, ValueError):
+            backup = {}
+        changed = False
+        for name, value in wanted.items():
+            current = kernel.read_sysctl(name)
+            if current is None or current == value:
+                continue
+            backup.setdefault(name, current)
+            kernel.write_sysctl(name, value)
+            changed = True
+            log.info("sysctl %s: %s -> %s", name.replace("/", "."), current, value)
+        if changed:
+            os.makedirs(os.path.dirname(self.backup_path), exist_ok=True)
+            with open(self.backup_path, "w") as f:
+                json.dump(backup, f, indent=2)
+
+    @hookimpl
+    def svcproxy_apply_plan(self, name: str, plan: ServiceMap, delta: PlanDelta,
+                            full: bool) -> ApplyResult | None:
+        if name != NAME:
+            return None
+        state = self._state()
+        result = state.sync(plan, None if full else delta.changed)
+        if result.failures:
+            shown = "; ".join(result.failures[:5])
+            more = f" (and {len(result.failures) - 5} more)" if len(result.failures) > 5 else ""
+            raise SyncError(f"IPVS refused {len(result.failures)} of {result.batch_ops} "
+                            f"changes: {shown}{more}")
+        return ApplyResult(changes=result.batch_ops + result.bound + result.unbound,
+                           phases=result.phases,
+                           details={"bound": result.bound, "unbound": result.unbound,
+                                    "drained": result.drained,
+                                    "draining": len(state.draining)},
+                           followup=bool(state.draining))
+
+    @hookimpl
+    def svcproxy_render_plan(self, plan: ServiceMap, output: str) -> str | None:
+        if output != "ipvsadm":
+            return None
+        table = {}
+        for fe in plan.frontends.values():
+            vs, rss = to_ipvs(fe)
+            table[vs] = list(rss.values())
+        return render_ipvsadm(table)
+
+    @hookimpl
+    def svcproxy_cleanup_datapath(self) -> list[str]:
+        lines: list[str] = []
+        try:
+            kernel = IpvsKernel(self.netns)
+        except OSError as exc:
+            log.debug("IPVS cleanup skipped: %s", exc)
+            return lines
+        try:
+            n = len(kernel.nl.services())
+            kernel.nl.flush()
+            if n:
+                lines.append(f"ipvs: removed {n} virtual servers")
+            if kernel.delete_dummy():
+                lines.append("ipvs: removed kube-ipvs0")
+            try:
+                with open(self.backup_path) as f:
+                    backup = json.load(f)
+            except (OSError, ValueError):
+                backup = {}
+            for name, value in backup.items():
+                kernel.write_sysctl(name, value)
+                lines.append(f"sysctl {name.replace('/', '.')} restored to {value}")
+            if backup:
+                os.remove(self.backup_path)
+        finally:
+            kernel.close()
+        return lines

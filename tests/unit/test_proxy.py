@@ -181,3 +181,29 @@ def test_configured_full_sync_period() -> None:
     assert not proxy.sync().full
     clock.t += 101
     assert proxy.sync().full
+
+
+def test_datapath_followup_is_called_without_changes() -> None:
+    from svcproxy.datapath import ApplyResult
+
+    class Draining(RecordingDatapath):
+        pending = 2
+
+        @hookimpl
+        def svcproxy_apply_plan(self, name, plan, delta, full):  # type: ignore[no-untyped-def]
+            result = super().svcproxy_apply_plan(name, plan, delta, full)
+            if result is None:
+                return None
+            self.pending -= 1
+            return ApplyResult(followup=self.pending > 0)
+
+    dp = Draining()
+    proxy, _, _, clock = make(dp=dp)
+    populate(proxy)
+    proxy.sync()
+    clock.t += 1
+    proxy.sync()  # nothing changed, but the datapath asked to be called again
+    assert len(dp.calls) == 2
+    clock.t += 1
+    proxy.sync()  # no follow-up asked: nothing to do
+    assert len(dp.calls) == 2

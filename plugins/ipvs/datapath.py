@@ -1,0 +1,253 @@
+"""Reconciling the kernel's IPVS table and kube-ipvs0 with the plan.
+
+- One virtual server per frontend; real servers in masquerade mode with the
+  plan's weights. A Local-policy frontend without local endpoints uses the
+  cluster endpoints, as kube-proxy's IPVS mode does.
+- `mh` always gets mh-fallback, so weight-0 real servers never black-hole.
+- Partial syncs diff the changed frontends against an index of what was
+  programmed; full syncs dump the kernel (one batched read) and repair drift.
+  Virtual servers inside excludeCIDRs are never touched.
+- Graceful termination: a TCP real server that goes away gets weight 0 and is
+  deleted once it has no active connections (inactive ones too, unless
+  configured otherwise) or its drain limit passed. UDP and SCTP real servers
+  are deleted at once and their conntrack entries flushed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from svcproxy.ir import Frontend, FrontendKey, ServiceMap
+
+from .kernel import IpvsKernel
+from .netlink import F_PERSISTENT, F_SCHED1, SCHED_FLAGS, RealServer, VirtualServer
+
+log = logging.getLogger(__name__)
+
+VSKey = tuple[str, int, str]
+RSKey = tuple[str, int]
+
+
+def to_ipvs(fe: Frontend) -> tuple[VirtualServer, dict[RSKey, RealServer]]:
+    backends = fe.backends
+    if fe.traffic_policy == "Local" and not backends:
+        backends = fe.cluster_backends  # kube-proxy's IPVS fallback (PR #97081)
+    flags = 0
+    for name in fe.scheduler_flags:
+        flags |= SCHED_FLAGS[name]
+    if fe.scheduler == "mh":
+        flags |= F_SCHED1  # mh-fallback: skip weight-0 real servers
+    timeout = 0
+    if fe.persistence_timeout:
+        flags |= F_PERSISTENT
+        timeout = fe.persistence_timeout
+    vs = VirtualServer(fe.address, fe.port, fe.protocol, fe.scheduler, flags, timeout)
+    return vs, {(b.address, b.port): RealServer(b.address, b.port, b.weight) for b in backends}
+
+
+@dataclass
+class Drain:
+    vs: VirtualServer
+    rs: RealServer
+    deadline: float
+
+
+@dataclass
+class IpvsOptions:
+    exclude_cidrs: tuple[str, ...] = ()
+    drain_seconds: float = 30.0
+    drain_ignores_inactive: bool = True
+
+
+@dataclass
+class IpvsResult:
+    batch_ops: int = 0
+    failures: list[str] = field(default_factory=list)
+    bound: int = 0
+    unbound: int = 0
+    drained: int = 0
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+class IpvsState:
+    def __init__(self, kernel: IpvsKernel, options: IpvsOptions) -> None:
+        self.kernel = kernel
+        self.options = options
+        self.clock = time.monotonic
+        #: what svcproxy believes the kernel holds (None: unknown, read it)
+        self.services: dict[VSKey, VirtualServer] | None = None
+        self.dests: dict[VSKey, dict[RSKey, RealServer]] = {}
+        self.draining: dict[tuple[VSKey, RSKey], Drain] = {}
+        self.addresses: set[str] | None = None
+        self._excluded = [ipaddress.ip_network(c) for c in options.exclude_cidrs]
+
+    def excluded(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(ip in n for n in self._excluded if n.version == ip.version)
+
+    def read_kernel(self) -> None:
+        table = self.kernel.nl.dump()
+        self.services = {vs.key: vs for vs in table if not self.excluded(vs.address)}
+        self.dests = {vs.key: {rs.key: rs for rs in rss} for vs, rss in table.items()
+                      if vs.key in self.services}
+        self.addresses = self.kernel.bound_addresses()
+
+    def sync(self, plan: ServiceMap, changed: Iterable[FrontendKey] | None) -> IpvsResult:
+        """Bring the kernel to `plan`; `changed` None = full sync."""
+        result = IpvsResult()
+        t0 = time.perf_counter()
+        if changed is None or self.services is None:
+            self.read_kernel()
+            keys = set(plan.frontends)
+            wanted = {(fk.address, fk.port, fk.protocol) for fk in keys}
+            stale = [k for k in self.services or {} if k not in wanted]
+            scope: Iterable[FrontendKey] = keys
+        else:
+            scope = list(changed)
+            stale = [(k.address, k.port, k.protocol) for k in scope
+                     if k not in plan.frontends and
+                     (k.address, k.port, k.protocol) in self.services]
+        result.phases["read"] = time.perf_counter() - t0
+        assert self.services is not None
+        batch = self.kernel.nl.batch()
+        now = self.clock()
+        new_services = dict(self.services)
+        new_dests = {k: dict(v) for k, v in self.dests.items()} if changed is None else \
+            self.dests
+        deletes_udp: list[tuple[VirtualServer, RealServer]] = []
+        for fk in scope:
+            fe = plan.frontends.get(fk)
+            if fe is None or self.excluded(fe.address):
+                continue
+            vs, want = to_ipvs(fe)
+            have_vs = self.services.get(vs.key)
+            have = dict(self.dests.get(vs.key, {}))
+            if have_vs is None:
+                batch.add_service(vs)
+                have = {}
+            elif have_vs != vs:
+                batch.update_service(vs)
+            new_services[vs.key] = vs
+            for rk, rs in want.items():
+                self.draining.pop((vs.key, rk), None)
+                cur = have.get(rk)
+                if cur is None:
+                    batch.add_dest(vs, rs)
+                elif cur.weight != rs.weight or cur.fwd_method != rs.fwd_method:
+                    batch.update_dest(vs, rs)
+            for rk, rs in have.items():
+                if rk in want:
+                    continue
+                if vs.protocol == "TCP" and self.options.drain_seconds > 0:
+                    if (vs.key, rk) not in self.draining:
+                        if rs.weight != 0:
+                            batch.update_dest(vs, RealServer(rs.address, rs.port, 0))
+                        self.draining[(vs.key, rk)] = Drain(
+                            vs, rs, now + self.options.drain_seconds)
+                    want_keep = RealServer(rs.address, rs.port, 0)
+                    want = {**want, rk: want_keep}
+                else:
+                    batch.delete_dest(vs, rs)
+                    deletes_udp.append((vs, rs))
+            new_dests[vs.key] = want
+        for key in stale:
+            old = self.services.get(key)
+            if old is None or self.excluded(old.address):
+                continue
+            batch.delete_service(old)
+            new_services.pop(key, None)
+            new_dests.pop(key, None)
+            for dk in [d for d in self.draining if d[0] == key]:
+                del self.draining[dk]
+            if old.protocol != "TCP":
+                deletes_udp += [(old, rs) for rs in self.dests.get(key, {}).values()]
+        result.drained = self._reap_drained(batch, new_dests, now)
+        t1 = time.perf_counter()
+        result.batch_ops = len(batch)
+        failures = batch.commit()
+        result.phases["ipvs"] = time.perf_counter() - t1
+        if failures:
+            self.services = None  # unknown now: the next (full) sync reads it back
+            result.failures = [str(f) for f in failures]
+            return result
+        self.services = new_services
+        self.dests = new_dests
+        t2 = time.perf_counter()
+        self._sync_addresses(plan, result)
+        result.phases["addresses"] = time.perf_counter() - t2
+        for vs, rs in deletes_udp:
+            fam = 6 if ":" in vs.address else 4
+            self.kernel.conntrack_delete(["-p", vs.protocol.lower(), "--orig-dst", vs.address,
+                                          "--orig-port-dst", str(vs.port), "--dst-nat",
+                                          rs.address], fam)
+        return result
+
+    def _reap_drained(self, batch: object, dests: dict[VSKey, dict[RSKey, RealServer]],
+                      now: float) -> int:
+        """Delete draining real servers whose connections are gone or whose drain
+        limit passed."""
+        if not self.draining:
+            return 0
+        reaped = 0
+        by_vs: dict[VSKey, list[tuple[RSKey, Drain]]] = {}
+        for (vk, rk), d in self.draining.items():
+            by_vs.setdefault(vk, []).append((rk, d))
+        for vk, items in by_vs.items():
+            live = {rs.key: rs for rs in self.kernel.nl.dests(items[0][1].vs)}
+            for rk, d in items:
+                cur = live.get(rk)
+                busy = cur is not None and (cur.active > 0 or (
+                    cur.inactive > 0 and not self.options.drain_ignores_inactive))
+                if cur is not None and busy and now < d.deadline:
+                    continue
+                if cur is not None:
+                    batch.delete_dest(d.vs, d.rs)  # type: ignore[attr-defined]
+                dests.get(vk, {}).pop(rk, None)
+                del self.draining[(vk, rk)]
+                reaped += 1
+        return reaped
+
+    def table(self) -> dict[VirtualServer, list[RealServer]]:
+        """What svcproxy programmed (for rendering and tests)."""
+        return {vs: sorted(self.dests.get(k, {}).values())
+                for k, vs in (self.services or {}).items()}
+
+    def _sync_addresses(self, plan: ServiceMap, result: IpvsResult) -> None:
+        want = {fe.address for fe in plan.frontends.values()
+                if fe.bind_address and not self.excluded(fe.address)}
+        have = self.addresses if self.addresses is not None else self.kernel.bound_addresses()
+        for a in sorted(want - have):
+            self.kernel.bind(a)
+            result.bound += 1
+        for a in sorted(have - want):
+            self.kernel.unbind(a)
+            result.unbound += 1
+        self.addresses = want
+
+
+def render_ipvsadm(table: dict[VirtualServer, list[RealServer]]) -> str:
+    """The table in `ipvsadm -S -n` format (masquerade real servers)."""
+    lines = []
+    for vs in sorted(table, key=lambda v: (":" in v.address, v.protocol, v.address, v.port)):
+        proto = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}[vs.protocol]
+        host = f"[{vs.address}]" if ":" in vs.address else vs.address
+        head = f"-A {proto} {host}:{vs.port} -s {vs.scheduler}"
+        names = []
+        prefix = vs.scheduler if vs.scheduler in ("sh", "mh") else ""
+        if vs.flags & F_SCHED1:
+            names.append(f"{prefix}-fallback" if prefix else "flag-1")
+        if vs.flags & 0x10:
+            names.append(f"{prefix}-port" if prefix else "flag-2")
+        if names:
+            head += " -b " + ",".join(names)
+        if vs.flags & F_PERSISTENT:
+            head += f" -p {vs.timeout}"
+        lines.append(head)
+        for rs in sorted(table[vs]):
+            rhost = f"[{rs.address}]" if ":" in rs.address else rs.address
+            lines.append(f"-a {proto} {host}:{vs.port} -r {rhost}:{rs.port} -m -w {rs.weight}")
+    return "\n".join(lines) + ("\n" if lines else "")

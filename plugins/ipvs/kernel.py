@@ -1,0 +1,126 @@
+"""The IPVS datapath's door to the kernel, in the host or in a network
+namespace: the IPVS netlink socket, the kube-ipvs0 dummy link and its
+addresses (pyroute2), sysctls, and conntrack."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from .netlink import IPVSNetlink
+
+DUMMY = "kube-ipvs0"
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def in_netns(netns: str | None) -> Iterator[None]:
+    """Run the block with this thread in network namespace `netns` (sockets
+    created inside stay bound to it)."""
+    if not netns:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/thread-self/ns/net") as current, open(f"/run/netns/{netns}") as target:
+        if libc.setns(target.fileno(), CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+        try:
+            yield
+        finally:
+            libc.setns(current.fileno(), CLONE_NEWNET)
+
+
+def opened_in(netns: str | None, factory: Callable[[], T]) -> T:
+    with in_netns(netns):
+        return factory()
+
+
+class IpvsKernel:
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self.nl = opened_in(netns, IPVSNetlink)
+        self._ipr: Any = None
+
+    def close(self) -> None:
+        self.nl.close()
+        if self._ipr is not None:
+            self._ipr.close()
+
+    # -- links and addresses (pyroute2) ---------------------------------------------------
+
+    @property
+    def ipr(self) -> Any:
+        if self._ipr is None:
+            from pyroute2 import IPRoute, NetNS
+
+            self._ipr = NetNS(self.netns) if self.netns else IPRoute()
+        return self._ipr
+
+    def dummy_index(self, create: bool = True) -> int | None:
+        found = self.ipr.link_lookup(ifname=DUMMY)
+        if found:
+            return int(found[0])
+        if not create:
+            return None
+        # created DOWN, as kube-proxy does: the addresses are local all the same
+        self.ipr.link("add", ifname=DUMMY, kind="dummy")
+        return int(self.ipr.link_lookup(ifname=DUMMY)[0])
+
+    def bound_addresses(self) -> set[str]:
+        index = self.dummy_index(create=False)
+        if index is None:
+            return set()
+        return {a.get_attr("IFA_ADDRESS") for a in self.ipr.get_addr(index=index)}
+
+    def bind(self, address: str) -> None:
+        index = self.dummy_index()
+        ip = ipaddress.ip_address(address)
+        with contextlib.suppress(Exception):  # EEXIST: already bound
+            self.ipr.addr("add", index=index, address=address, prefixlen=ip.max_prefixlen)
+
+    def unbind(self, address: str) -> None:
+        index = self.dummy_index(create=False)
+        if index is None:
+            return
+        ip = ipaddress.ip_address(address)
+        with contextlib.suppress(Exception):  # already gone
+            self.ipr.addr("del", index=index, address=address, prefixlen=ip.max_prefixlen)
+
+    def delete_dummy(self) -> bool:
+        index = self.dummy_index(create=False)
+        if index is None:
+            return False
+        self.ipr.link("del", index=index)
+        return True
+
+    # -- sysctls -------------------------------------------------------------------------
+
+    def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        return subprocess.run([*prefix, *args], capture_output=True, text=True, check=check,
+                              timeout=60)
+
+    def read_sysctl(self, name: str) -> str | None:
+        with in_netns(self.netns):
+            try:
+                with open(f"/proc/sys/{name}") as f:
+                    return f.read().strip()
+            except OSError:
+                return None
+
+    def write_sysctl(self, name: str, value: str) -> None:
+        with in_netns(self.netns), open(f"/proc/sys/{name}", "w") as f:
+            f.write(value)
+
+    # -- conntrack -----------------------------------------------------------------------
+
+    def conntrack_delete(self, args: list[str], family: int = 4) -> None:
+        fam = ["-f", "ipv6"] if family == 6 else []
+        self._run(["conntrack", "-D", *fam, *args], check=False)
