@@ -5,5 +5,21 @@ tests/host/test_vm_tier.py boots)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
 
 collect_ignore = [] if os.environ.get("SVCPROXY_IN_VM") else ["vm"]
+
+
+@pytest.fixture
+def server() -> Iterator[Any]:
+    """An in-process API server speaking the list/watch protocol (apiserver.py)."""
+    from apiserver import FakeAPIServer
+
+    s = FakeAPIServer()
+    try:
+        yield s
+    finally:
+        s.close()

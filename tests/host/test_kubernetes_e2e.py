@@ -9,25 +9,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from apiserver import FakeAPIServer
 from conftest import NODE_IP
 from factories import endpoint, node, service, slice_
 from netns import Topology
 
 HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
-
-
-@pytest.fixture
-def server() -> Iterator[FakeAPIServer]:
-    s = FakeAPIServer()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def wait_answers(topo: Topology, host: str, port: int, want: set[str],

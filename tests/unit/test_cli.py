@@ -192,3 +192,15 @@ def test_third_party_plugin_through_its_entry_point(drain_plugin_installed: Path
     # not installed -> unknown plugin, with what is installed
     proc = run("plugins", "--config", str(cfg))
     assert proc.returncode == 2 and "unknown plugin 'drain-nodes'" in proc.stderr
+
+
+def test_plan_ipvsadm_output(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--manifests", str(EXAMPLE), "-o", "ipvsadm", "--datapath",
+                 "ipvs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "-A -t 10.96.30.30:80 -s rr -p 600" in lines
+    assert "-a -t 10.96.0.1:443 -r 192.168.50.2:6443 -m -w 1" in lines
+    assert "-A -u 10.96.0.10:53 -s rr" in lines
+    # Local policy: only the local endpoint behind the LoadBalancer IP
+    assert [x for x in lines if x.startswith("-a -t 203.0.113.20:80")] == [
+        "-a -t 203.0.113.20:80 -r 10.244.1.51:8080 -m -w 1"]

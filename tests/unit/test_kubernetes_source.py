@@ -36,15 +36,6 @@ class Recorder:
 
 
 @pytest.fixture
-def server() -> Iterator[FakeAPIServer]:
-    s = FakeAPIServer()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture
 def source(server: FakeAPIServer, tmp_path: Path,
            monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[KubernetesSource, Recorder]]:
     monkeypatch.setattr(k8s, "PAGE_SIZE", 2)  # exercise paging with few objects

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from svcproxy.plugins.ipvs import probe_ipvs
+from svcproxy.plugins.ipvs.datapath import render_ipvsadm
 from svcproxy.plugins.ipvs.netlink import (
     F_PERSISTENT,
     F_SCHED1,
@@ -26,27 +27,8 @@ def ipvsadm_rules() -> list[str]:
 
 
 def as_ipvsadm(table: dict[VirtualServer, list[RealServer]]) -> list[str]:
-    """What `ipvsadm -S -n` prints for a table (masquerade real servers)."""
-    lines = []
-    for vs, dests in table.items():
-        proto = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}[vs.protocol]
-        host = f"[{vs.address}]" if ":" in vs.address else vs.address
-        head = f"-A {proto} {host}:{vs.port} -s {vs.scheduler}"
-        flags = []
-        prefix = vs.scheduler if vs.scheduler in ("sh", "mh") else ""
-        if vs.flags & F_SCHED1:
-            flags.append(f"{prefix}-fallback" if prefix else "flag-1")
-        if vs.flags & F_SCHED2:
-            flags.append(f"{prefix}-port" if prefix else "flag-2")
-        if flags:
-            head += " -b " + ",".join(flags)
-        if vs.flags & F_PERSISTENT:
-            head += f" -p {vs.timeout}"
-        lines.append(head)
-        for rs in dests:
-            rhost = f"[{rs.address}]" if ":" in rs.address else rs.address
-            lines.append(f"-a {proto} {host}:{vs.port} -r {rhost}:{rs.port} -m -w {rs.weight}")
-    return sorted(lines)
+    """What `ipvsadm -S -n` prints for a table, as the datapath renders it."""
+    return sorted(render_ipvsadm(table).splitlines())
 
 
 def table(n: int) -> dict[VirtualServer, list[RealServer]]:
