@@ -7,22 +7,21 @@ is reported in words a user can act on, and svcproxy falls back to the next
 datapath.
 
 It programs virtual and real servers (batched netlink), kube-ipvs0 and its
-addresses, the sysctls IPVS needs (recorded and restored by cleanup), the IPVS
-timeouts, and drains removed TCP real servers. The ipsets and iptables helper
-rules of kube-proxy's IPVS mode (masquerade of off-cluster traffic, NodePort
-and LoadBalancer filters) are not there yet, so the probe reports the datapath
-unusable unless ``datapathOptions.ipvs.experimental: true``; svcproxy then
-falls back to iptables.
+addresses, kube-proxy IPVS mode's ipsets and iptables helper rules, the sysctls
+IPVS needs (recorded and restored by cleanup) and the IPVS timeouts, and drains
+removed TCP real servers. See docs/ipvs.md.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,7 +31,8 @@ from svcproxy.datapath import ApplyResult, ProbeResult
 from svcproxy.errors import PluginError, SyncError
 from svcproxy.ir import PlanDelta, ServiceMap
 
-from .datapath import IpvsOptions, IpvsState, render_ipvsadm, to_ipvs
+from .datapath import HelperState, IpvsOptions, IpvsState, render_ipvsadm, to_ipvs
+from .helpers import HelperOptions
 from .kernel import IpvsKernel, in_netns
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class IpvsPlugin:
     def __init__(self) -> None:
         self.config = Config()
         self.netns: str | None = None
-        self.experimental = False
+        self.helpers: dict[int, HelperState] = {}
         self.options = IpvsOptions()
         self.backup_path = SYSCTL_BACKUP
         self.state: IpvsState | None = None
@@ -121,14 +121,12 @@ class IpvsPlugin:
     @hookimpl
     def svcproxy_configure_plugin(self, config: Config, options: Mapping[str, Any]) -> None:
         self.config = config
-        known = {"netns", "experimental", "drainSeconds", "drainIgnoresInactive",
-                 "sysctlBackup"}
+        known = {"netns", "drainSeconds", "drainIgnoresInactive", "sysctlBackup"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise PluginError(f"ipvs: unknown option {unknown[0]!r} (options: "
                               f"{', '.join(sorted(known))})")
         self.netns = options.get("netns")
-        self.experimental = bool(options.get("experimental", False))
         self.backup_path = str(options.get("sysctlBackup", SYSCTL_BACKUP))
         drain = options.get("drainSeconds", 30)
         if isinstance(drain, bool) or not isinstance(drain, int | float) or drain < 0:
@@ -143,6 +141,28 @@ class IpvsPlugin:
         return [NAME]
 
     @hookimpl
+    def svcproxy_list_node_addresses(self, family: int) -> list[str] | None:
+        """The node's own addresses, as kube-proxy's IPVS mode finds them: every
+        local address except those on kube-ipvs0, loopback and IPv6 link-local
+        (IPv4 link-local is kept). NodePort virtual servers go on each."""
+        try:
+            kernel = self._state().kernel
+            skip = kernel.dummy_index(create=False)
+            out = []
+            for a in kernel.ipr.get_addr():
+                if a.get("index") == skip:
+                    continue
+                ip = ipaddress.ip_address(a.get_attr("IFA_ADDRESS"))
+                if ip.version != family or ip.is_loopback or (
+                        ip.version == 6 and ip.is_link_local):
+                    continue
+                out.append(str(ip))
+            return sorted(set(out), key=lambda x: ipaddress.ip_address(x))
+        except Exception as exc:  # e.g. no IPVS here: let the Node object answer
+            log.debug("cannot list node addresses: %s", exc)
+            return None
+
+    @hookimpl
     def svcproxy_list_plan_formats(self) -> list[str]:
         return ["ipvsadm"]
 
@@ -155,10 +175,8 @@ class IpvsPlugin:
                 reason = probe_ipvs(self.config.kube_proxy.ipvs_scheduler)
         except Exception as exc:  # pyroute2 raises many kinds; all mean "unusable"
             reason = f"IPVS probe failed: {type(exc).__name__}: {exc}"
-        if reason is None and not self.experimental:
-            reason = ("IPVS works in this kernel, but this svcproxy version's IPVS datapath "
-                      "is not complete yet (no ipset/iptables helper rules); set "
-                      "datapathOptions.ipvs.experimental: true to use it anyway")
+        if reason is None and shutil.which("ipset") is None:
+            reason = "ipset not found (install the ipset package)"
         return ProbeResult.unusable(reason) if reason else ProbeResult.ok()
 
     def _state(self) -> IpvsState:
@@ -209,12 +227,38 @@ class IpvsPlugin:
             more = f" (and {len(result.failures) - 5} more)" if len(result.failures) > 5 else ""
             raise SyncError(f"IPVS refused {len(result.failures)} of {result.batch_ops} "
                             f"changes: {shown}{more}")
-        return ApplyResult(changes=result.batch_ops + result.bound + result.unbound,
+        t0 = time.perf_counter()
+        helper_changes = 0
+        families = {4} | {f.family for f in plan.frontends.values()} | set(self.helpers)
+        for family in sorted(families):
+            helper_changes += self._helper(family).sync(
+                plan, state.addresses or set(), self._helper_options(family, plan), full)
+        result.phases["helpers"] = time.perf_counter() - t0
+        return ApplyResult(changes=result.batch_ops + result.bound + result.unbound
+                           + helper_changes,
                            phases=result.phases,
                            details={"bound": result.bound, "unbound": result.unbound,
                                     "drained": result.drained,
                                     "draining": len(state.draining)},
                            followup=bool(state.draining))
+
+    def _helper(self, family: int) -> HelperState:
+        if family not in self.helpers:
+            from svcproxy.plugins.iptables.kernel import detect_backend
+
+            backend, why = detect_backend(family, self.netns)
+            if family == 4:
+                log.info("iptables backend for the IPVS helper rules: %s (%s)", backend, why)
+            self.helpers[family] = HelperState(self._state().kernel, family, backend)
+        return self.helpers[family]
+
+    def _helper_options(self, family: int, plan: ServiceMap) -> HelperOptions:
+        from svcproxy.plugins.iptables import rule_options
+
+        ro = rule_options(self.config, family, plan)
+        return HelperOptions(family=family, masquerade_bit=ro.masquerade_bit,
+                             masquerade_all=ro.masquerade_all,
+                             local_detector=ro.local_detector, node_ip=ro.node_ip)
 
     @hookimpl
     def svcproxy_render_plan(self, plan: ServiceMap, output: str) -> str | None:
@@ -235,6 +279,14 @@ class IpvsPlugin:
             log.debug("IPVS cleanup skipped: %s", exc)
             return lines
         try:
+            from svcproxy.plugins.iptables.kernel import detect_backend
+
+            for family in (4, 6):
+                try:
+                    helper = HelperState(kernel, family, detect_backend(family, self.netns)[0])
+                    lines += helper.cleanup()
+                except Exception as exc:  # IPv6 tools may be missing
+                    log.debug("IPv%d helper cleanup skipped: %s", family, exc)
             n = len(kernel.nl.services())
             kernel.nl.flush()
             if n:

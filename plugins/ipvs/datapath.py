@@ -23,6 +23,16 @@ from dataclasses import dataclass, field
 
 from svcproxy.ir import Frontend, FrontendKey, ServiceMap
 
+from .helpers import (
+    JUMPS,
+    SETS,
+    HelperOptions,
+    helper_chains,
+    ipset_restore,
+    parse_ipset_save,
+    set_entries,
+    set_name,
+)
 from .kernel import IpvsKernel
 from .netlink import F_PERSISTENT, F_SCHED1, SCHED_FLAGS, RealServer, VirtualServer
 
@@ -251,3 +261,82 @@ def render_ipvsadm(table: dict[VirtualServer, list[RealServer]]) -> str:
             rhost = f"[{rs.address}]" if ":" in rs.address else rs.address
             lines.append(f"-a {proto} {host}:{vs.port} -r {rhost}:{rs.port} -m -w {rs.weight}")
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+class HelperState:
+    """The ipsets and iptables helper rules of one IP family."""
+
+    def __init__(self, kernel: IpvsKernel, family: int, backend: str) -> None:
+        from svcproxy.plugins.iptables.kernel import IptablesKernel
+
+        self.kernel = kernel
+        self.family = family
+        self.ipt = IptablesKernel(family, backend, kernel.netns)
+        self.sets: dict[str, set[str]] | None = None
+        self.chains: dict[tuple[str, str], tuple[str, ...]] | None = None
+
+    def read(self) -> None:
+        from .helpers import is_owned
+
+        proc = self.kernel._run(["ipset", "save"], check=False)
+        self.sets = parse_ipset_save(proc.stdout)
+        self.chains = {}
+        self._builtin: dict[tuple[str, str], tuple[str, ...]] = {}
+        for table in ("nat", "filter"):
+            for chain, rules in self.ipt.save(table).items():
+                target = self.chains if is_owned(table, chain) else self._builtin
+                target[(table, chain)] = rules
+
+    def sync(self, plan: ServiceMap, bound: set[str], opts: HelperOptions,
+             full: bool) -> int:
+        """Write what differs; returns the number of set members and chains written."""
+        from svcproxy.plugins.iptables.datapath import restore_text
+
+        if full or self.sets is None or self.chains is None:
+            self.read()
+            jumps = [(t, c, b) for t, c, b in JUMPS
+                     if f"-A {c} {b}" not in self._builtin.get((t, c), ())]
+        else:
+            jumps = []
+        assert self.sets is not None and self.chains is not None
+        entries, out_filter = set_entries(plan, bound, self.family, opts.node_ip)
+        changes = sum(len(v ^ self.sets.get(k, set())) for k, v in entries.items())
+        missing = [k for k in entries if k not in self.sets]
+        if changes or missing:
+            text = ipset_restore(entries, self.sets, self.family)
+            proc = self.kernel._run(["ipset", "restore"], check=False, stdin=text)
+            if proc.returncode != 0:
+                self.sets = None
+                raise OSError(f"ipset restore failed: {proc.stderr.strip()}")
+            self.sets = {k: set(v) for k, v in entries.items()}
+        chains = helper_chains(entries, out_filter, opts)
+        writes = {c: r for c, r in chains.items() if self.chains.get(c) != r}
+        text = restore_text(writes, [], jumps)
+        if text:
+            try:
+                self.ipt.restore(text)
+            except Exception:
+                self.chains = None
+                raise
+            self.chains.update(writes)
+        return changes + len(writes) + len(jumps)
+
+    def cleanup(self) -> list[str]:
+        from svcproxy.plugins.iptables.datapath import restore_text
+
+        self.read()
+        assert self.sets is not None and self.chains is not None
+        unjumps = [(t, c, b) for t, c, b in JUMPS
+                   if f"-A {c} {b}" in self._builtin.get((t, c), ())]
+        text = restore_text({}, list(self.chains), unjumps=unjumps)
+        lines = []
+        if text:
+            self.ipt.restore(text)
+            lines.append(f"ipvs: removed {len(unjumps)} jump rules and {len(self.chains)} "
+                         f"chains (IPv{self.family})")
+        ours = [n for n in self.sets if n in {set_name(k, self.family) for k in SETS}]
+        for name in ours:
+            self.kernel._run(["ipset", "destroy", name], check=False)
+        if ours:
+            lines.append(f"ipvs: removed {len(ours)} ipsets (IPv{self.family})")
+        return lines

@@ -102,10 +102,11 @@ class IpvsKernel:
 
     # -- sysctls -------------------------------------------------------------------------
 
-    def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _run(self, args: list[str], check: bool = True,
+             stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         return subprocess.run([*prefix, *args], capture_output=True, text=True, check=check,
-                              timeout=60)
+                              timeout=300, input=stdin)
 
     def read_sysctl(self, name: str) -> str | None:
         with in_netns(self.netns):

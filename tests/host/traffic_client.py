@@ -1,6 +1,7 @@
 """Client for host tests, run inside a client namespace. Prints one JSON object.
 
   http HOST PORT COUNT      COUNT new TCP connections, one GET each: who answered
+  whoami HOST PORT COUNT    the same, answered with the client address the pod saw
   udp HOST PORT COUNT       COUNT datagrams from fresh sockets
   udp-same HOST PORT COUNT  COUNT datagrams from one socket (one conntrack entry)
   udp-hold HOST PORT        one UDP socket; per line on stdin send a datagram and
@@ -26,10 +27,10 @@ def family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def http_once(host: str, port: int) -> str:
+def http_once(host: str, port: int, path: str = "/") -> str:
     try:
         conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
-        conn.request("GET", "/", headers={"Connection": "close"})
+        conn.request("GET", path, headers={"Connection": "close"})
         body = conn.getresponse().read().decode()
         conn.close()
         return body
@@ -57,7 +58,10 @@ def udp_once(sock: socket.socket, host: str, port: int) -> str:
 def main() -> None:
     mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     out: dict[str, object] = {}
-    if mode == "http":
+    if mode == "whoami":
+        out["answers"] = Counter(http_once(host, port, "/whoami")
+                                 for _ in range(int(sys.argv[4])))
+    elif mode == "http":
         started = time.monotonic()
         out["answers"] = Counter(http_once(host, port) for _ in range(int(sys.argv[4])))
         out["seconds"] = time.monotonic() - started

@@ -33,6 +33,7 @@ def topo() -> Iterator[Topology]:
     try:
         t.create_node()
         t.add_client("c1", "192.168.100.2", NODE_IP)
+        t.add_client("c2", "198.51.100.2", "198.51.100.1")
         yield t
     finally:
         t.close()
@@ -51,7 +52,7 @@ class IpvsNode:
             kind: SvcProxyConfiguration
             datapaths: [ipvs]
             datapathOptions:
-              ipvs: {{netns: {topo.node}, experimental: true, drainSeconds: {drain},
+              ipvs: {{netns: {topo.node}, drainSeconds: {drain},
                      sysctlBackup: {tmp / 'sysctl.json'}}}
         """)
         self.config = parse_config(text, "vm-test.yaml")
@@ -181,3 +182,42 @@ def test_cleanup_restores_sysctls(topo: Topology, tmp_path: Path) -> None:
     read = sh("sysctl", "-n", "net.ipv4.vs.expire_nodest_conn", netns=topo.node).stdout
     assert read.strip() == "0"
     assert ipvsadm(topo) == []
+
+
+def test_helper_sets_and_rules_source_ranges_and_masquerade(topo: Topology,
+                                                            tmp_path: Path) -> None:
+    n = IpvsNode(topo, tmp_path)
+    topo.add_pod("a", "10.244.1.11")
+    topo.add_pod("r", "10.244.2.12")
+    n.publish(service("lb", cluster_ip="10.96.0.50", type="LoadBalancer",
+                      ports=[{**HTTP[0], "nodePort": 30100}],
+                      loadBalancerSourceRanges=["192.168.100.0/24"],
+                      status={"loadBalancer": {"ingress": [{"ip": "203.0.113.10"}]}}))
+    n.publish(slice_("lb", endpoints=[endpoint("10.244.1.11", "node-a")]))
+    n.publish(service("remote", cluster_ip="10.96.0.60", type="NodePort",
+                      ports=[{**HTTP[0], "nodePort": 30200}]))
+    n.publish(slice_("remote", endpoints=[endpoint("10.244.2.12", "node-b")]))
+    n.sync()
+    sets = sh("ipset", "save", netns=topo.node).stdout
+    for entry in ("add KUBE-CLUSTER-IP 10.96.0.50,tcp:80", "add KUBE-LOAD-BALANCER "
+                  "203.0.113.10,tcp:80", "add KUBE-LOAD-BALANCER-FW 203.0.113.10,tcp:80",
+                  "add KUBE-LOAD-BALANCER-SOURCE-CIDR 203.0.113.10,tcp:80,192.168.100.0/24",
+                  "add KUBE-NODE-PORT-TCP 30100", "add KUBE-IPVS-IPS 10.96.0.50"):
+        assert entry in sets, entry
+    # source ranges: c1 is inside, c2 is not (and the range guards the LB IP only)
+    assert topo.answers("c1", "http", "203.0.113.10", 80, 3) == {"a": 3}
+    assert topo.answers("c2", "http", "203.0.113.10", 80, 2) == {"!timeout": 2}
+    assert topo.answers("c2", "http", NODE_IP, 30100, 2) == {"a": 2}
+    # NodePort traffic from outside is masqueraded to the node; ClusterIP traffic
+    # from outside the cluster CIDR too (no clusterCIDR set: by source VIP only)
+    assert topo.client("c1", "whoami", NODE_IP, "30200", "2")["answers"] == {NODE_IP: 2}
+    # the VIP does not expose other ports of the node
+    assert topo.answers("c1", "http", "10.96.0.60", 22, 1) == {"!refused": 1}
+    # nothing changed: a full sync writes nothing
+    before = n.plugin.helpers[4].ipt.restores
+    n.sync(full=True)
+    assert n.plugin.helpers[4].ipt.restores == before
+    lines = n.host.cleanup()
+    assert any("ipsets" in line for line in lines), lines
+    assert "KUBE-CLUSTER-IP" not in sh("ipset", "save", netns=topo.node).stdout
+    assert "KUBE-" not in sh("iptables-save", netns=topo.node).stdout

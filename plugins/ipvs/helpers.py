@@ -1,0 +1,311 @@
+"""kube-proxy IPVS mode's ipsets and iptables helper rules
+(kube-proxy-behaviour.md 1.7 and 1.8), rendered from the plan.
+
+The sets say which VIP:port pairs exist; the rules use them for masquerade
+(off-cluster clients, NodePorts, LoadBalancers, hairpin), LoadBalancer source
+ranges and the filter that stops a VIP from exposing arbitrary node ports.
+Rules are rendered in iptables-save's canonical text (as the iptables
+datapath's are), so they are compared with the kernel line by line and only
+chains that differ are written. Sets are diffed member by member and written
+with one `ipset restore`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from svcproxy.ir import FrontendKind, ServiceMap, ip_family
+from svcproxy.plugins.iptables.rules import ChainKey, comment, host, mark, rule
+
+#: name -> (type, comment) for IPv4; IPv6 names are "KUBE-6-..." (31 chars max)
+SETS: dict[str, tuple[str, str]] = {
+    "KUBE-LOOP-BACK": ("hash:ip,port,ip",
+                       "Kubernetes endpoints dst ip:port, source ip for solving hairpin purpose"),
+    "KUBE-CLUSTER-IP": ("hash:ip,port",
+                        "Kubernetes service cluster ip + port for masquerade purpose"),
+    "KUBE-EXTERNAL-IP": ("hash:ip,port",
+                         "Kubernetes service external ip + port for masquerade and filter "
+                         "purpose"),
+    "KUBE-EXTERNAL-IP-LOCAL": ("hash:ip,port", "Kubernetes service external ip + port with "
+                                               "externalTrafficPolicy=local"),
+    "KUBE-LOAD-BALANCER": ("hash:ip,port", "Kubernetes service lb portal"),
+    "KUBE-LOAD-BALANCER-LOCAL": ("hash:ip,port", "Kubernetes service load balancer ip + port "
+                                                 "with externalTrafficPolicy=local"),
+    "KUBE-LOAD-BALANCER-FW": ("hash:ip,port", "Kubernetes service load balancer ip + port "
+                                              "for load balancer with sourceRange"),
+    "KUBE-LOAD-BALANCER-SOURCE-IP": ("hash:ip,port,ip", "Kubernetes service load balancer ip "
+                                     "+ port + source IP for packet filter purpose"),
+    "KUBE-LOAD-BALANCER-SOURCE-CIDR": ("hash:ip,port,net", "Kubernetes service load balancer "
+                                       "ip + port + source cidr for packet filter purpose"),
+    "KUBE-NODE-PORT-TCP": ("bitmap:port", "Kubernetes nodeport TCP port for masquerade purpose"),
+    "KUBE-NODE-PORT-LOCAL-TCP": ("bitmap:port", "Kubernetes nodeport TCP port with "
+                                                "externalTrafficPolicy=local"),
+    "KUBE-NODE-PORT-UDP": ("bitmap:port", "Kubernetes nodeport UDP port for masquerade purpose"),
+    "KUBE-NODE-PORT-LOCAL-UDP": ("bitmap:port", "Kubernetes nodeport UDP port with "
+                                                "externalTrafficPolicy=local"),
+    "KUBE-NODE-PORT-SCTP-HASH": ("hash:ip,port", "Kubernetes nodeport SCTP port for masquerade "
+                                                 "purpose with type 'hash ip:port'"),
+    "KUBE-NODE-PORT-LOCAL-SCTP-HASH": ("hash:ip,port", "Kubernetes nodeport SCTP port with "
+                                       "externalTrafficPolicy=local with type 'hash ip:port'"),
+    "KUBE-HEALTH-CHECK-NODE-PORT": ("bitmap:port", "Kubernetes health check node port"),
+    "KUBE-IPVS-IPS": ("hash:ip", "Addresses on the ipvs interface"),
+}
+
+NAT_CHAINS = ("KUBE-SERVICES", "KUBE-POSTROUTING", "KUBE-NODE-PORT", "KUBE-LOAD-BALANCER",
+              "KUBE-MARK-MASQ")
+FILTER_CHAINS = ("KUBE-FORWARD", "KUBE-NODE-PORT", "KUBE-PROXY-FIREWALL",
+                 "KUBE-SOURCE-RANGES-FIREWALL", "KUBE-IPVS-FILTER", "KUBE-IPVS-OUT-FILTER")
+
+JUMPS: tuple[tuple[str, str, str], ...] = (
+    ("nat", "OUTPUT", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
+    ("nat", "PREROUTING", '-m comment --comment "kubernetes service portals" -j KUBE-SERVICES'),
+    ("nat", "POSTROUTING", '-m comment --comment "kubernetes postrouting rules" '
+                           '-j KUBE-POSTROUTING'),
+    ("filter", "FORWARD", '-m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD'),
+    ("filter", "INPUT", '-m comment --comment "kubernetes health check rules" '
+                        '-j KUBE-NODE-PORT'),
+    ("filter", "INPUT", '-m comment --comment "kube-proxy firewall rules" '
+                        '-j KUBE-PROXY-FIREWALL'),
+    ("filter", "FORWARD", '-m comment --comment "kube-proxy firewall rules" '
+                          '-j KUBE-PROXY-FIREWALL'),
+    ("filter", "INPUT", '-m comment --comment "kubernetes ipvs access filter" '
+                        '-j KUBE-IPVS-FILTER'),
+    ("filter", "OUTPUT", '-m comment --comment "kubernetes ipvs access filter" '
+                         '-j KUBE-IPVS-OUT-FILTER'),
+)
+
+
+def set_name(name: str, family: int) -> str:
+    return name if family == 4 else ("KUBE-6-" + name[len("KUBE-"):])[:31]
+
+
+def is_owned(table: str, chain: str) -> bool:
+    return chain in (NAT_CHAINS if table == "nat" else FILTER_CHAINS if table == "filter"
+                     else ())
+
+
+@dataclass(frozen=True)
+class HelperOptions:
+    family: int = 4
+    masquerade_bit: int = 14
+    masquerade_all: bool = False
+    local_detector: tuple[str, str] | None = None  # ("-s", cidr) or ("-i", name)
+    node_ip: str | None = None
+
+
+def set_entries(plan: ServiceMap, bound: set[str], family: int,
+                node_ip: str | None) -> tuple[dict[str, set[str]], list[tuple[str, str, int]]]:
+    """Members of every set, and the LoadBalancer (ip, proto, port) whose source
+    ranges exclude the node (they get a KUBE-IPVS-OUT-FILTER DROP)."""
+    entries: dict[str, set[str]] = {name: set() for name in SETS}
+    out_filter: list[tuple[str, str, int]] = []
+    node = ipaddress.ip_address(node_ip) if node_ip else None
+    for fe in plan.frontends.values():
+        if fe.family != family:
+            continue
+        proto = fe.protocol.lower()
+        ipport = f"{fe.address},{proto}:{fe.port}"
+        local = fe.traffic_policy == "Local"
+        for b in (*fe.backends, *fe.cluster_backends):
+            if b.local:
+                entries["KUBE-LOOP-BACK"].add(f"{b.address},{proto}:{b.port},{b.address}")
+        if fe.kind == FrontendKind.CLUSTER_IP:
+            entries["KUBE-CLUSTER-IP"].add(ipport)
+        elif fe.kind == FrontendKind.EXTERNAL_IP:
+            entries["KUBE-EXTERNAL-IP-LOCAL" if local else "KUBE-EXTERNAL-IP"].add(ipport)
+        elif fe.kind == FrontendKind.LOAD_BALANCER:
+            entries["KUBE-LOAD-BALANCER"].add(ipport)
+            if local:
+                entries["KUBE-LOAD-BALANCER-LOCAL"].add(ipport)
+            if fe.source_ranges:
+                entries["KUBE-LOAD-BALANCER-FW"].add(ipport)
+                nets = [ipaddress.ip_network(c) for c in fe.source_ranges]
+                for net in nets:
+                    entries["KUBE-LOAD-BALANCER-SOURCE-CIDR"].add(f"{ipport},{net}")
+                if node is not None and any(node in n for n in nets):
+                    entries["KUBE-LOAD-BALANCER-SOURCE-IP"].add(f"{ipport},{fe.address}")
+                else:
+                    out_filter.append((fe.address, proto, fe.port))
+        elif fe.kind == FrontendKind.NODE_PORT:
+            if proto == "sctp":
+                name = "KUBE-NODE-PORT-LOCAL-SCTP-HASH" if local else "KUBE-NODE-PORT-SCTP-HASH"
+                entries[name].add(ipport)
+                if local:
+                    entries["KUBE-NODE-PORT-SCTP-HASH"].add(ipport)
+            else:
+                suffix = proto.upper()
+                entries[f"KUBE-NODE-PORT-{suffix}"].add(str(fe.port))
+                if local:
+                    entries[f"KUBE-NODE-PORT-LOCAL-{suffix}"].add(str(fe.port))
+    for summary in plan.services.values():
+        if summary.health_check_node_port:
+            entries["KUBE-HEALTH-CHECK-NODE-PORT"].add(str(summary.health_check_node_port))
+    entries["KUBE-IPVS-IPS"] = {a for a in bound if ip_family(a) == family}
+    return {set_name(k, family): v for k, v in entries.items()}, sorted(set(out_filter))
+
+
+def helper_chains(entries: dict[str, set[str]], out_filter: list[tuple[str, str, int]],
+                  opts: HelperOptions) -> dict[ChainKey, tuple[str, ...]]:
+    """kube-proxy IPVS mode's chains; rules that use a set only when it is not
+    empty, as kube-proxy writes them."""
+    fam = opts.family
+
+    def s(name: str) -> str:
+        return set_name(name, fam)
+
+    def has(name: str) -> bool:
+        return bool(entries.get(s(name)))
+
+    def match(name: str, flags: str) -> list[str]:
+        return [comment(SETS[name][1]), f"-m set --match-set {s(name)} {flags}"]
+
+    m = mark(opts.masquerade_bit)
+    nat_svc = [rule("KUBE-SERVICES", src="127.0.0.0/8" if fam == 4 else "::1/128",
+                    target="RETURN")]
+    if has("KUBE-LOAD-BALANCER"):
+        nat_svc.append(rule("KUBE-SERVICES", matches=match("KUBE-LOAD-BALANCER", "dst,dst"),
+                            target="KUBE-LOAD-BALANCER"))
+    if has("KUBE-CLUSTER-IP"):
+        if opts.masquerade_all:
+            nat_svc.append(rule("KUBE-SERVICES", matches=match("KUBE-CLUSTER-IP", "dst,dst"),
+                                target="KUBE-MARK-MASQ"))
+        elif opts.local_detector is not None:
+            kind, value = opts.local_detector
+            args = {"not_src": value} if kind == "-s" else {"not_iface": value}
+            nat_svc.append(rule("KUBE-SERVICES", **args,
+                                matches=match("KUBE-CLUSTER-IP", "dst,dst"),
+                                target="KUBE-MARK-MASQ"))
+        else:
+            nat_svc.append(rule("KUBE-SERVICES", matches=match("KUBE-CLUSTER-IP", "src,dst"),
+                                target="KUBE-MARK-MASQ"))
+    for name, masq in (("KUBE-EXTERNAL-IP", True), ("KUBE-EXTERNAL-IP-LOCAL", False)):
+        if not has(name):
+            continue
+        if masq:
+            nat_svc.append(rule("KUBE-SERVICES", matches=match(name, "dst,dst"),
+                                target="KUBE-MARK-MASQ"))
+        nat_svc.append(rule("KUBE-SERVICES", matches=[
+            *match(name, "dst,dst"), "-m physdev ! --physdev-is-in",
+            "-m addrtype ! --src-type LOCAL"], target="ACCEPT"))
+        nat_svc.append(rule("KUBE-SERVICES", matches=[
+            *match(name, "dst,dst"), "-m addrtype --dst-type LOCAL"], target="ACCEPT"))
+    nat_svc.append(rule("KUBE-SERVICES", matches=["-m addrtype --dst-type LOCAL"],
+                        target="KUBE-NODE-PORT"))
+    for name in ("KUBE-CLUSTER-IP", "KUBE-LOAD-BALANCER"):
+        if has(name):
+            nat_svc.append(rule("KUBE-SERVICES", matches=match(name, "dst,dst"),
+                                target="ACCEPT"))
+
+    nat_lb = []
+    if has("KUBE-LOAD-BALANCER-LOCAL"):
+        nat_lb.append(rule("KUBE-LOAD-BALANCER",
+                           matches=match("KUBE-LOAD-BALANCER-LOCAL", "dst,dst"), target="RETURN"))
+    nat_lb.append(rule("KUBE-LOAD-BALANCER", target="KUBE-MARK-MASQ"))
+
+    nat_np = []
+    for proto in ("tcp", "udp"):
+        up = proto.upper()
+        if has(f"KUBE-NODE-PORT-LOCAL-{up}"):
+            nat_np.append(rule("KUBE-NODE-PORT", proto=proto,
+                               matches=match(f"KUBE-NODE-PORT-LOCAL-{up}", "dst"),
+                               target="RETURN"))
+        if has(f"KUBE-NODE-PORT-{up}"):
+            nat_np.append(rule("KUBE-NODE-PORT", proto=proto,
+                               matches=match(f"KUBE-NODE-PORT-{up}", "dst"),
+                               target="KUBE-MARK-MASQ"))
+    if has("KUBE-NODE-PORT-LOCAL-SCTP-HASH"):
+        nat_np.append(rule("KUBE-NODE-PORT", proto="sctp",
+                           matches=match("KUBE-NODE-PORT-LOCAL-SCTP-HASH", "dst,dst"),
+                           target="RETURN"))
+    if has("KUBE-NODE-PORT-SCTP-HASH"):
+        nat_np.append(rule("KUBE-NODE-PORT", proto="sctp",
+                           matches=match("KUBE-NODE-PORT-SCTP-HASH", "dst,dst"),
+                           target="KUBE-MARK-MASQ"))
+
+    post = []
+    if has("KUBE-LOOP-BACK"):
+        post.append(rule("KUBE-POSTROUTING", matches=match("KUBE-LOOP-BACK", "dst,dst,src"),
+                         target="MASQUERADE"))
+    post += [rule("KUBE-POSTROUTING", matches=[f"-m mark ! --mark {m}/{m}"], target="RETURN"),
+             rule("KUBE-POSTROUTING", target=f"MARK --set-xmark {m}/0x0"),
+             rule("KUBE-POSTROUTING",
+                  matches=[comment("kubernetes service traffic requiring SNAT")],
+                  target="MASQUERADE --random-fully")]
+
+    fwd = [rule("KUBE-FORWARD", matches=[comment("kubernetes forwarding rules"),
+                                         f"-m mark --mark {m}/{m}"], target="ACCEPT"),
+           rule("KUBE-FORWARD", matches=[comment("kubernetes forwarding conntrack rule"),
+                                         "-m conntrack --ctstate RELATED,ESTABLISHED"],
+                target="ACCEPT")]
+    f_np = [rule("KUBE-NODE-PORT", matches=match("KUBE-HEALTH-CHECK-NODE-PORT", "dst"),
+                 target="ACCEPT")]
+    f_fw = []
+    if has("KUBE-LOAD-BALANCER-FW"):
+        f_fw.append(rule("KUBE-PROXY-FIREWALL", matches=match("KUBE-LOAD-BALANCER-FW",
+                                                               "dst,dst"),
+                         target="KUBE-SOURCE-RANGES-FIREWALL"))
+    f_src = []
+    for name in ("KUBE-LOAD-BALANCER-SOURCE-CIDR", "KUBE-LOAD-BALANCER-SOURCE-IP"):
+        if has(name):
+            f_src.append(rule("KUBE-SOURCE-RANGES-FIREWALL", matches=match(name, "dst,dst,src"),
+                              target="RETURN"))
+    f_src.append(rule("KUBE-SOURCE-RANGES-FIREWALL", target="DROP"))
+    f_ipvs = [rule("KUBE-IPVS-FILTER", matches=match(name, "dst,dst"), target="RETURN")
+              for name in ("KUBE-LOAD-BALANCER", "KUBE-CLUSTER-IP", "KUBE-EXTERNAL-IP",
+                           "KUBE-EXTERNAL-IP-LOCAL")]
+    f_ipvs.append(rule("KUBE-IPVS-FILTER", matches=match("KUBE-HEALTH-CHECK-NODE-PORT", "dst"),
+                       target="RETURN"))
+    reject = "icmp-port-unreachable" if fam == 4 else "icmp6-port-unreachable"
+    f_ipvs.append(rule("KUBE-IPVS-FILTER", matches=[
+        "-m conntrack --ctstate NEW", f"-m set --match-set {s('KUBE-IPVS-IPS')} dst"],
+        target=f"REJECT --reject-with {reject}"))
+    f_out = [rule("KUBE-IPVS-OUT-FILTER", src=host(ip), matches=[
+        f"-m ipvs --vaddr {host(ip)} --vproto {proto} --vport {port}"], target="DROP")
+        for ip, proto, port in out_filter]
+
+    return {
+        ("nat", "KUBE-SERVICES"): tuple(nat_svc),
+        ("nat", "KUBE-POSTROUTING"): tuple(post),
+        ("nat", "KUBE-NODE-PORT"): tuple(nat_np),
+        ("nat", "KUBE-LOAD-BALANCER"): tuple(nat_lb),
+        ("nat", "KUBE-MARK-MASQ"): (rule("KUBE-MARK-MASQ", target=f"MARK --set-xmark {m}/{m}"),),
+        ("filter", "KUBE-FORWARD"): tuple(fwd),
+        ("filter", "KUBE-NODE-PORT"): tuple(f_np),
+        ("filter", "KUBE-PROXY-FIREWALL"): tuple(f_fw),
+        ("filter", "KUBE-SOURCE-RANGES-FIREWALL"): tuple(f_src),
+        ("filter", "KUBE-IPVS-FILTER"): tuple(f_ipvs),
+        ("filter", "KUBE-IPVS-OUT-FILTER"): tuple(f_out),
+    }
+
+
+def ipset_restore(desired: dict[str, set[str]], current: dict[str, set[str]],
+                  family: int) -> str:
+    """`ipset restore` input: create every set (-exist), then the member diff."""
+    lines = []
+    fam = "inet" if family == 4 else "inet6"
+    for name in sorted(desired):
+        base = name if family == 4 else "KUBE-" + name[len("KUBE-6-"):]
+        kind = SETS.get(base, SETS.get(name, ("hash:ip,port", "")))[0]
+        if kind.startswith("bitmap"):
+            lines.append(f"create {name} {kind} range 0-65535 -exist")
+        else:
+            lines.append(f"create {name} {kind} family {fam} hashsize 1024 maxelem 65536 -exist")
+    for name in sorted(desired):
+        have = current.get(name, set())
+        for entry in sorted(desired[name] - have):
+            lines.append(f"add {name} {entry} -exist")
+        for entry in sorted(have - desired[name]):
+            lines.append(f"del {name} {entry} -exist")
+    return "\n".join(lines) + "\n"
+
+
+def parse_ipset_save(text: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "create":
+            out.setdefault(parts[1], set())
+        elif len(parts) >= 3 and parts[0] == "add":
+            out.setdefault(parts[1], set()).add(parts[2])
+    return out
