@@ -114,6 +114,7 @@ class IpvsPlugin:
         self.config = Config()
         self.netns: str | None = None
         self.helpers: dict[int, HelperState] = {}
+        self.active = False
         self.options = IpvsOptions()
         self.backup_path = SYSCTL_BACKUP
         self.state: IpvsState | None = None
@@ -141,10 +142,17 @@ class IpvsPlugin:
         return [NAME]
 
     @hookimpl
+    def svcproxy_start_proxy(self, datapath: str) -> None:
+        self.active = datapath == NAME
+
+    @hookimpl
     def svcproxy_list_node_addresses(self, family: int) -> list[str] | None:
         """The node's own addresses, as kube-proxy's IPVS mode finds them: every
         local address except those on kube-ipvs0, loopback and IPv6 link-local
-        (IPv4 link-local is kept). NodePort virtual servers go on each."""
+        (IPv4 link-local is kept). NodePort virtual servers go on each. Only
+        while IPVS is the active datapath."""
+        if not self.active:
+            return None
         try:
             kernel = self._state().kernel
             skip = kernel.dummy_index(create=False)
