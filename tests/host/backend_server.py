@@ -20,7 +20,8 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        body = NAME.encode()
+        # "/whoami": the client address as this pod sees it (masquerade checks)
+        body = (self.client_address[0] if self.path == "/whoami" else NAME).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
