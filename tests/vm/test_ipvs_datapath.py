@@ -208,9 +208,9 @@ def test_helper_sets_and_rules_source_ranges_and_masquerade(topo: Topology,
     assert topo.answers("c1", "http", "203.0.113.10", 80, 3) == {"a": 3}
     assert topo.answers("c2", "http", "203.0.113.10", 80, 2) == {"!timeout": 2}
     assert topo.answers("c2", "http", NODE_IP, 30100, 2) == {"a": 2}
-    # NodePort traffic from outside is masqueraded to the node; ClusterIP traffic
-    # from outside the cluster CIDR too (no clusterCIDR set: by source VIP only)
-    assert topo.client("c1", "whoami", NODE_IP, "30200", "2")["answers"] == {NODE_IP: 2}
+    # NodePort traffic from outside is masqueraded: the pod sees the node's
+    # address on its link (169.254.1.1), not the client's 192.168.100.2
+    assert topo.client("c1", "whoami", NODE_IP, "30200", "2")["answers"] == {"169.254.1.1": 2}
     # the VIP does not expose other ports of the node
     assert topo.answers("c1", "http", "10.96.0.60", 22, 1) == {"!refused": 1}
     # nothing changed: a full sync writes nothing
