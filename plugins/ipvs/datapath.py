@@ -230,12 +230,10 @@ class IpvsState:
         want = {fe.address for fe in plan.frontends.values()
                 if fe.bind_address and not self.excluded(fe.address)}
         have = self.addresses if self.addresses is not None else self.kernel.bound_addresses()
-        for a in sorted(want - have):
-            self.kernel.bind(a)
-            result.bound += 1
-        for a in sorted(have - want):
-            self.kernel.unbind(a)
-            result.unbound += 1
+        add, remove = sorted(want - have), sorted(have - want)
+        self.kernel.bind(add)
+        self.kernel.unbind(remove)
+        result.bound, result.unbound = len(add), len(remove)
         self.addresses = want
 
 

@@ -16,7 +16,14 @@ import ipaddress
 from dataclasses import dataclass
 
 from svcproxy.ir import FrontendKind, ServiceMap, ip_family
-from svcproxy.plugins.iptables.rules import ChainKey, comment, host, mark, rule
+from svcproxy.plugins.iptables.rules import (
+    ChainKey,
+    RuleOptions,
+    comment,
+    host,
+    rule,
+    static_chains,
+)
 
 #: name -> (type, comment) for IPv4; IPv6 names are "KUBE-6-..." (31 chars max)
 SETS: dict[str, tuple[str, str]] = {
@@ -160,7 +167,6 @@ def helper_chains(entries: dict[str, set[str]], out_filter: list[tuple[str, str,
     def match(name: str, flags: str) -> list[str]:
         return [comment(SETS[name][1]), f"-m set --match-set {s(name)} {flags}"]
 
-    m = mark(opts.masquerade_bit)
     nat_svc = [rule("KUBE-SERVICES", src="127.0.0.0/8" if fam == 4 else "::1/128",
                     target="RETURN")]
     if has("KUBE-LOAD-BALANCER"):
@@ -223,21 +229,15 @@ def helper_chains(entries: dict[str, set[str]], out_filter: list[tuple[str, str,
                            matches=match("KUBE-NODE-PORT-SCTP-HASH", "dst,dst"),
                            target="KUBE-MARK-MASQ"))
 
+    # the mark and masquerade chains are the iptables datapath's; IPVS mode's
+    # KUBE-FORWARD has no conntrack-INVALID drop (as with tcpBeLiberal)
+    static = static_chains(RuleOptions(family=fam, masquerade_bit=opts.masquerade_bit,
+                                       tcp_be_liberal=True))
     post = []
     if has("KUBE-LOOP-BACK"):
         post.append(rule("KUBE-POSTROUTING", matches=match("KUBE-LOOP-BACK", "dst,dst,src"),
                          target="MASQUERADE"))
-    post += [rule("KUBE-POSTROUTING", matches=[f"-m mark ! --mark {m}/{m}"], target="RETURN"),
-             rule("KUBE-POSTROUTING", target=f"MARK --set-xmark {m}/0x0"),
-             rule("KUBE-POSTROUTING",
-                  matches=[comment("kubernetes service traffic requiring SNAT")],
-                  target="MASQUERADE --random-fully")]
-
-    fwd = [rule("KUBE-FORWARD", matches=[comment("kubernetes forwarding rules"),
-                                         f"-m mark --mark {m}/{m}"], target="ACCEPT"),
-           rule("KUBE-FORWARD", matches=[comment("kubernetes forwarding conntrack rule"),
-                                         "-m conntrack --ctstate RELATED,ESTABLISHED"],
-                target="ACCEPT")]
+    post += static[("nat", "KUBE-POSTROUTING")]
     f_np = [rule("KUBE-NODE-PORT", matches=match("KUBE-HEALTH-CHECK-NODE-PORT", "dst"),
                  target="ACCEPT")]
     f_fw = []
@@ -269,8 +269,8 @@ def helper_chains(entries: dict[str, set[str]], out_filter: list[tuple[str, str,
         ("nat", "KUBE-POSTROUTING"): tuple(post),
         ("nat", "KUBE-NODE-PORT"): tuple(nat_np),
         ("nat", "KUBE-LOAD-BALANCER"): tuple(nat_lb),
-        ("nat", "KUBE-MARK-MASQ"): (rule("KUBE-MARK-MASQ", target=f"MARK --set-xmark {m}/{m}"),),
-        ("filter", "KUBE-FORWARD"): tuple(fwd),
+        ("nat", "KUBE-MARK-MASQ"): static[("nat", "KUBE-MARK-MASQ")],
+        ("filter", "KUBE-FORWARD"): static[("filter", "KUBE-FORWARD")],
         ("filter", "KUBE-NODE-PORT"): tuple(f_np),
         ("filter", "KUBE-PROXY-FIREWALL"): tuple(f_fw),
         ("filter", "KUBE-SOURCE-RANGES-FIREWALL"): tuple(f_src),

@@ -9,7 +9,7 @@ import ctypes
 import ipaddress
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from .netlink import IPVSNetlink
@@ -79,19 +79,25 @@ class IpvsKernel:
             return set()
         return {a.get_attr("IFA_ADDRESS") for a in self.ipr.get_addr(index=index)}
 
-    def bind(self, address: str) -> None:
-        index = self.dummy_index()
-        ip = ipaddress.ip_address(address)
-        with contextlib.suppress(Exception):  # EEXIST: already bound
-            self.ipr.addr("add", index=index, address=address, prefixlen=ip.max_prefixlen)
+    def bind(self, addresses: Iterable[str]) -> None:
+        """Add addresses to kube-ipvs0 (full-length prefix), in one `ip -batch`:
+        one netlink request per address through pyroute2's namespace proxy
+        took ~50 ms each under emulation (a minute for 1,000 ClusterIPs)."""
+        self.dummy_index()
+        self._ip_batch("add", addresses)
 
-    def unbind(self, address: str) -> None:
-        index = self.dummy_index(create=False)
-        if index is None:
+    def unbind(self, addresses: Iterable[str]) -> None:
+        if self.dummy_index(create=False) is None:
             return
-        ip = ipaddress.ip_address(address)
-        with contextlib.suppress(Exception):  # already gone
-            self.ipr.addr("del", index=index, address=address, prefixlen=ip.max_prefixlen)
+        self._ip_batch("del", addresses)
+
+    def _ip_batch(self, verb: str, addresses: Iterable[str]) -> None:
+        lines = [f"address {verb} {a}/{ipaddress.ip_address(a).max_prefixlen} dev {DUMMY}"
+                 for a in addresses]
+        if not lines:
+            return
+        # -force: keep going past "exists"/"not there" (already as wanted)
+        self._run(["ip", "-force", "-batch", "-"], check=False, stdin="\n".join(lines) + "\n")
 
     def delete_dummy(self) -> bool:
         index = self.dummy_index(create=False)
