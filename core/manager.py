@@ -13,7 +13,6 @@ import importlib.metadata
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -316,7 +315,3 @@ class PluginHost:
         except Exception:
             log.exception("a plugin failed in %s", hook)
 
-
-def plugin_module_hooks(module: ModuleType) -> list[str]:
-    """Hook names a module implements (used by docs tests)."""
-    return sorted(n for n in dir(module) if n.startswith("svcproxy_"))
