@@ -115,6 +115,8 @@ def bench(n: int) -> dict[str, float]:
         part = proxy.sync()
         change = time.perf_counter() - t0
         assert part.ok and not part.full
+        phases = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(result.phases.items()))
+        print(f"  {n} services, full sync phases: {phases}", flush=True)
         return {"full": full, "restore": restore, "ipvs": result.phases.get("apply.ipvs", 0.0),
                 "change": change, "rss_mb": resource.getrusage(
                     resource.RUSAGE_SELF).ru_maxrss / 1024}

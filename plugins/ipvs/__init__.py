@@ -228,8 +228,10 @@ class IpvsPlugin:
                             full: bool) -> ApplyResult | None:
         if name != NAME:
             return None
+        t_state = time.perf_counter()
         state = self._state()
         result = state.sync(plan, None if full else delta.changed)
+        result.phases["state"] = time.perf_counter() - t_state - sum(result.phases.values())
         if result.failures:
             shown = "; ".join(result.failures[:5])
             more = f" (and {len(result.failures) - 5} more)" if len(result.failures) > 5 else ""

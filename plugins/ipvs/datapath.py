@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from svcproxy.ir import Frontend, FrontendKey, ServiceMap
+from svcproxy.plugins.iptables.kernel import IptablesKernel, Table
 
 from .helpers import (
     JUMPS,
@@ -265,7 +266,6 @@ class HelperState:
     """The ipsets and iptables helper rules of one IP family."""
 
     def __init__(self, kernel: IpvsKernel, family: int, backend: str) -> None:
-        from svcproxy.plugins.iptables.kernel import IptablesKernel
 
         self.kernel = kernel
         self.family = family
@@ -274,14 +274,18 @@ class HelperState:
         self.chains: dict[tuple[str, str], tuple[str, ...]] | None = None
 
     def read(self) -> None:
+        from svcproxy.plugins.iptables.kernel import parse_save
+
         from .helpers import is_owned
 
         proc = self.kernel._run(["ipset", "save"], check=False)
         self.sets = parse_ipset_save(proc.stdout)
         self.chains = {}
         self._builtin: dict[tuple[str, str], tuple[str, ...]] = {}
+        # one iptables-save for both tables: every exec counts on a busy node
+        saved = parse_save(self.ipt.run([self.ipt.tool("save")]).stdout)
         for table in ("nat", "filter"):
-            for chain, rules in self.ipt.save(table).items():
+            for chain, rules in saved.get(table, Table()).chains.items():
                 target = self.chains if is_owned(table, chain) else self._builtin
                 target[(table, chain)] = rules
 

@@ -58,9 +58,12 @@ class IpvsKernel:
     @property
     def ipr(self) -> Any:
         if self._ipr is None:
-            from pyroute2 import IPRoute, NetNS
+            from pyroute2 import IPRoute
 
-            self._ipr = NetNS(self.netns) if self.netns else IPRoute()
+            # opened with this thread inside the namespace, so the socket lives
+            # there; pyroute2's NetNS would start a helper process instead
+            # (seconds each under emulation)
+            self._ipr = opened_in(self.netns, IPRoute)
         return self._ipr
 
     def dummy_index(self, create: bool = True) -> int | None:
