@@ -1,6 +1,6 @@
 """The IPVS datapath's door to the kernel, in the host or in a network
-namespace: the IPVS netlink socket, the kube-ipvs0 dummy link and its
-addresses (pyroute2), sysctls, and conntrack."""
+namespace: the IPVS netlink socket, the kube-ipvs0 dummy link (pyroute2) and
+its addresses (`ip -batch`), sysctls, ipset and conntrack."""
 
 from __future__ import annotations
 
