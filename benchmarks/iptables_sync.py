@@ -32,12 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "host"))
 
-from factories import endpoint, node, service, slice_  # noqa: E402
+from factories import ProxyHarness, endpoint, service, slice_  # noqa: E402
 from netns import Topology, sh  # noqa: E402
 
 from svcproxy.bus import Event, EventType  # noqa: E402
-from svcproxy.config import parse_config  # noqa: E402
-from svcproxy.manager import PluginHost  # noqa: E402
 from svcproxy.model import parse_object  # noqa: E402
 from svcproxy.proxy import Proxy  # noqa: E402
 
@@ -57,12 +55,7 @@ def make_proxy(netns: str, backend: str) -> Proxy:
         datapathOptions:
           iptables: {{netns: {netns}, backend: {backend}}}
     """)
-    config = parse_config(text, "bench.yaml")
-    host = PluginHost(config)
-    host.configure()
-    proxy = Proxy(config, host, "node-a", "iptables", use_host_addresses=False)
-    publish(proxy, node("node-a", ips=["192.168.100.1"]))
-    return proxy
+    return ProxyHarness(text, "iptables", ["192.168.100.1"]).proxy
 
 
 def publish(proxy: Proxy, obj: dict[str, Any], kind: EventType = EventType.ADDED) -> None:

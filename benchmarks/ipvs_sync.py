@@ -31,11 +31,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from factories import endpoint, node, service, slice_  # noqa: E402
+from factories import ProxyHarness, endpoint, service, slice_  # noqa: E402
 
 from svcproxy.bus import Event, EventType  # noqa: E402
-from svcproxy.config import parse_config  # noqa: E402
-from svcproxy.manager import PluginHost  # noqa: E402
 from svcproxy.model import parse_object  # noqa: E402
 from svcproxy.proxy import Proxy  # noqa: E402
 
@@ -64,12 +62,7 @@ def make_proxy(ns: str) -> Proxy:
         datapathOptions:
           ipvs: {{netns: {ns}, sysctlBackup: /tmp/bench-sysctl-{ns}.json}}
     """)
-    config = parse_config(text, "bench.yaml")
-    host = PluginHost(config)
-    host.configure()
-    proxy = Proxy(config, host, "node-a", "ipvs", use_host_addresses=False)
-    publish(proxy, node("node-a", ips=["192.168.100.1"]))
-    return proxy
+    return ProxyHarness(text, "ipvs", ["192.168.100.1"]).proxy
 
 
 def publish(proxy: Proxy, obj: dict[str, Any], kind: EventType = EventType.ADDED) -> None:

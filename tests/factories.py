@@ -154,3 +154,37 @@ def install_dist(root: Any, dist: str, entry_points: dict[str, str], module: str
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
     lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
     (info / "entry_points.txt").write_text(f"[svcproxy]\n{lines}\n")
+
+
+class ProxyHarness:
+    """svcproxy's core with one datapath, driven by API objects in-process (host
+    and VM tests, benchmarks): publish objects, sync, look at the plugin."""
+
+    def __init__(self, config_text: str, datapath: str, node_ips: list[str],
+                 node_name: str = "node-a") -> None:
+        from svcproxy.config import parse_config
+        from svcproxy.manager import PluginHost
+        from svcproxy.proxy import Proxy
+
+        self.config = parse_config(config_text, f"{datapath}-harness.yaml")
+        self.host = PluginHost(self.config)
+        self.host.configure()
+        self.datapath = datapath
+        self.proxy = Proxy(self.config, self.host, node_name, datapath,
+                           use_host_addresses=False)
+        self.publish(node(node_name, ips=node_ips))
+
+    @property
+    def plugin(self) -> Any:
+        return next(p.plugin for p in self.host.plugins if p.name == self.datapath)
+
+    def publish(self, obj: dict[str, Any], type_: Any = None) -> None:
+        from svcproxy.bus import Event, EventType
+        from svcproxy.model import parse_object
+
+        self.proxy.bus.publish(Event(type_ or EventType.ADDED, parse_object(obj)))
+
+    def sync(self, full: bool = False) -> Any:
+        result = self.proxy.sync(full=full)
+        assert result.ok, result.error
+        return result

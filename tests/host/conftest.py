@@ -6,17 +6,10 @@ import os
 import shutil
 import textwrap
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from factories import node
+from factories import ProxyHarness
 from netns import Topology
-
-from svcproxy.bus import Event, EventType
-from svcproxy.config import parse_config
-from svcproxy.manager import PluginHost
-from svcproxy.model import parse_object
-from svcproxy.proxy import Proxy
 
 NODE_IP = "192.168.100.1"
 NODE_IP6 = "fd00:100::1"
@@ -46,7 +39,7 @@ def topo() -> Iterator[Topology]:
         t.close()
 
 
-class Node:
+class Node(ProxyHarness):
     """svcproxy's core and iptables datapath running against the node namespace."""
 
     def __init__(self, topo: Topology, extra_config: str = "", backend: str = "nft") -> None:
@@ -63,25 +56,8 @@ class Node:
             datapathOptions:
               iptables: {{netns: {topo.node}, backend: {backend}}}
         """)
-        self.config = parse_config(text, "host-test.yaml")
-        self.host = PluginHost(self.config)
-        self.host.configure()
-        self.proxy = Proxy(self.config, self.host, "node-a", "iptables",
-                           use_host_addresses=False)
+        super().__init__(text, "iptables", [NODE_IP, NODE_IP6])
         self.topo = topo
-        self.publish(node("node-a", ips=[NODE_IP, NODE_IP6]))
-
-    @property
-    def plugin(self) -> Any:
-        return next(p.plugin for p in self.host.plugins if p.name == "iptables")
-
-    def publish(self, obj: dict[str, Any], type_: EventType = EventType.ADDED) -> None:
-        self.proxy.bus.publish(Event(type_, parse_object(obj)))
-
-    def sync(self, full: bool = False) -> Any:
-        result = self.proxy.sync(full=full)
-        assert result.ok, result.error
-        return result
 
     def restores(self) -> int:
         return sum(s.kernel.restores for s in self.plugin.families.values())

@@ -8,17 +8,12 @@ import subprocess
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from factories import endpoint, node, service, slice_
+from factories import ProxyHarness, endpoint, service, slice_
 from netns import Topology, sh
 
-from svcproxy.bus import Event, EventType
-from svcproxy.config import parse_config
-from svcproxy.manager import PluginHost
-from svcproxy.model import parse_object
-from svcproxy.proxy import Proxy
+from svcproxy.bus import EventType
 
 NODE_IP = "192.168.100.1"
 HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
@@ -39,7 +34,7 @@ def topo() -> Iterator[Topology]:
         t.close()
 
 
-class IpvsNode:
+class IpvsNode(ProxyHarness):
     def __init__(self, topo: Topology, tmp: Path, scheduler: str = "rr",
                  drain: float = 30) -> None:
         text = textwrap.dedent(f"""\
@@ -55,25 +50,9 @@ class IpvsNode:
               ipvs: {{netns: {topo.node}, drainSeconds: {drain},
                      sysctlBackup: {tmp / 'sysctl.json'}}}
         """)
-        self.config = parse_config(text, "vm-test.yaml")
-        self.host = PluginHost(self.config)
-        self.host.configure()
+        super().__init__(text, "ipvs", [NODE_IP])
         name, skipped = self.host.select_datapath()
         assert name == "ipvs", skipped
-        self.proxy = Proxy(self.config, self.host, "node-a", "ipvs", use_host_addresses=False)
-        self.publish(node("node-a", ips=[NODE_IP]))
-
-    @property
-    def plugin(self) -> Any:
-        return next(p.plugin for p in self.host.plugins if p.name == "ipvs")
-
-    def publish(self, obj: dict[str, Any], type_: EventType = EventType.ADDED) -> None:
-        self.proxy.bus.publish(Event(type_, parse_object(obj)))
-
-    def sync(self, full: bool = False) -> Any:
-        r = self.proxy.sync(full=full)
-        assert r.ok, r.error
-        return r
 
 
 def ipvsadm(topo: Topology) -> list[str]:
