@@ -267,7 +267,7 @@ def clear_stale_udp(state: FamilyState, old: Mapping[SPKey, ServicePortRules],
         before, after = old.get(key), new.get(key)
         if before == after:
             continue
-        targets = (after or before).udp_targets if (after or before) else ()
+        targets = (after or before).udp_targets
         gone = (before.endpoints if before else frozenset()) - \
             (after.endpoints if after else frozenset())
         for address, port in targets:

@@ -80,23 +80,9 @@ class IptablesKernel:
         base = "iptables" if self.family == 4 else "ip6tables"
         return f"{base}-{self.backend}" + ("" if name == "" else f"-{name}")
 
-    def _prefix(self) -> list[str]:
-        return ["ip", "netns", "exec", self.netns] if self.netns else []
-
     def run(self, args: Sequence[str], stdin: str | None = None,
             check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = [*self._prefix(), *args]
-        try:
-            proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True,
-                                  timeout=self.timeout, env={**os.environ, "LC_ALL": "C"})
-        except FileNotFoundError:
-            raise KernelError(f"{args[0]} not found (install the iptables package)") from None
-        except subprocess.TimeoutExpired:
-            raise KernelError(f"{args[0]} did not finish in {self.timeout:.0f}s") from None
-        if check and proc.returncode != 0:
-            raise KernelError(f"{' '.join(args[:3])} failed (exit {proc.returncode}): "
-                              f"{proc.stderr.strip() or proc.stdout.strip()}")
-        return proc
+        return run_tool(args, self.netns, stdin=stdin, check=check, timeout=self.timeout)
 
     def available(self) -> str | None:
         """None when the tools work here, else why not."""
@@ -122,11 +108,38 @@ class IptablesKernel:
             raise KernelError(_explain_restore_failure(proc.stderr, text))
 
     def conntrack_delete(self, args: Sequence[str]) -> int:
-        """Delete matching conntrack entries; returns how many were deleted."""
-        family = ["-f", "ipv6"] if self.family == 6 else []
-        proc = self.run(["conntrack", "-D", *family, *args], check=False)
-        m = re.search(r"(\d+) flow entries have been deleted", proc.stderr)
-        return int(m.group(1)) if m else 0
+        return conntrack_delete(args, self.family, self.netns)
+
+
+def run_tool(args: Sequence[str], netns: str | None = None, *, stdin: str | None = None,
+             check: bool = True, timeout: float = 900.0) -> subprocess.CompletedProcess[str]:
+    """Run a kernel tool (iptables, ipset, conntrack, ip), inside `netns` when
+    given. A missing tool or a timeout is a KernelError naming the tool; so is a
+    non-zero exit with `check`."""
+    cmd = [*(["ip", "netns", "exec", netns] if netns else []), *args]
+    try:
+        proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "LC_ALL": "C"})
+    except FileNotFoundError:
+        raise KernelError(f"{cmd[0]} not found (install the {_PACKAGES.get(cmd[0], cmd[0])} "
+                          "package)") from None
+    except subprocess.TimeoutExpired:
+        raise KernelError(f"{args[0]} did not finish in {timeout:.0f}s") from None
+    if check and proc.returncode != 0:
+        raise KernelError(f"{' '.join(args[:3])} failed (exit {proc.returncode}): "
+                          f"{proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+_PACKAGES = {"ip": "iproute2", "conntrack": "conntrack", "ipset": "ipset"}
+
+
+def conntrack_delete(args: Sequence[str], family: int = 4, netns: str | None = None) -> int:
+    """Delete matching conntrack entries; returns how many were deleted."""
+    fam = ["-f", "ipv6"] if family == 6 else []
+    proc = run_tool(["conntrack", "-D", *fam, *args], netns, check=False)
+    m = re.search(r"(\d+) flow entries have been deleted", proc.stderr)
+    return int(m.group(1)) if m else 0
 
 
 def _explain_restore_failure(stderr: str, text: str) -> str:

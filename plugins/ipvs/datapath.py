@@ -35,7 +35,7 @@ from .helpers import (
     set_name,
 )
 from .kernel import IpvsKernel
-from .netlink import F_PERSISTENT, F_SCHED1, SCHED_FLAGS, RealServer, VirtualServer
+from .netlink import F_PERSISTENT, F_SCHED1, F_SCHED2, SCHED_FLAGS, RealServer, VirtualServer
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def render_ipvsadm(table: dict[VirtualServer, list[RealServer]]) -> str:
         prefix = vs.scheduler if vs.scheduler in ("sh", "mh") else ""
         if vs.flags & F_SCHED1:
             names.append(f"{prefix}-fallback" if prefix else "flag-1")
-        if vs.flags & 0x10:
+        if vs.flags & F_SCHED2:
             names.append(f"{prefix}-port" if prefix else "flag-2")
         if names:
             head += " -b " + ",".join(names)

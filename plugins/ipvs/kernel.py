@@ -12,6 +12,8 @@ import subprocess
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+from svcproxy.plugins.iptables.kernel import conntrack_delete, run_tool
+
 from .netlink import IPVSNetlink
 
 DUMMY = "kube-ipvs0"
@@ -113,9 +115,7 @@ class IpvsKernel:
 
     def _run(self, args: list[str], check: bool = True,
              stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
-        return subprocess.run([*prefix, *args], capture_output=True, text=True, check=check,
-                              timeout=300, input=stdin)
+        return run_tool(args, self.netns, stdin=stdin, check=check, timeout=300)
 
     def read_sysctl(self, name: str) -> str | None:
         with in_netns(self.netns):
@@ -131,6 +131,5 @@ class IpvsKernel:
 
     # -- conntrack -----------------------------------------------------------------------
 
-    def conntrack_delete(self, args: list[str], family: int = 4) -> None:
-        fam = ["-f", "ipv6"] if family == 6 else []
-        self._run(["conntrack", "-D", *fam, *args], check=False)
+    def conntrack_delete(self, args: list[str], family: int = 4) -> int:
+        return conntrack_delete(args, family, self.netns)
