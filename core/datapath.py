@@ -4,6 +4,10 @@ and the record of one sync."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .ir import ServiceMap
 
 
 @dataclass(frozen=True)
@@ -60,3 +64,21 @@ class SyncResult:
     #: monotonic time of the oldest unsynced change this sync covered, if any
     #: (for network-programming latency)
     oldest_change: float | None = None
+    #: the plan the kernel now holds (the new one after success, the previous
+    #: one after a failure), for observers that count things in it
+    plan: ServiceMap | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """One value a plugin adds to /metrics at scrape time
+    (svcproxy_collect_metrics): a gauge or a counter, with its labels."""
+
+    name: str
+    help: str
+    value: float
+    labels: dict[str, str] = field(default_factory=dict)
+    kind: str = "gauge"  # or "counter"
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.name, self.kind, tuple(sorted(self.labels)))

@@ -19,8 +19,9 @@ import pluggy
 if TYPE_CHECKING:
     from .bus import Event
     from .config import Config
-    from .datapath import ApplyResult, ProbeResult, SyncResult
+    from .datapath import ApplyResult, MetricSample, ProbeResult, SyncResult
     from .ir import Frontend, PlanDelta, ServiceMap
+    from .manager import PluginHost
     from .plan import PortContext
 
 PROJECT = "svcproxy"
@@ -46,10 +47,12 @@ def svcproxy_configure_plugin(config: Config, options: Mapping[str, Any]) -> Non
 
 @hookspec
 def svcproxy_start_proxy(config: Config, datapath: str,
-                         skipped: Sequence[tuple[str, str]], node: str) -> None:
+                         skipped: Sequence[tuple[str, str]], node: str,
+                         host: PluginHost) -> None:
     """Called once when `svcproxy run` has chosen its datapath, before the first
-    sync, with the datapaths skipped on the way and why ((name, reason) pairs)
-    and the name of the node it proxies for. Start servers or threads here
+    sync, with the datapaths skipped on the way and why ((name, reason) pairs),
+    the name of the node it proxies for, and the plugin host (to call other
+    hooks, e.g. `host.collect_metrics()`). Start servers or threads here
     (metrics, health checks)."""
 
 
@@ -156,6 +159,22 @@ def svcproxy_cleanup_datapath(config: Config) -> Sequence[str] | None:
 
 
 # ---- observing syncs -----------------------------------------------------------------
+
+@hookspec
+def svcproxy_collect_metrics() -> Sequence[MetricSample] | None:
+    """Called on every /metrics scrape: return gauges and counters to expose
+    (MetricSample: name, help, value, labels, kind), read from the kernel at
+    that moment — IPVS connection entries, conntrack usage. Keep it cheap."""
+
+
+@hookspec
+def svcproxy_report_object(kind: str, namespace: str, name: str, reason: str,
+                           message: str) -> None:
+    """A plugin found a problem with a cluster object (a bad annotation, say);
+    it has already been logged. Sources that can tell the object's owner do
+    (the Kubernetes source posts a Warning Event on the object). Each distinct
+    report is made once per process."""
+
 
 @hookspec
 def svcproxy_observe_sync(result: SyncResult) -> None:

@@ -19,7 +19,7 @@ import pluggy
 
 from . import hookspecs
 from .config import Config, nearest_name
-from .datapath import ApplyResult, ProbeResult, SyncResult
+from .datapath import ApplyResult, MetricSample, ProbeResult, SyncResult
 from .errors import ConfigError, ConfigProblem, PluginError
 from .ir import Frontend, PlanDelta, ServiceMap
 
@@ -40,6 +40,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "loadbalancer": "svcproxy.plugins.loadbalancer",
     "affinity": "svcproxy.plugins.affinity",
     "metrics": "svcproxy.plugins.metrics:MetricsPlugin",
+    "tracing": "svcproxy.plugins.tracing:TracingPlugin",
     "ipvs": "svcproxy.plugins.ipvs:IpvsPlugin",
     "iptables": "svcproxy.plugins.iptables:IptablesPlugin",
     "nftables": "svcproxy.plugins.nftables:NftablesPlugin",
@@ -81,6 +82,7 @@ class PluginHost:
     def __init__(self, config: Config, *, extra_plugins: Iterable[tuple[str, Any]] = ()) -> None:
         self.config = config
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self._reported: set[tuple[str, str, str, str, str]] = set()
         self.pm.add_hookspecs(hookspecs)
         self.plugins: list[LoadedPlugin] = []
         #: datapath name -> why it could not be loaded
@@ -297,7 +299,7 @@ class PluginHost:
     def start(self, datapath: str, skipped: Sequence[tuple[str, str]] = (),
               node: str = "") -> None:
         self.pm.hook.svcproxy_start_proxy(config=self.config, datapath=datapath,
-                                          skipped=list(skipped), node=node)
+                                          skipped=list(skipped), node=node, host=self)
 
     def stop(self) -> None:
         self.pm.hook.svcproxy_stop_proxy()
@@ -307,6 +309,27 @@ class PluginHost:
 
     def observe_sync(self, result: SyncResult) -> None:
         self._observe("svcproxy_observe_sync", result=result)
+
+    def collect_metrics(self) -> list[MetricSample]:
+        """Every plugin's scrape-time samples; a failing plugin is logged and skipped."""
+        out: list[MetricSample] = []
+        for impl in self.pm.hook.svcproxy_collect_metrics.get_hookimpls():
+            try:
+                out.extend(impl.function() or ())  # type: ignore[arg-type]
+            except Exception:
+                log.exception("plugin %r failed in svcproxy_collect_metrics", impl.plugin_name)
+        return out
+
+    def report_object(self, kind: str, namespace: str, name: str, reason: str,
+                      message: str) -> None:
+        """Log a problem with a cluster object once, and hand it to the sources."""
+        key = (kind, namespace, name, reason, message)
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        log.warning("%s %s/%s: %s", kind, namespace, name, message)
+        self._observe("svcproxy_report_object", kind=kind, namespace=namespace, name=name,
+                      reason=reason, message=message)
 
     def _observe(self, hook: str, **kwargs: Any) -> None:
         # An observer's bug must not stop the proxy: log it and go on.

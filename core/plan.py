@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,9 @@ class PlanContext:
     #: the node addresses NodePort frontends listen on, per IP family
     #: (node_addresses filtered by nodePortAddresses, loopback excluded)
     node_port_addresses: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    #: where plugins report problems with cluster objects (PluginHost.report_object)
+    report: Callable[[str, str, str, str, str], None] | None = field(default=None,
+                                                                    compare=False)
 
     @property
     def zone(self) -> str:
@@ -86,7 +89,9 @@ def node_port_addresses(addresses: Sequence[str], node: Node | None, setting: Se
 
 
 def make_context(config: Config, node_name: str, node: Node | None,
-                 host_addresses: Mapping[int, Sequence[str]] | None = None) -> PlanContext:
+                 host_addresses: Mapping[int, Sequence[str]] | None = None,
+                 report: Callable[[str, str, str, str, str], None] | None = None
+                 ) -> PlanContext:
     """Build the plan context. Node addresses come from `host_addresses` when given
     (`svcproxy run` asks the host), otherwise from the Node object's status."""
     node_ips = node.ips() if node else ()
@@ -101,7 +106,7 @@ def make_context(config: Config, node_name: str, node: Node | None,
         ports[family] = node_port_addresses(fam, node, config.kube_proxy.node_port_addresses,
                                             family)
     return PlanContext(config=config, node_name=node_name, node=node, node_addresses=addresses,
-                       node_port_addresses=ports)
+                       node_port_addresses=ports, report=report)
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,15 @@ class PortContext:
             if ip_family(ip) == self.family:
                 return ip
         return None
+
+    def warn(self, reason: str, message: str) -> None:
+        """Report a problem with this port's Service (logged once, and a Warning
+        Event on the Service when the Kubernetes source runs)."""
+        if self.plan.report is not None:
+            self.plan.report("Service", self.service.namespace, self.service.name, reason,
+                             message)
+        else:
+            log.warning("Service %s: %s", self.service.key, message)
 
     @property
     def service_port_name(self) -> str:

@@ -75,7 +75,8 @@ class Proxy:
         if self.use_host_addresses:
             found = {fam: self.plugins.node_addresses(fam) for fam in (4, 6)}
             host = {f: list(a) for f, a in found.items() if a is not None} or None
-        return make_context(self.config, self.node_name, self.state.node, host)
+        return make_context(self.config, self.node_name, self.state.node, host,
+                            report=self.plugins.report_object)
 
     def full_sync_period(self) -> float:
         """How often a full sync (re-plan everything, datapath re-reads the kernel
@@ -140,7 +141,8 @@ class Proxy:
                                 duration=self.clock() - t0, error=reason, phases=phases,
                                 frontends=len(self.applied),
                                 backends=self.applied.backend_count(),
-                                services_changed=len(dirty), oldest_change=oldest)
+                                services_changed=len(dirty), oldest_change=oldest,
+                                plan=self.applied)
             self.last_result = result
             self.plugins.observe_sync(result)
             return result
@@ -153,7 +155,7 @@ class Proxy:
                             backends=plan.backend_count(), created=len(delta.created),
                             updated=len(delta.updated), deleted=len(delta.deleted),
                             services_changed=len(dirty), phases=phases, apply=apply_result,
-                            oldest_change=oldest)
+                            oldest_change=oldest, plan=plan)
         log.info("%s sync (%s): %d frontends, %d backends; +%d ~%d -%d in %.3fs",
                  "full" if full else "partial", self.datapath, result.frontends, result.backends,
                  result.created, result.updated, result.deleted, result.duration)

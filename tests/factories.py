@@ -52,12 +52,16 @@ def endpoint(ip: str, node: str = "", *, ready: bool | None = True, serving: boo
 def slice_(service_name: str = "web", namespace: str = "default", *,
            endpoints: list[dict[str, Any]], name: str | None = None,
            ports: list[dict[str, Any]] | None = None,
-           address_type: str = "IPv4") -> dict[str, Any]:
+           address_type: str = "IPv4",
+           annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name or f"{service_name}-abc", "namespace": namespace,
+                            "labels": {"kubernetes.io/service-name": service_name},
+                            "resourceVersion": "1"}
+    if annotations:
+        meta["annotations"] = annotations
     return {
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": name or f"{service_name}-abc", "namespace": namespace,
-                     "labels": {"kubernetes.io/service-name": service_name},
-                     "resourceVersion": "1"},
+        "metadata": meta,
         "addressType": address_type, "endpoints": endpoints,
         "ports": ports if ports is not None else [{"name": "http", "port": 8080,
                                                    "protocol": "TCP"}],
@@ -161,13 +165,14 @@ class ProxyHarness:
     and VM tests, benchmarks): publish objects, sync, look at the plugin."""
 
     def __init__(self, config_text: str, datapath: str, node_ips: list[str],
-                 node_name: str = "node-a") -> None:
+                 node_name: str = "node-a",
+                 extra_plugins: list[tuple[str, Any]] | None = None) -> None:
         from svcproxy.config import parse_config
         from svcproxy.manager import PluginHost
         from svcproxy.proxy import Proxy
 
         self.config = parse_config(config_text, f"{datapath}-harness.yaml")
-        self.host = PluginHost(self.config)
+        self.host = PluginHost(self.config, extra_plugins=extra_plugins or [])
         self.host.configure()
         self.datapath = datapath
         self.proxy = Proxy(self.config, self.host, node_name, datapath,

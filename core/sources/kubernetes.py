@@ -374,21 +374,31 @@ class KubernetesSource:
             self.post_node_event("DatapathFallback",
                                  f"{name} datapath unusable: {reason}; using {datapath}")
 
+    @hookimpl
+    def svcproxy_report_object(self, kind: str, namespace: str, name: str, reason: str,
+                               message: str) -> None:
+        self.post_event(kind, namespace, name, reason, message)
+
     def post_node_event(self, reason: str, message: str, type_: str = "Warning") -> None:
+        self.post_event("Node", "", self.node_name, reason, message, type_)
+
+    def post_event(self, kind: str, namespace: str, name: str, reason: str, message: str,
+                   type_: str = "Warning") -> None:
         from kubernetes import client
 
         now = datetime.datetime.now(datetime.UTC)
+        event_ns = namespace or "default"
         body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{self.node_name}.svcproxy-",
-                                         namespace="default"),
-            involved_object=client.V1ObjectReference(kind="Node", name=self.node_name,
-                                                     uid=self.node_name, api_version="v1"),
+            metadata=client.V1ObjectMeta(generate_name=f"{name}.svcproxy-",
+                                         namespace=event_ns),
+            involved_object=client.V1ObjectReference(
+                kind=kind, name=name, namespace=namespace or None,
+                uid=name if kind == "Node" else None, api_version="v1"),
             reason=reason, message=message, type=type_, count=1,
             first_timestamp=now, last_timestamp=now,
             source=client.V1EventSource(component="svcproxy", host=self.node_name),
             reporting_component="svcproxy", reporting_instance=socket.gethostname())
         try:
-            self.core.create_namespaced_event("default", body, _request_timeout=10)
+            self.core.create_namespaced_event(event_ns, body, _request_timeout=10)
         except Exception as exc:  # an event is best effort; the log already says it
-            log.warning("could not post the %s event on Node %s: %s", reason, self.node_name,
-                        exc)
+            log.warning("could not post the %s event on %s %s: %s", reason, kind, name, exc)

@@ -19,12 +19,12 @@ from typing import Any
 
 from svcproxy import hookimpl
 from svcproxy.config import Config
-from svcproxy.datapath import ApplyResult, ProbeResult
+from svcproxy.datapath import ApplyResult, MetricSample, ProbeResult
 from svcproxy.errors import PluginError
 from svcproxy.ir import PlanDelta, ServiceMap, ip_family
 
 from .datapath import FamilyState, cleanup_family, render_iptables_save, sync_family
-from .kernel import BACKENDS, IptablesKernel, KernelError, detect_backend
+from .kernel import BACKENDS, IptablesKernel, KernelError, conntrack_samples, detect_backend
 from .rules import RuleOptions
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class IptablesPlugin:
         self.families: dict[int, FamilyState] = {}
         #: families whose tools do not work here, with the reason (logged once)
         self.unusable: dict[int, str] = {}
+        self.active = False
 
     # -- configuration -----------------------------------------------------------
 
@@ -112,6 +113,26 @@ class IptablesPlugin:
     @hookimpl
     def svcproxy_list_plan_formats(self) -> list[str]:
         return [FORMAT]
+
+    @hookimpl
+    def svcproxy_start_proxy(self, datapath: str) -> None:
+        self.active = datapath == NAME
+
+    @hookimpl
+    def svcproxy_collect_metrics(self) -> list[MetricSample] | None:
+        """kube-proxy's rule gauges, and conntrack usage."""
+        if not self.active:
+            return None
+        out = conntrack_samples(self.netns)
+        for family, state in sorted(self.families.items()):
+            per_table: dict[str, int] = {}
+            for (table, _), rules in (state.written or {}).items():
+                per_table[table] = per_table.get(table, 0) + len(rules)
+            for table, n in sorted(per_table.items()):
+                out.append(MetricSample("kubeproxy_sync_proxy_rules_iptables_total",
+                                        "Total number of iptables rules owned by kube-proxy",
+                                        float(n), {"table": table, "ip_family": f"IPv{family}"}))
+        return out
 
     @hookimpl
     def svcproxy_probe_datapath(self, name: str) -> ProbeResult | None:

@@ -9,19 +9,69 @@ its rules would land in the other world silently.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+
+from svcproxy.datapath import MetricSample
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("nft", "legacy")
 #: kubelet creates this chain in the mangle table of the backend it uses
 HINT_CHAIN = "KUBE-IPTABLES-HINT"
+
+
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def in_netns(netns: str | None) -> Iterator[None]:
+    """Run the block with this thread in network namespace `netns` (sockets
+    created inside stay bound to it)."""
+    if not netns:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/thread-self/ns/net") as current, open(f"/run/netns/{netns}") as target:
+        if libc.setns(target.fileno(), CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+        try:
+            yield
+        finally:
+            libc.setns(current.fileno(), CLONE_NEWNET)
+
+
+def read_proc(path: str, netns: str | None = None) -> str | None:
+    """A /proc file as the network namespace `netns` sees it (use
+    /proc/thread-self/net/..., not /proc/net: that one follows the main thread's
+    namespace); None if it does not exist."""
+    with in_netns(netns):
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            return None
+
+
+def conntrack_samples(netns: str | None = None) -> list[MetricSample]:
+    """Connection-tracking table usage: entries and the table's limit."""
+    out = []
+    for name, what in (("nf_conntrack_count", "svcproxy_conntrack_entries"),
+                       ("nf_conntrack_max", "svcproxy_conntrack_max")):
+        text = read_proc(f"/proc/sys/net/netfilter/{name}", netns)
+        if text and text.strip().isdigit():
+            out.append(MetricSample(what, "Connection tracking table " + (
+                "entries" if name.endswith("count") else "limit (nf_conntrack_max)"),
+                float(text.strip())))
+    return out
 
 
 class KernelError(Exception):

@@ -23,21 +23,30 @@ import socket
 import subprocess
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from svcproxy import hookimpl
 from svcproxy.config import Config
-from svcproxy.datapath import ApplyResult, ProbeResult
+from svcproxy.datapath import ApplyResult, MetricSample, ProbeResult
 from svcproxy.errors import PluginError, SyncError
-from svcproxy.ir import PlanDelta, ServiceMap
+from svcproxy.ir import Frontend, PlanDelta, ServiceMap, ip_family
+from svcproxy.plan import PortContext
+from svcproxy.plugins.iptables.kernel import conntrack_samples, read_proc
 
 from .datapath import HelperState, IpvsOptions, IpvsState, render_ipvsadm, to_ipvs
 from .helpers import HelperOptions
 from .kernel import IpvsKernel, in_netns
+from .netlink import SCHED_FLAGS
 
 log = logging.getLogger(__name__)
 
 NAME = "ipvs"
+SCHEDULER_ANNOTATION = "svcproxy.io/ipvs-scheduler"
+FLAGS_ANNOTATION = "svcproxy.io/ipvs-scheduler-flags"
+#: every scheduler Linux IPVS offers
+SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh", "fo",
+              "ovf", "twos")
 PROBE_ADDRESS = "198.51.100.0"
 PROBE_PORT = 20000
 
@@ -100,6 +109,10 @@ SYSCTLS = {
 SYSCTL_BACKUP = "/var/lib/svcproxy/sysctl-backup.json"
 
 
+def _flags_for(scheduler: str) -> list[str]:
+    return [f for f in SCHED_FLAGS if f.startswith("flag-") or f[:2] == scheduler]
+
+
 def _kernel_version() -> tuple[int, int]:
     release = os.uname().release
     parts = release.split(".")
@@ -138,6 +151,40 @@ class IpvsPlugin:
                                        options.get("drainIgnoresInactive", True)))
 
     @hookimpl
+    def svcproxy_adjust_frontend(self, frontend: Frontend, port: PortContext) -> Frontend | None:
+        """The per-Service scheduler: annotations `svcproxy.io/ipvs-scheduler` and
+        `svcproxy.io/ipvs-scheduler-flags` (comma-separated). A bad value is
+        reported (log line, Warning Event on the Service) and the configured
+        scheduler is used instead."""
+        wanted = port.service.annotation(SCHEDULER_ANNOTATION)
+        flags_text = port.service.annotation(FLAGS_ANNOTATION)
+        if wanted is None and flags_text is None:
+            return None
+        scheduler = frontend.scheduler
+        if wanted is not None:
+            wanted = wanted.strip()
+            if wanted in SCHEDULERS:
+                scheduler = wanted
+            else:
+                port.warn("InvalidIPVSScheduler",
+                          f"annotation {SCHEDULER_ANNOTATION}: unknown scheduler {wanted!r} "
+                          f"(one of {', '.join(SCHEDULERS)}); using {scheduler}")
+                return None
+        flags: tuple[str, ...] = ()
+        if flags_text:
+            names = tuple(f.strip() for f in flags_text.split(",") if f.strip())
+            bad = [f for f in names if f not in SCHED_FLAGS or (
+                f[:3] in ("sh-", "mh-") and f[:2] != scheduler)]
+            if bad:
+                port.warn("InvalidIPVSSchedulerFlags",
+                          f"annotation {FLAGS_ANNOTATION}: flag {bad[0]!r} is not valid with "
+                          f"scheduler {scheduler} (valid: {', '.join(_flags_for(scheduler))}); "
+                          f"no flags used")
+            else:
+                flags = names
+        return replace(frontend, scheduler=scheduler, scheduler_flags=flags)
+
+    @hookimpl
     def svcproxy_list_datapaths(self) -> list[str]:
         return [NAME]
 
@@ -169,6 +216,22 @@ class IpvsPlugin:
         except Exception as exc:  # e.g. no IPVS here: let the Node object answer
             log.debug("cannot list node addresses: %s", exc)
             return None
+
+    @hookimpl
+    def svcproxy_collect_metrics(self) -> list[MetricSample] | None:
+        if not self.active:
+            return None
+        out = conntrack_samples(self.netns)
+        text = read_proc("/proc/thread-self/net/ip_vs_conn", self.netns)
+        if text is not None:
+            out.append(MetricSample("svcproxy_ipvs_connection_entries",
+                                    "Entries in the IPVS connection table",
+                                    float(max(0, text.count("\n") - 1))))
+        if self.state is not None:
+            out.append(MetricSample("svcproxy_ipvs_virtual_servers",
+                                    "IPVS virtual servers svcproxy programmed",
+                                    float(len(self.state.services or {}))))
+        return out
 
     @hookimpl
     def svcproxy_list_plan_formats(self) -> list[str]:
@@ -228,22 +291,32 @@ class IpvsPlugin:
                             full: bool) -> ApplyResult | None:
         if name != NAME:
             return None
-        t_state = time.perf_counter()
+        t0 = time.perf_counter()
         state = self._state()
+        if not self.helpers:
+            self._early_masquerade(plan)
+        # Sets and helper rules first: a VIP is in KUBE-IPVS-IPS (and so its
+        # node-originated traffic masqueraded) before it is bound to kube-ipvs0.
+        helper_changes = 0
+        steps: dict[str, float] = {}
+        families = {4} | {f.family for f in plan.frontends.values()} | set(self.helpers)
+        for family in sorted(families):
+            helper = self._helper(family)
+            helper_changes += helper.sync(plan, None if full else delta.changed,
+                                          self._helper_options(family, plan), state.excluded)
+            for step, seconds in helper.phases.items():
+                steps[f"helpers.{step}"] = steps.get(f"helpers.{step}", 0.0) + seconds
+        # in the order they ran, each step after the step it belongs to
+        phases = {"helpers": time.perf_counter() - t0, **steps}
+        t_state = time.perf_counter()
         result = state.sync(plan, None if full else delta.changed)
         result.phases["state"] = time.perf_counter() - t_state - sum(result.phases.values())
+        result.phases = {**phases, **result.phases}
         if result.failures:
             shown = "; ".join(result.failures[:5])
             more = f" (and {len(result.failures) - 5} more)" if len(result.failures) > 5 else ""
             raise SyncError(f"IPVS refused {len(result.failures)} of {result.batch_ops} "
                             f"changes: {shown}{more}")
-        t0 = time.perf_counter()
-        helper_changes = 0
-        families = {4} | {f.family for f in plan.frontends.values()} | set(self.helpers)
-        for family in sorted(families):
-            helper_changes += self._helper(family).sync(
-                plan, state.addresses or set(), self._helper_options(family, plan), full)
-        result.phases["helpers"] = time.perf_counter() - t0
         return ApplyResult(changes=result.batch_ops + result.bound + result.unbound
                            + helper_changes,
                            phases=result.phases,
@@ -251,6 +324,15 @@ class IpvsPlugin:
                                     "drained": result.drained,
                                     "draining": len(state.draining)},
                            followup=bool(state.draining))
+
+    def _early_masquerade(self, plan: ServiceMap) -> None:
+        """The first thing written at start-up (HelperState.early)."""
+        bound = self._state().kernel.bound_addresses()
+        for family in sorted({4} | {ip_family(a) for a in bound}):
+            if self._helper(family).early(bound, self._helper_options(family, plan)):
+                log.info("IPv%d: masquerading node traffic from %d service VIPs already "
+                         "on kube-ipvs0 before the first sync", family,
+                         sum(1 for a in bound if ip_family(a) == family))
 
     def _helper(self, family: int) -> HelperState:
         if family not in self.helpers:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from svcproxy.ir import Frontend, FrontendKey, ServiceMap
@@ -28,11 +28,14 @@ from .helpers import (
     JUMPS,
     SETS,
     HelperOptions,
+    SetIndex,
+    frontend_entries,
+    health_check_entries,
     helper_chains,
-    ipset_restore,
+    ipset_changes,
     parse_ipset_save,
-    set_entries,
     set_name,
+    vip_source_rule,
 )
 from .kernel import IpvsKernel
 from .netlink import F_PERSISTENT, F_SCHED1, F_SCHED2, SCHED_FLAGS, RealServer, VirtualServer
@@ -94,9 +97,14 @@ class IpvsState:
         self.dests: dict[VSKey, dict[RSKey, RealServer]] = {}
         self.draining: dict[tuple[VSKey, RSKey], Drain] = {}
         self.addresses: set[str] | None = None
+        #: the kube-ipvs0 address each frontend needs, counted per address
+        self.address_of: dict[FrontendKey, str] = {}
+        self.address_refs: dict[str, int] = {}
         self._excluded = [ipaddress.ip_network(c) for c in options.exclude_cidrs]
 
     def excluded(self, address: str) -> bool:
+        if not self._excluded:
+            return False
         ip = ipaddress.ip_address(address)
         return any(ip in n for n in self._excluded if n.version == ip.version)
 
@@ -111,13 +119,15 @@ class IpvsState:
         """Bring the kernel to `plan`; `changed` None = full sync."""
         result = IpvsResult()
         t0 = time.perf_counter()
-        if changed is None or self.services is None:
+        full = changed is None or self.services is None
+        if full:
             self.read_kernel()
             keys = set(plan.frontends)
             wanted = {(fk.address, fk.port, fk.protocol) for fk in keys}
             stale = [k for k in self.services or {} if k not in wanted]
             scope: Iterable[FrontendKey] = keys
         else:
+            assert changed is not None
             scope = list(changed)
             stale = [(k.address, k.port, k.protocol) for k in scope
                      if k not in plan.frontends and
@@ -127,8 +137,7 @@ class IpvsState:
         batch = self.kernel.nl.batch()
         now = self.clock()
         new_services = dict(self.services)
-        new_dests = {k: dict(v) for k, v in self.dests.items()} if changed is None else \
-            self.dests
+        new_dests = {k: dict(v) for k, v in self.dests.items()} if full else self.dests
         deletes_udp: list[tuple[VirtualServer, RealServer]] = []
         for fk in scope:
             fe = plan.frontends.get(fk)
@@ -188,7 +197,7 @@ class IpvsState:
         self.services = new_services
         self.dests = new_dests
         t2 = time.perf_counter()
-        self._sync_addresses(plan, result)
+        self._sync_addresses(plan, None if full else scope, result)
         result.phases["addresses"] = time.perf_counter() - t2
         for vs, rs in deletes_udp:
             fam = 6 if ":" in vs.address else 4
@@ -227,15 +236,49 @@ class IpvsState:
         return {vs: sorted(self.dests.get(k, {}).values())
                 for k, vs in (self.services or {}).items()}
 
-    def _sync_addresses(self, plan: ServiceMap, result: IpvsResult) -> None:
-        want = {fe.address for fe in plan.frontends.values()
-                if fe.bind_address and not self.excluded(fe.address)}
-        have = self.addresses if self.addresses is not None else self.kernel.bound_addresses()
-        add, remove = sorted(want - have), sorted(have - want)
+    def _sync_addresses(self, plan: ServiceMap, scope: Iterable[FrontendKey] | None,
+                        result: IpvsResult) -> None:
+        """kube-ipvs0 holds every address a frontend binds; a full sync compares
+        with the kernel, a partial one follows the changed frontends' counts."""
+        add: list[str] = []
+        remove: list[str] = []
+        if scope is None or self.addresses is None:
+            self.address_of, self.address_refs = {}, {}
+            for fe in plan.frontends.values():
+                if fe.bind_address and not self.excluded(fe.address):
+                    self.address_of[fe.key] = fe.address
+                    self.address_refs[fe.address] = self.address_refs.get(fe.address, 0) + 1
+            want = set(self.address_refs)
+            have = self.addresses if self.addresses is not None else \
+                self.kernel.bound_addresses()
+            add, remove = sorted(want - have), sorted(have - want)
+            self.addresses = want
+        else:
+            refs = self.address_refs
+            for fk in scope:
+                old = self.address_of.pop(fk, None)
+                if old is not None:
+                    n = refs[old] - 1
+                    if n:
+                        refs[old] = n
+                    else:
+                        del refs[old]
+                        remove.append(old)
+                fe = plan.frontends.get(fk)
+                if fe is not None and fe.bind_address and not self.excluded(fe.address):
+                    self.address_of[fk] = fe.address
+                    n = refs.get(fe.address, 0)
+                    refs[fe.address] = n + 1
+                    if not n:
+                        add.append(fe.address)
+            both = set(add) & set(remove)  # moved between frontends: stays bound
+            add = [a for a in add if a not in both]
+            remove = [a for a in remove if a not in both]
+            self.addresses.update(add)
+            self.addresses.difference_update(remove)
         self.kernel.bind(add)
         self.kernel.unbind(remove)
         result.bound, result.unbound = len(add), len(remove)
-        self.addresses = want
 
 
 def render_ipvsadm(table: dict[VirtualServer, list[RealServer]]) -> str:
@@ -263,7 +306,11 @@ def render_ipvsadm(table: dict[VirtualServer, list[RealServer]]) -> str:
 
 
 class HelperState:
-    """The ipsets and iptables helper rules of one IP family."""
+    """The ipsets and iptables helper rules of one IP family.
+
+    A full sync reads the kernel (`ipset save`, `iptables-save`) and writes the
+    difference; a partial sync recomputes only the changed frontends' set
+    members (SetIndex) and rewrites only chains whose rules changed."""
 
     def __init__(self, kernel: IpvsKernel, family: int, backend: str) -> None:
 
@@ -272,6 +319,10 @@ class HelperState:
         self.ipt = IptablesKernel(family, backend, kernel.netns)
         self.sets: dict[str, set[str]] | None = None
         self.chains: dict[tuple[str, str], tuple[str, ...]] | None = None
+        self.index = SetIndex()
+        self.opts: HelperOptions | None = None
+        #: seconds spent in each step of the last sync (for the sync phases)
+        self.phases: dict[str, float] = {}
 
     def read(self) -> None:
         from svcproxy.plugins.iptables.kernel import parse_save
@@ -289,29 +340,101 @@ class HelperState:
                 target = self.chains if is_owned(table, chain) else self._builtin
                 target[(table, chain)] = rules
 
-    def sync(self, plan: ServiceMap, bound: set[str], opts: HelperOptions,
-             full: bool) -> int:
-        """Write what differs; returns the number of set members and chains written."""
+    def early(self, bound: Iterable[str], opts: HelperOptions) -> bool:
+        """Before the first sync: make sure addresses already on kube-ipvs0 (from a
+        previous run, or kube-proxy's) are in KUBE-IPVS-IPS and node traffic from
+        them is masqueraded, so the node keeps reaching the API server through
+        its VIP while a long first sync runs. Returns whether it wrote."""
         from svcproxy.plugins.iptables.datapath import restore_text
 
-        if full or self.sets is None or self.chains is None:
+        self.read()
+        assert self.sets is not None and self.chains is not None
+        fam = self.family
+        name = set_name("KUBE-IPVS-IPS", fam)
+        members = {a for a in bound if (":" in a) == (fam == 6)}
+        missing = sorted(members - self.sets.get(name, set()))
+        wrote = False
+        if name not in self.sets or missing:
+            text = ipset_changes([name], [(name, m) for m in missing], [], fam)
+            proc = self.kernel._run(["ipset", "restore"], check=False, stdin=text)
+            if proc.returncode != 0:
+                raise OSError(f"ipset restore failed: {proc.stderr.strip()}")
+            self.sets.setdefault(name, set()).update(missing)
+            wrote = True
+        key = ("nat", "KUBE-POSTROUTING")
+        have = self.chains.get(key)
+        first = vip_source_rule(fam)
+        jumps = [j for j in JUMPS if j[1] == "POSTROUTING"
+                 and f"-A {j[1]} {j[2]}" not in self._builtin.get(("nat", j[1]), ())]
+        if have is None or first not in have or jumps:
+            rules = (first, *(r for r in have or () if r != first))
+            self.ipt.restore(restore_text({key: rules}, [], jumps))
+            self.chains[key] = rules
+            wrote = True
+        return wrote
+
+    def sync(self, plan: ServiceMap, changed: Iterable[FrontendKey] | None,
+             opts: HelperOptions, excluded: Callable[[str], bool]) -> int:
+        """Write what differs (`changed` None: full sync); returns the number of
+        set members and chains written."""
+        from svcproxy.plugins.iptables.datapath import restore_text
+
+        t0 = time.perf_counter()
+        fam = self.family
+        node = ipaddress.ip_address(opts.node_ip) if opts.node_ip else None
+        adds: list[tuple[str, str]] = []
+        dels: list[tuple[str, str]] = []
+        if changed is None or self.sets is None or self.chains is None or opts != self.opts:
             self.read()
+            assert self.sets is not None
             jumps = [(t, c, b) for t, c, b in JUMPS
                      if f"-A {c} {b}" not in self._builtin.get((t, c), ())]
+            self.index = SetIndex()
+            sink: list[tuple[str, str]] = []
+            for fe in plan.frontends.values():
+                if fe.family == fam:
+                    self.index.set(fe.key, *frontend_entries(
+                        fe, node, fe.bind_address and not excluded(fe.address)), sink, sink)
+            desired = self.index.members()
+            desired["KUBE-HEALTH-CHECK-NODE-PORT"] = health_check_entries(plan)
+            for base, members in desired.items():
+                have = self.sets.get(set_name(base, fam), set())
+                adds += [(base, m) for m in sorted(members - have)]
+                dels += [(base, m) for m in sorted(have - members)]
         else:
             jumps = []
+            for fk in changed:
+                if (":" in fk.address) != (fam == 6):
+                    continue
+                fe = plan.frontends.get(fk)
+                if fe is None:
+                    self.index.set(fk, (), None, adds, dels)
+                else:
+                    self.index.set(fk, *frontend_entries(
+                        fe, node, fe.bind_address and not excluded(fe.address)), adds, dels)
+            hc = health_check_entries(plan)
+            have = self.sets.get(set_name("KUBE-HEALTH-CHECK-NODE-PORT", fam), set())
+            adds += [("KUBE-HEALTH-CHECK-NODE-PORT", m) for m in sorted(hc - have)]
+            dels += [("KUBE-HEALTH-CHECK-NODE-PORT", m) for m in sorted(have - hc)]
+        self.opts = opts
         assert self.sets is not None and self.chains is not None
-        entries, out_filter = set_entries(plan, bound, self.family, opts.node_ip)
-        changes = sum(len(v ^ self.sets.get(k, set())) for k, v in entries.items())
-        missing = [k for k in entries if k not in self.sets]
-        if changes or missing:
-            text = ipset_restore(entries, self.sets, self.family)
+        missing = [set_name(k, fam) for k in SETS if set_name(k, fam) not in self.sets]
+        t1 = time.perf_counter()
+        if adds or dels or missing:
+            text = ipset_changes(missing, [(set_name(k, fam), m) for k, m in adds],
+                                 [(set_name(k, fam), m) for k, m in dels], fam)
             proc = self.kernel._run(["ipset", "restore"], check=False, stdin=text)
             if proc.returncode != 0:
                 self.sets = None
                 raise OSError(f"ipset restore failed: {proc.stderr.strip()}")
-            self.sets = {k: set(v) for k, v in entries.items()}
-        chains = helper_chains(entries, out_filter, opts)
+            for name in missing:
+                self.sets[name] = set()
+            for k, m in adds:
+                self.sets[set_name(k, fam)].add(m)
+            for k, m in dels:
+                self.sets[set_name(k, fam)].discard(m)
+        t2 = time.perf_counter()
+        chains = helper_chains(self.sets, sorted(set(self.index.out_filter.values())), opts)
         writes = {c: r for c, r in chains.items() if self.chains.get(c) != r}
         text = restore_text(writes, [], jumps)
         if text:
@@ -321,7 +444,9 @@ class HelperState:
                 self.chains = None
                 raise
             self.chains.update(writes)
-        return changes + len(writes) + len(jumps)
+        t3 = time.perf_counter()
+        self.phases = {"sets": t1 - t0, "ipset": t2 - t1, "rules": t3 - t2}
+        return len(adds) + len(dels) + len(writes) + len(jumps)
 
     def cleanup(self) -> list[str]:
         from svcproxy.plugins.iptables.datapath import restore_text

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from svcproxy.ir import FrontendKind, ServiceMap, ip_family
+from svcproxy.ir import Frontend, FrontendKey, FrontendKind, ServiceMap
 from svcproxy.plugins.iptables.rules import (
     ChainKey,
     RuleOptions,
@@ -101,55 +101,132 @@ class HelperOptions:
     node_ip: str | None = None
 
 
+PROTO_NUMBERS = {"tcp": "6", "udp": "17", "sctp": "132"}
+
+
+def frontend_entries(fe: Frontend, node: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+                     bound: bool) -> tuple[tuple[tuple[str, str], ...],
+                                           tuple[str, str, int] | None]:
+    """The (set, member) pairs one frontend contributes (base set names), and its
+    KUBE-IPVS-OUT-FILTER entry (a LoadBalancer whose source ranges exclude the
+    node) if any. `bound`: its address is on kube-ipvs0."""
+    out: list[tuple[str, str]] = []
+    out_filter = None
+    proto = fe.protocol.lower()
+    ipport = f"{fe.address},{proto}:{fe.port}"
+    local = fe.traffic_policy == "Local"
+    for b in (*fe.backends, *fe.cluster_backends):
+        if b.local:
+            out.append(("KUBE-LOOP-BACK", f"{b.address},{proto}:{b.port},{b.address}"))
+    if fe.kind == FrontendKind.CLUSTER_IP:
+        out.append(("KUBE-CLUSTER-IP", ipport))
+    elif fe.kind == FrontendKind.EXTERNAL_IP:
+        out.append(("KUBE-EXTERNAL-IP-LOCAL" if local else "KUBE-EXTERNAL-IP", ipport))
+    elif fe.kind == FrontendKind.LOAD_BALANCER:
+        out.append(("KUBE-LOAD-BALANCER", ipport))
+        if local:
+            out.append(("KUBE-LOAD-BALANCER-LOCAL", ipport))
+        if fe.source_ranges:
+            out.append(("KUBE-LOAD-BALANCER-FW", ipport))
+            nets = [ipaddress.ip_network(c) for c in fe.source_ranges]
+            for net in nets:
+                out.append(("KUBE-LOAD-BALANCER-SOURCE-CIDR", f"{ipport},{net}"))
+            if node is not None and any(node in n for n in nets):
+                out.append(("KUBE-LOAD-BALANCER-SOURCE-IP", f"{ipport},{fe.address}"))
+            else:
+                out_filter = (fe.address, proto, fe.port)
+    elif fe.kind == FrontendKind.NODE_PORT:
+        if proto == "sctp":
+            out.append(("KUBE-NODE-PORT-LOCAL-SCTP-HASH" if local else
+                        "KUBE-NODE-PORT-SCTP-HASH", ipport))
+            if local:
+                out.append(("KUBE-NODE-PORT-SCTP-HASH", ipport))
+        else:
+            suffix = proto.upper()
+            out.append((f"KUBE-NODE-PORT-{suffix}", str(fe.port)))
+            if local:
+                out.append((f"KUBE-NODE-PORT-LOCAL-{suffix}", str(fe.port)))
+    if bound:
+        out.append(("KUBE-IPVS-IPS", fe.address))
+    return tuple(out), out_filter
+
+
+def health_check_entries(plan: ServiceMap) -> set[str]:
+    return {str(s.health_check_node_port) for s in plan.services.values()
+            if s.health_check_node_port}
+
+
+class SetIndex:
+    """Set members counted by the frontends that contribute them, so a partial
+    sync finds the members to add and delete from the changed frontends alone
+    (a member shared by two frontends stays until both are gone)."""
+
+    def __init__(self) -> None:
+        self.contrib: dict[FrontendKey, tuple[tuple[str, str], ...]] = {}
+        self.refs: dict[tuple[str, str], int] = {}
+        self.out_filter: dict[FrontendKey, tuple[str, str, int]] = {}
+
+    def set(self, key: FrontendKey, entries: tuple[tuple[str, str], ...],
+            out_filter: tuple[str, str, int] | None,
+            added: list[tuple[str, str]], removed: list[tuple[str, str]]) -> None:
+        """Replace `key`'s contribution; members that appear or disappear are
+        appended to `added` / `removed`."""
+        old = self.contrib.pop(key, ())
+        if old == entries:
+            if entries:
+                self.contrib[key] = entries
+        else:
+            refs = self.refs
+            for e in old:
+                n = refs[e] - 1
+                if n:
+                    refs[e] = n
+                else:
+                    del refs[e]
+                    removed.append(e)
+            for e in entries:
+                n = refs.get(e, 0)
+                refs[e] = n + 1
+                if not n:
+                    added.append(e)
+            if entries:
+                self.contrib[key] = entries
+        if out_filter is None:
+            self.out_filter.pop(key, None)
+        else:
+            self.out_filter[key] = out_filter
+
+    def members(self) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {name: set() for name in SETS}
+        for name, member in self.refs:
+            out[name].add(member)
+        return out
+
+
 def set_entries(plan: ServiceMap, bound: set[str], family: int,
                 node_ip: str | None) -> tuple[dict[str, set[str]], list[tuple[str, str, int]]]:
-    """Members of every set, and the LoadBalancer (ip, proto, port) whose source
-    ranges exclude the node (they get a KUBE-IPVS-OUT-FILTER DROP)."""
-    entries: dict[str, set[str]] = {name: set() for name in SETS}
-    out_filter: list[tuple[str, str, int]] = []
+    """Members of every set (family names), and the LoadBalancer (ip, proto, port)
+    whose source ranges exclude the node (they get a KUBE-IPVS-OUT-FILTER DROP)."""
     node = ipaddress.ip_address(node_ip) if node_ip else None
+    index = SetIndex()
+    sink: list[tuple[str, str]] = []
     for fe in plan.frontends.values():
-        if fe.family != family:
-            continue
-        proto = fe.protocol.lower()
-        ipport = f"{fe.address},{proto}:{fe.port}"
-        local = fe.traffic_policy == "Local"
-        for b in (*fe.backends, *fe.cluster_backends):
-            if b.local:
-                entries["KUBE-LOOP-BACK"].add(f"{b.address},{proto}:{b.port},{b.address}")
-        if fe.kind == FrontendKind.CLUSTER_IP:
-            entries["KUBE-CLUSTER-IP"].add(ipport)
-        elif fe.kind == FrontendKind.EXTERNAL_IP:
-            entries["KUBE-EXTERNAL-IP-LOCAL" if local else "KUBE-EXTERNAL-IP"].add(ipport)
-        elif fe.kind == FrontendKind.LOAD_BALANCER:
-            entries["KUBE-LOAD-BALANCER"].add(ipport)
-            if local:
-                entries["KUBE-LOAD-BALANCER-LOCAL"].add(ipport)
-            if fe.source_ranges:
-                entries["KUBE-LOAD-BALANCER-FW"].add(ipport)
-                nets = [ipaddress.ip_network(c) for c in fe.source_ranges]
-                for net in nets:
-                    entries["KUBE-LOAD-BALANCER-SOURCE-CIDR"].add(f"{ipport},{net}")
-                if node is not None and any(node in n for n in nets):
-                    entries["KUBE-LOAD-BALANCER-SOURCE-IP"].add(f"{ipport},{fe.address}")
-                else:
-                    out_filter.append((fe.address, proto, fe.port))
-        elif fe.kind == FrontendKind.NODE_PORT:
-            if proto == "sctp":
-                name = "KUBE-NODE-PORT-LOCAL-SCTP-HASH" if local else "KUBE-NODE-PORT-SCTP-HASH"
-                entries[name].add(ipport)
-                if local:
-                    entries["KUBE-NODE-PORT-SCTP-HASH"].add(ipport)
-            else:
-                suffix = proto.upper()
-                entries[f"KUBE-NODE-PORT-{suffix}"].add(str(fe.port))
-                if local:
-                    entries[f"KUBE-NODE-PORT-LOCAL-{suffix}"].add(str(fe.port))
-    for summary in plan.services.values():
-        if summary.health_check_node_port:
-            entries["KUBE-HEALTH-CHECK-NODE-PORT"].add(str(summary.health_check_node_port))
-    entries["KUBE-IPVS-IPS"] = {a for a in bound if ip_family(a) == family}
-    return {set_name(k, family): v for k, v in entries.items()}, sorted(set(out_filter))
+        if fe.family == family:
+            index.set(fe.key, *frontend_entries(fe, node, fe.address in bound), sink, sink)
+    entries = index.members()
+    entries["KUBE-HEALTH-CHECK-NODE-PORT"] = health_check_entries(plan)
+    return ({set_name(k, family): v for k, v in entries.items()},
+            sorted(set(index.out_filter.values())))
+
+
+def vip_source_rule(family: int) -> str:
+    """Masquerade node-originated connections whose source is a service VIP (the
+    kernel picks a VIP bound to kube-ipvs0 as the source of a connection to that
+    VIP): the backend may be on another node, whose kube-ipvs0 holds the same
+    VIP and would keep the reply. Written before anything else at start-up."""
+    return rule("KUBE-POSTROUTING", matches=[
+        comment("svcproxy: node traffic from a service VIP"),
+        f"-m set --match-set {set_name('KUBE-IPVS-IPS', family)} src"], target="MASQUERADE")
 
 
 def helper_chains(entries: dict[str, set[str]], out_filter: list[tuple[str, str, int]],
@@ -233,7 +310,7 @@ def helper_chains(entries: dict[str, set[str]], out_filter: list[tuple[str, str,
     # KUBE-FORWARD has no conntrack-INVALID drop (as with tcpBeLiberal)
     static = static_chains(RuleOptions(family=fam, masquerade_bit=opts.masquerade_bit,
                                        tcp_be_liberal=True))
-    post = []
+    post = [vip_source_rule(fam)]
     if has("KUBE-LOOP-BACK"):
         post.append(rule("KUBE-POSTROUTING", matches=match("KUBE-LOOP-BACK", "dst,dst,src"),
                          target="MASQUERADE"))
@@ -279,24 +356,40 @@ def helper_chains(entries: dict[str, set[str]], out_filter: list[tuple[str, str,
     }
 
 
+def numeric_member(member: str) -> str:
+    """`ipset restore` input with protocol numbers: ipset resolves names through
+    NSS on every line (getprotobyname), which cost ~5 ms per member in the VM."""
+    for name, number in PROTO_NUMBERS.items():
+        tag = f",{name}:"
+        if tag in member:
+            return member.replace(tag, f",{number}:", 1)
+    return member
+
+
 def ipset_restore(desired: dict[str, set[str]], current: dict[str, set[str]],
                   family: int) -> str:
     """`ipset restore` input: create every set (-exist), then the member diff."""
+    adds = [(name, e) for name in sorted(desired)
+            for e in sorted(desired[name] - current.get(name, set()))]
+    dels = [(name, e) for name in sorted(desired)
+            for e in sorted(current.get(name, set()) - desired[name])]
+    return ipset_changes(sorted(desired), adds, dels, family)
+
+
+def ipset_changes(create: list[str], adds: list[tuple[str, str]],
+                  dels: list[tuple[str, str]], family: int) -> str:
+    """`ipset restore` input: create these sets (-exist), add and delete members."""
     lines = []
     fam = "inet" if family == 4 else "inet6"
-    for name in sorted(desired):
+    for name in create:
         base = name if family == 4 else "KUBE-" + name[len("KUBE-6-"):]
         kind = SETS.get(base, SETS.get(name, ("hash:ip,port", "")))[0]
         if kind.startswith("bitmap"):
             lines.append(f"create {name} {kind} range 0-65535 -exist")
         else:
             lines.append(f"create {name} {kind} family {fam} hashsize 1024 maxelem 65536 -exist")
-    for name in sorted(desired):
-        have = current.get(name, set())
-        for entry in sorted(desired[name] - have):
-            lines.append(f"add {name} {entry} -exist")
-        for entry in sorted(have - desired[name]):
-            lines.append(f"del {name} {entry} -exist")
+    lines += [f"add {name} {numeric_member(e)} -exist" for name, e in adds]
+    lines += [f"del {name} {numeric_member(e)} -exist" for name, e in dels]
     return "\n".join(lines) + "\n"
 
 

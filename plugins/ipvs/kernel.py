@@ -4,39 +4,17 @@ its addresses (`ip -batch`), sysctls, ipset and conntrack."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import ipaddress
-import os
 import subprocess
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from svcproxy.plugins.iptables.kernel import conntrack_delete, run_tool
+from svcproxy.plugins.iptables.kernel import conntrack_delete, in_netns, run_tool
 
 from .netlink import IPVSNetlink
 
 DUMMY = "kube-ipvs0"
-CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
-
-
-@contextlib.contextmanager
-def in_netns(netns: str | None) -> Iterator[None]:
-    """Run the block with this thread in network namespace `netns` (sockets
-    created inside stay bound to it)."""
-    if not netns:
-        yield
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open("/proc/thread-self/ns/net") as current, open(f"/run/netns/{netns}") as target:
-        if libc.setns(target.fileno(), CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
-        try:
-            yield
-        finally:
-            libc.setns(current.fileno(), CLONE_NEWNET)
 
 
 def opened_in(netns: str | None, factory: Callable[[], T]) -> T:

@@ -1,6 +1,8 @@
-"""Built-in plugin `metrics`: kube-proxy's /healthz and /livez on
-healthzBindAddress (default 0.0.0.0:10256), with kube-proxy's semantics
-(pkg/proxy/healthcheck/proxy_health.go).
+"""Built-in plugin `metrics`: Prometheus /metrics on metricsBindAddress
+(default 127.0.0.1:10249, prom.py), kube-proxy's /healthz and /livez on
+healthzBindAddress (default 0.0.0.0:10256) and the healthCheckNodePort servers
+of Local-policy LoadBalancer Services (servicehealth.py), with kube-proxy's
+semantics (pkg/proxy/healthcheck/proxy_health.go).
 
 - Unhealthy iff an update was queued (a change arrived) and no sync has
   succeeded for longer than healthTimeout = 2 x syncPeriod. No pending update
@@ -11,8 +13,6 @@ healthzBindAddress (default 0.0.0.0:10256), with kube-proxy's semantics
 - JSON body {"lastUpdated", "currentTime", "healthy", "status": {"IPv4": ...}}
   (/healthz adds "nodeEligible"); on 200 lastUpdated is "now", as kube-proxy
   reports it for backwards compatibility.
-
-Prometheus /metrics on metricsBindAddress arrives with the observability issue.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ from svcproxy import hookimpl
 from svcproxy.bus import Event, EventType
 from svcproxy.config import Config
 from svcproxy.datapath import SyncResult
-from svcproxy.model import Node
+from svcproxy.model import EndpointSlice, Node, Service
+
+from .prom import ProxyMetrics
+from .servicehealth import ServiceHealthServers
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +99,39 @@ class ProxyHealth:
         return not node.deleting and not any(k == AUTOSCALER_TAINT for k, _ in node.taints)
 
 
+def _serve_http(address: str, name: str,
+                handle: Callable[[BaseHTTPRequestHandler], None]
+                ) -> tuple[ThreadingHTTPServer, str] | None:
+    host, port = _split(address)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            handle(self)
+
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:
+        log.error("cannot serve %s on %s: %s", name, address, exc)
+        return None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+    return server, f"{host}:{server.server_address[1]}"
+
+
 class MetricsPlugin:
     def __init__(self) -> None:
         self.config = Config()
         self.health = ProxyHealth(60.0)
+        self.metrics = ProxyMetrics()
         self.node_name = ""
-        self.server: ThreadingHTTPServer | None = None
-        self.thread: threading.Thread | None = None
+        self.servers: list[ThreadingHTTPServer] = []
+        #: where /healthz and /metrics are served (host:port, after binding)
         self.address = ""
+        self.metrics_address = ""
+        self.service_health = ServiceHealthServers(lambda: self.health.status()[0])
 
     @hookimpl
     def svcproxy_configure_plugin(self, config: Config) -> None:
@@ -111,41 +139,35 @@ class MetricsPlugin:
         self.health.timeout = config.kube_proxy.health_timeout
 
     @hookimpl
-    def svcproxy_start_proxy(self, config: Config, node: str) -> None:
+    def svcproxy_start_proxy(self, config: Config, datapath: str,
+                             skipped: list[tuple[str, str]], node: str, host: Any) -> None:
         self.node_name = node
+        self.metrics.started(datapath, skipped)
+        self.metrics.add_samples(host.collect_metrics)
         address = config.kube_proxy.healthz_bind_address
-        if not address:
-            return
-        host, port = _split(address)
-        plugin = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                plugin.serve(self)
-
-        try:
-            self.server = ThreadingHTTPServer((host, port), Handler)
-        except OSError as exc:
-            log.error("cannot serve /healthz on %s: %s", address, exc)
-            return
-        self.server.daemon_threads = True
-        self.address = f"{host}:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, name="healthz",
-                                       daemon=True)
-        self.thread.start()
+        if address:
+            served = _serve_http(address, "healthz", self.serve)
+            if served:
+                self.servers.append(served[0])
+                self.address = served[1]
+                log.info("serving /healthz and /livez on %s", self.address)
+        address = config.kube_proxy.metrics_bind_address
+        if address:
+            served = _serve_http(address, "metrics", self.serve_metrics)
+            if served:
+                self.servers.append(served[0])
+                self.metrics_address = served[1]
+                log.info("serving /metrics on %s", self.metrics_address)
         # kube-proxy marks itself updated when its sync loop starts
         self.health.updated()
-        log.info("serving /healthz and /livez on %s", self.address)
 
     @hookimpl
     def svcproxy_stop_proxy(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+        self.servers = []
+        self.service_health.close()
 
     @hookimpl
     def svcproxy_observe_event(self, event: Event) -> None:
@@ -155,12 +177,19 @@ class MetricsPlugin:
                 return
             self.health.node = None if event.type == EventType.DELETED else obj
             return
+        if isinstance(obj, EndpointSlice):
+            self.metrics.endpoint_change(obj)
+        elif isinstance(obj, Service):
+            self.metrics.service_change()
         self.health.queued_update()
 
     @hookimpl
     def svcproxy_observe_sync(self, result: SyncResult) -> None:
         if result.ok:
             self.health.updated()
+        self.metrics.sync(result)
+        if result.ok and result.plan is not None and self.servers:
+            self.service_health.update(result.plan)
 
     def serve(self, h: BaseHTTPRequestHandler) -> None:
         path = h.path.split("?", 1)[0]
@@ -172,10 +201,26 @@ class MetricsPlugin:
             eligible = self.health.node_eligible()
             body["nodeEligible"] = eligible
             healthy = healthy and eligible
+        code = 200 if healthy else 503
+        (self.metrics.healthz if path == "/healthz" else self.metrics.livez).labels(
+            str(code)).inc()
         data = json.dumps(body).encode()
-        h.send_response(200 if healthy else 503)
+        h.send_response(code)
         h.send_header("Content-Type", "application/json")
         h.send_header("X-Content-Type-Options", "nosniff")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def serve_metrics(self, h: BaseHTTPRequestHandler) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if h.path.split("?", 1)[0] != "/metrics":
+            h.send_error(404)
+            return
+        data = generate_latest(self.metrics.registry)
+        h.send_response(200)
+        h.send_header("Content-Type", CONTENT_TYPE_LATEST)
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
         h.wfile.write(data)

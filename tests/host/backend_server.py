@@ -1,6 +1,7 @@
-"""A "pod" for host tests: answers HTTP (TCP 8080) and UDP (5353) with its name.
+"""A "pod" for host tests: answers HTTP (TCP 8080), UDP (5353) and, where the
+kernel has SCTP, SCTP (9090) with its name.
 
-Run inside a backend network namespace; prints "ready" once both sockets listen.
+Run inside a backend network namespace; prints "ready" once the sockets listen.
 HTTP keeps connections open (HTTP/1.1 keep-alive) so tests can hold one.
 """
 
@@ -42,11 +43,26 @@ def udp_echo(sock: socket.socket) -> None:
         sock.sendto(NAME.encode(), addr)
 
 
+def sctp_answer(sock: socket.socket) -> None:
+    while True:
+        conn, _ = sock.accept()
+        with conn:
+            conn.sendall(NAME.encode())
+
+
 def main() -> None:
     http = Server((ANY, 8080), Handler)
     udp = socket.socket(FAMILY, socket.SOCK_DGRAM)
     udp.bind((ANY, 5353))
     threading.Thread(target=udp_echo, args=(udp,), daemon=True).start()
+    try:
+        sctp = socket.socket(FAMILY, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+    except OSError:
+        pass  # no SCTP in this kernel (the host's): only the VM tests use it
+    else:
+        sctp.bind((ANY, 9090))
+        sctp.listen(16)
+        threading.Thread(target=sctp_answer, args=(sctp,), daemon=True).start()
     print("ready", flush=True)
     http.serve_forever()
 

@@ -43,6 +43,7 @@ class Node(ProxyHarness):
     """svcproxy's core and iptables datapath running against the node namespace."""
 
     def __init__(self, topo: Topology, extra_config: str = "", backend: str = "nft") -> None:
+        extra_config = extra_config.replace("\n", "\n" + " " * 12)  # for dedent below
         text = textwrap.dedent(f"""\
             apiVersion: kubeproxy.config.k8s.io/v1alpha1
             kind: KubeProxyConfiguration

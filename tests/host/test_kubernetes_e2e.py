@@ -40,6 +40,10 @@ def test_run_with_kubeconfig_programs_and_follows_the_api(topo: Topology,
     server.apply(service("web", cluster_ip="10.96.0.10", type="NodePort",
                          ports=[{**HTTP[0], "nodePort": 30080}]))
     server.apply(slice_("web", endpoints=[endpoint("10.244.1.11", "node-a")]))
+    odd = service("odd", cluster_ip="10.96.0.11", ports=HTTP)
+    odd["metadata"]["namespace"] = "team-a"
+    odd["metadata"]["annotations"] = {"svcproxy.io/ipvs-scheduler": "fastest"}
+    server.apply(odd)
     config = tmp_path / "config.yaml"
     config.write_text(textwrap.dedent(f"""\
         apiVersion: kubeproxy.config.k8s.io/v1alpha1
@@ -76,6 +80,13 @@ def test_run_with_kubeconfig_programs_and_follows_the_api(topo: Topology,
         fallback = [e for e in server.posted_events if e["reason"] == "DatapathFallback"]
         assert len(fallback) == 1 and "ipvs datapath unusable" in fallback[0]["message"]
         assert fallback[0]["involvedObject"]["name"] == "node-a"
+        # a bad scheduler annotation is reported on the Service itself, once
+        bad = [e for e in server.posted_events if e["reason"] == "InvalidIPVSScheduler"]
+        assert len(bad) == 1, bad
+        assert bad[0]["involvedObject"] == {"kind": "Service", "namespace": "team-a",
+                                            "name": "odd", "apiVersion": "v1"}
+        assert bad[0]["metadata"]["namespace"] == "team-a"
+        assert "unknown scheduler 'fastest'" in bad[0]["message"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

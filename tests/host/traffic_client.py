@@ -6,6 +6,7 @@
   udp-same HOST PORT COUNT  COUNT datagrams from one socket (one conntrack entry)
   udp-hold HOST PORT        one UDP socket; per line on stdin send a datagram and
                             print who answered (a line each)
+  sctp HOST PORT COUNT      COUNT new SCTP associations: who answered
   hold HOST PORT            open one HTTP connection, answer once, then wait for a
                             line on stdin and ask again on the same connection
 """
@@ -55,6 +56,20 @@ def udp_once(sock: socket.socket, host: str, port: int) -> str:
         return "!refused"
 
 
+def sctp_once(host: str, port: int) -> str:
+    try:
+        with socket.socket(family(host), socket.SOCK_STREAM, socket.IPPROTO_SCTP) as sock:
+            sock.settimeout(TIMEOUT)
+            sock.connect((host, port))
+            return sock.recv(256).decode()
+    except ConnectionRefusedError:
+        return "!refused"
+    except TimeoutError:
+        return "!timeout"
+    except OSError as exc:
+        return f"!{type(exc).__name__}"
+
+
 def main() -> None:
     mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     out: dict[str, object] = {}
@@ -65,6 +80,8 @@ def main() -> None:
         started = time.monotonic()
         out["answers"] = Counter(http_once(host, port) for _ in range(int(sys.argv[4])))
         out["seconds"] = time.monotonic() - started
+    elif mode == "sctp":
+        out["answers"] = Counter(sctp_once(host, port) for _ in range(int(sys.argv[4])))
     elif mode in ("udp", "udp-same"):
         answers: Counter[str] = Counter()
         sock = None

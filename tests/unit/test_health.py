@@ -12,6 +12,7 @@ from factories import node
 from svcproxy.bus import Event, EventType
 from svcproxy.config import parse_config
 from svcproxy.datapath import SyncResult
+from svcproxy.manager import PluginHost
 from svcproxy.model import parse_node
 from svcproxy.plugins.metrics import MetricsPlugin, ProxyHealth
 
@@ -81,7 +82,8 @@ def test_endpoints_over_http() -> None:
     plugin.svcproxy_configure_plugin(config)
     clock = Clock()
     plugin.health.clock = clock
-    plugin.svcproxy_start_proxy(config, "node-a")
+    plugin.svcproxy_start_proxy(config=config, datapath="iptables", skipped=[], node="node-a",
+                                host=PluginHost(config))
     try:
         base = f"http://{plugin.address}"
         status, body, headers = get(base + "/livez")
@@ -104,5 +106,10 @@ def test_endpoints_over_http() -> None:
         plugin.svcproxy_observe_sync(SyncResult("iptables", True, True, clock.t, 0.1))
         assert get(base + "/livez")[0] == 200 and get(base + "/healthz")[0] == 200
         assert get(base + "/nope")[0] == 404
+        # every answer is counted, as kube-proxy counts them
+        from prometheus_client import generate_latest
+        text = generate_latest(plugin.metrics.registry).decode()
+        assert 'kubeproxy_proxy_livez_total{code="503"} 1.0' in text
+        assert 'kubeproxy_proxy_healthz_total{code="200"} 2.0' in text
     finally:
         plugin.svcproxy_stop_proxy()

@@ -7,6 +7,8 @@ from factories import endpoint, node, plan_of, service, slice_
 from svcproxy.plugins.ipvs.datapath import render_ipvsadm, to_ipvs
 from svcproxy.plugins.ipvs.helpers import (
     HelperOptions,
+    SetIndex,
+    frontend_entries,
     helper_chains,
     ipset_restore,
     parse_ipset_save,
@@ -60,7 +62,10 @@ def test_rules_match_kube_proxy() -> None:
         "-A KUBE-NODE-PORT -p tcp -m comment --comment")
     assert chains[("nat", "KUBE-NODE-PORT")][0].endswith(
         "--match-set KUBE-NODE-PORT-LOCAL-TCP dst -j RETURN")
-    assert chains[("nat", "KUBE-POSTROUTING")][0].endswith(
+    assert chains[("nat", "KUBE-POSTROUTING")][0] == (
+        '-A KUBE-POSTROUTING -m comment --comment "svcproxy: node traffic from a service VIP" '
+        '-m set --match-set KUBE-IPVS-IPS src -j MASQUERADE')
+    assert chains[("nat", "KUBE-POSTROUTING")][1].endswith(
         "--match-set KUBE-LOOP-BACK dst,dst,src -j MASQUERADE")
     assert chains[("filter", "KUBE-IPVS-OUT-FILTER")] == (
         "-A KUBE-IPVS-OUT-FILTER -s 198.51.100.7/32 -m ipvs --vaddr 198.51.100.7/32 "
@@ -78,8 +83,9 @@ def test_ipv6_set_names_and_restore_diff() -> None:
                          {"KUBE-CLUSTER-IP": {"10.96.0.2,tcp:80", "10.96.0.9,udp:53"}}, 4)
     assert text.splitlines() == [
         "create KUBE-CLUSTER-IP hash:ip,port family inet hashsize 1024 maxelem 65536 -exist",
-        "add KUBE-CLUSTER-IP 10.96.0.1,tcp:443 -exist",
-        "del KUBE-CLUSTER-IP 10.96.0.9,udp:53 -exist"]
+        # protocol numbers: ipset looks names up through NSS on every line
+        "add KUBE-CLUSTER-IP 10.96.0.1,6:443 -exist",
+        "del KUBE-CLUSTER-IP 10.96.0.9,17:53 -exist"]
     saved = parse_ipset_save("create KUBE-X hash:ip family inet\nadd KUBE-X 10.0.0.1\n")
     assert saved == {"KUBE-X": {"10.0.0.1"}}
 
@@ -100,3 +106,97 @@ def test_virtual_servers_from_frontends() -> None:
     assert [r.address for r in table[vs].values()] == ["10.244.2.5"]
     text = render_ipvsadm({v: list(r.values()) for v, r in table.items()})
     assert "-A -t 192.168.1.10:30080 -s mh -b mh-fallback -p 10800" in text
+
+
+def test_set_index_follows_changes_like_a_full_recompute() -> None:
+    """Partial updates of the changed frontends give the same members as
+    computing every set again; a member two frontends share (the NodePort on
+    each node address) stays until the last one goes."""
+    nodes = node("node-a", ips=["192.168.1.10", "192.168.1.11"])
+
+    def cluster(lb_ports: list[int], local: bool) -> list:  # type: ignore[type-arg]
+        objs = [nodes]
+        for i, np in enumerate(lb_ports):
+            objs += [service(f"s{i}", cluster_ip=f"10.96.0.{i + 1}", type="NodePort",
+                             externalTrafficPolicy="Local" if local else "Cluster",
+                             ports=[{**HTTP[0], "nodePort": np}]),
+                     slice_(f"s{i}", endpoints=[endpoint(f"10.244.1.{i + 1}", "node-a")],
+                            ports=[{"name": "http", "port": 8080}])]
+        return objs
+
+    def full(plan) -> dict[str, set[str]]:  # type: ignore[no-untyped-def]
+        return set_entries(plan, {fe.address for fe in plan.frontends.values()
+                                  if fe.bind_address}, 4, None)[0]
+
+    before = plan_of(cluster([30080, 30081], False))
+    after = plan_of(cluster([30081, 30082, 30083], True))
+    index = SetIndex()
+    sink: list[tuple[str, str]] = []
+    for fe in before.frontends.values():
+        index.set(fe.key, *frontend_entries(fe, None, fe.bind_address), sink, sink)
+    added: list[tuple[str, str]] = []
+    removed: list[tuple[str, str]] = []
+    changed = set(before.frontends) | set(after.frontends)
+    for key in changed:
+        fe = after.frontends.get(key)
+        if fe is None:
+            index.set(key, (), None, added, removed)
+        else:
+            index.set(key, *frontend_entries(fe, None, fe.bind_address), added, removed)
+    members = index.members()
+    expected = full(after)
+    for name, want in expected.items():
+        if name != "KUBE-HEALTH-CHECK-NODE-PORT":
+            assert members[name] == want, name
+    assert ("KUBE-NODE-PORT-TCP", "30080") in removed
+    assert ("KUBE-NODE-PORT-TCP", "30081") not in removed + added  # kept throughout
+    assert ("KUBE-NODE-PORT-LOCAL-TCP", "30083") in added
+    assert sum(1 for e in added if e == ("KUBE-NODE-PORT-TCP", "30082")) == 1
+
+
+def test_scheduler_annotation_sets_scheduler_and_flags() -> None:
+    def plan(annotations: dict[str, str]):  # type: ignore[no-untyped-def]
+        return plan_of([service("s", cluster_ip="10.96.0.1", ports=HTTP,
+                                annotations=annotations)])
+
+    fe = next(iter(plan({"svcproxy.io/ipvs-scheduler": "sh",
+                         "svcproxy.io/ipvs-scheduler-flags": "sh-fallback, sh-port"})
+                   .frontends.values()))
+    assert (fe.scheduler, fe.scheduler_flags) == ("sh", ("sh-fallback", "sh-port"))
+    vs, _ = to_ipvs(fe)
+    assert render_ipvsadm({vs: []}) == "-A -t 10.96.0.1:80 -s sh -b sh-fallback,sh-port\n"
+
+
+def test_bad_scheduler_annotation_is_reported_and_ignored(caplog) -> None:  # type: ignore[no-untyped-def]
+    plan = plan_of([service("s", cluster_ip="10.96.0.1", ports=HTTP,
+                            annotations={"svcproxy.io/ipvs-scheduler": "fastest"}),
+                    service("t", cluster_ip="10.96.0.2", ports=HTTP,
+                            annotations={"svcproxy.io/ipvs-scheduler": "wrr",
+                                         "svcproxy.io/ipvs-scheduler-flags": "mh-port"})])
+    by_ip = {fe.address: fe for fe in plan.frontends.values()}
+    assert by_ip["10.96.0.1"].scheduler == "rr"  # the configured one
+    assert (by_ip["10.96.0.2"].scheduler, by_ip["10.96.0.2"].scheduler_flags) == ("wrr", ())
+    assert "Service default/s: annotation svcproxy.io/ipvs-scheduler: unknown scheduler " \
+        "'fastest' (one of rr, wrr" in caplog.text
+    assert "flag 'mh-port' is not valid with scheduler wrr (valid: flag-1, flag-2, flag-3)" \
+        in caplog.text
+
+
+def test_reports_reach_sources_once() -> None:
+    from svcproxy import hookimpl
+    from svcproxy.config import parse_config
+    from svcproxy.manager import PluginHost
+
+    seen: list[tuple[str, ...]] = []
+
+    class Source:
+        @hookimpl
+        def svcproxy_report_object(self, kind: str, namespace: str, name: str, reason: str,
+                                   message: str) -> None:
+            seen.append((kind, namespace, name, reason))
+
+    host = PluginHost(parse_config("", "t.yaml"), extra_plugins=[("source", Source())])
+    host.configure()
+    for _ in range(3):
+        host.report_object("Service", "ns", "s", "InvalidIPVSScheduler", "bad")
+    assert seen == [("Service", "ns", "s", "InvalidIPVSScheduler")]

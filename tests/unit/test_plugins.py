@@ -147,11 +147,22 @@ def test_plugin_options_reach_only_their_plugin_and_errors_name_the_path(
     assert "plugins[1].options: level: must be low or high (got 'mid')" in str(exc.value)
 
 
+def port_context():  # type: ignore[no-untyped-def]
+    from svcproxy.endpoints import Categorized
+    from svcproxy.model import parse_object
+    from svcproxy.plan import PortContext, make_context
+
+    svc = parse_object(service("s", "ns", cluster_ip="10.0.0.1", ports=[
+        {"name": "p", "port": 80, "protocol": "TCP"}]))
+    ctx = make_context(host_for("").config, "node-a", None)
+    return PortContext(ctx, svc, svc.ports[0], 4, Categorized())  # type: ignore[arg-type]
+
+
 def test_adjust_chain_sees_previous_result() -> None:
     a, b = Tagger("a"), Tagger("b")
     host = host_for("plugins: [clusterip]\n", extra_plugins=[("a", a), ("b", b)])
     fe = Frontend("10.0.0.1", 80, "TCP", "ClusterIP", "ns/s:p")  # type: ignore[arg-type]
-    out = host.adjust_frontend(fe, None)  # type: ignore[arg-type]
+    out = host.adjust_frontend(fe, port_context())
     assert out.scheduler_flags == ("a", "b")
 
 
@@ -164,7 +175,7 @@ def test_adjust_must_return_a_frontend() -> None:
     host = host_for("plugins: [clusterip]\n", extra_plugins=[("bad", Bad())])
     fe = Frontend("10.0.0.1", 80, "TCP", "ClusterIP", "ns/s:p")  # type: ignore[arg-type]
     with pytest.raises(PluginError, match="must return a Frontend or None, not dict"):
-        host.adjust_frontend(fe, None)  # type: ignore[arg-type]
+        host.adjust_frontend(fe, port_context())
 
 
 class FakeKernelDatapath:

@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import textwrap
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from factories import ProxyHarness, endpoint, service, slice_
 from netns import Topology, sh
 
+from svcproxy import hookimpl
 from svcproxy.bus import EventType
+from svcproxy.ir import Frontend
 
+ROOT = Path(__file__).resolve().parents[2]
+HOST = ROOT / "tests" / "host"
 NODE_IP = "192.168.100.1"
 HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
 DNS = [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]
@@ -36,7 +43,7 @@ def topo() -> Iterator[Topology]:
 
 class IpvsNode(ProxyHarness):
     def __init__(self, topo: Topology, tmp: Path, scheduler: str = "rr",
-                 drain: float = 30) -> None:
+                 drain: float = 30, extra_plugins: list | None = None) -> None:  # type: ignore[type-arg]
         text = textwrap.dedent(f"""\
             apiVersion: kubeproxy.config.k8s.io/v1alpha1
             kind: KubeProxyConfiguration
@@ -50,7 +57,7 @@ class IpvsNode(ProxyHarness):
               ipvs: {{netns: {topo.node}, drainSeconds: {drain},
                      sysctlBackup: {tmp / 'sysctl.json'}}}
         """)
-        super().__init__(text, "ipvs", [NODE_IP])
+        super().__init__(text, "ipvs", [NODE_IP], extra_plugins=extra_plugins)
         name, skipped = self.host.select_datapath()
         assert name == "ipvs", skipped
 
@@ -200,3 +207,140 @@ def test_helper_sets_and_rules_source_ranges_and_masquerade(topo: Topology,
     assert any("ipsets" in line for line in lines), lines
     assert "KUBE-CLUSTER-IP" not in sh("ipset", "save", netns=topo.node).stdout
     assert "KUBE-" not in sh("iptables-save", netns=topo.node).stdout
+
+
+class Weights:
+    """A plugin that weighs backends by their pod (wrr needs weights: Kubernetes
+    has none, plugins set them)."""
+
+    def __init__(self, weights: dict[str, int]) -> None:
+        self.weights = weights
+
+    @hookimpl
+    def svcproxy_adjust_frontend(self, frontend: Frontend) -> Frontend | None:
+        return replace(frontend, backends=tuple(
+            replace(b, weight=self.weights.get(b.address, b.weight))
+            for b in frontend.backends))
+
+
+def test_schedulers_and_affinity_spread_traffic(topo: Topology, tmp_path: Path) -> None:
+    n = IpvsNode(topo, tmp_path, extra_plugins=[("weights", Weights({"10.244.1.11": 3}))])
+    topo.add_client("c3", "192.168.100.3", NODE_IP)
+    eps = []
+    for name, ip in (("a", "10.244.1.11"), ("b", "10.244.2.12")):
+        topo.add_pod(name, ip)
+        eps.append(endpoint(ip, "node-b"))
+    for name, vip, extra in (
+            ("wrr", "10.96.0.21", {"annotations": {"svcproxy.io/ipvs-scheduler": "wrr"}}),
+            ("sh", "10.96.0.22", {"annotations": {"svcproxy.io/ipvs-scheduler": "sh"}}),
+            ("aff", "10.96.0.23", {"sessionAffinity": "ClientIP", "sessionAffinityConfig": {
+                "clientIP": {"timeoutSeconds": 3}}})):
+        n.publish(service(name, cluster_ip=vip, ports=HTTP, **extra))
+        n.publish(slice_(name, endpoints=eps))
+    n.sync()
+    table = " ".join(ipvsadm(topo))
+    assert "-A -t 10.96.0.21:80 -s wrr" in table and "-A -t 10.96.0.22:80 -s sh" in table
+    assert "-A -t 10.96.0.23:80 -s rr -p 3" in table
+    # wrr follows the weights: 3 to a for each 1 to b
+    assert topo.answers("c1", "http", "10.96.0.21", 80, 40) == {"a": 30, "b": 10}
+    # sh: each client address always lands on one backend
+    for client in ("c1", "c2", "c3"):
+        assert len(topo.answers(client, "http", "10.96.0.22", 80, 8)) == 1, client
+    # ClientIP affinity: one backend per client until the timeout, then rr again
+    first = topo.answers("c1", "http", "10.96.0.23", 80, 8)
+    assert len(first) == 1
+    deadline = time.monotonic() + 60
+    later = first
+    while later == first and time.monotonic() < deadline:
+        time.sleep(4)  # the persistence template expires 3 s after its last connection
+        later = topo.answers("c1", "http", "10.96.0.23", 80, 1)
+    assert later != first, "affinity never expired"
+
+
+def test_sctp_and_ipv6(topo: Topology, tmp_path: Path) -> None:
+    n = IpvsNode(topo, tmp_path)
+    topo.add_client("c6", "192.168.101.2", "192.168.101.1", ip6="fd00:100::2",
+                    node_ip6="fd00:100::1")
+    sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", netns=topo.node)
+    topo.add_pod("a", "10.244.1.11", ip6="fd00:244::11")
+    topo.add_pod("b", "10.244.2.12", ip6="fd00:244::12")
+    sctp = [{"name": "sctp", "port": 90, "protocol": "SCTP", "targetPort": 9090}]
+    n.publish(service("sc", cluster_ip="10.96.0.90", ports=sctp))
+    n.publish(slice_("sc", endpoints=[endpoint("10.244.1.11"), endpoint("10.244.2.12")],
+                     ports=[{"name": "sctp", "port": 9090, "protocol": "SCTP"}]))
+    n.publish(service("v6", cluster_ip="fd00:96::10", ipFamilies=["IPv6"], ports=HTTP))
+    n.publish(slice_("v6", endpoints=[endpoint("fd00:244::11"), endpoint("fd00:244::12")],
+                     address_type="IPv6"))
+    n.sync()
+    table = ipvsadm(topo)
+    assert "-A --sctp-service 10.96.0.90:90 -s rr" in table
+    assert "-A -t [fd00:96::10]:80 -s rr" in table
+    assert topo.answers("c1", "sctp", "10.96.0.90", 90, 10) == {"a": 5, "b": 5}
+    assert topo.answers("c6", "http", "fd00:96::10", 80, 10) == {"a": 5, "b": 5}
+    sets = sh("ipset", "save", netns=topo.node).stdout
+    assert "add KUBE-6-CLUSTER-IP fd00:96::10,tcp:80" in sets
+    assert "add KUBE-CLUSTER-IP 10.96.0.90,sctp:90" in sets
+
+
+def test_vip_sourced_node_traffic_is_masqueraded_before_the_first_sync(
+        topo: Topology, tmp_path: Path) -> None:
+    """A restart (or a takeover from kube-proxy): kube-ipvs0 already holds a VIP
+    and IPVS its virtual server. svcproxy's first act masquerades node traffic
+    whose source is that VIP, before any sync."""
+    topo.add_pod("a", "10.244.1.11")
+    sh("ip", "link", "add", "kube-ipvs0", "type", "dummy", netns=topo.node)
+    sh("ip", "addr", "add", "10.96.0.1/32", "dev", "kube-ipvs0", netns=topo.node)
+    sh("ipvsadm", "-A", "-t", "10.96.0.1:80", "-s", "rr", netns=topo.node)
+    sh("ipvsadm", "-a", "-t", "10.96.0.1:80", "-r", "10.244.1.11:8080", "-m", netns=topo.node)
+    sh("sysctl", "-qw", "net.ipv4.vs.conntrack=1", netns=topo.node)
+
+    def seen_by_pod() -> str:
+        out = sh(sys.executable, str(HOST / "traffic_client.py"), "whoami", "10.96.0.1", "80",
+                 "1", netns=topo.node).stdout
+        return next(iter(json.loads(out)["answers"]))
+
+    assert seen_by_pod() == "10.96.0.1"  # the node's own connection comes from the VIP
+    n = IpvsNode(topo, tmp_path)
+    n.plugin._early_masquerade(n.proxy.applied)
+    assert seen_by_pod() == "169.254.1.1"  # masqueraded to the node's address
+    assert "add KUBE-IPVS-IPS 10.96.0.1" in sh("ipset", "save", netns=topo.node).stdout
+
+
+def test_run_once_programs_what_plan_prints(tmp_path: Path) -> None:
+    """`svcproxy run --once` on the example cluster: the kernel then holds what
+    `svcproxy plan --output ipvsadm` prints."""
+    topo = Topology()
+    try:
+        topo.create_node()
+        # the node's addresses as its Node object lists them (NodePorts bind there)
+        sh("ip", "addr", "add", "192.168.50.11/32", "dev", "lo", netns=topo.node)
+        sh("ip", "-6", "addr", "add", "fd00:192:168:50::11/128", "dev", "lo", "nodad",
+           netns=topo.node)
+        run_once_and_compare(topo, tmp_path)
+    finally:
+        topo.close()
+
+
+def run_once_and_compare(topo: Topology, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        apiVersion: kubeproxy.config.k8s.io/v1alpha1
+        kind: KubeProxyConfiguration
+        mode: ipvs
+        ---
+        apiVersion: svcproxy.io/v1alpha1
+        kind: SvcProxyConfiguration
+        datapathOptions:
+          ipvs: {{netns: {topo.node}, sysctlBackup: {tmp_path / 'sysctl.json'}}}
+    """))
+    svcproxy = str(Path(sys.executable).parent / "svcproxy")
+    args = ["--manifests", str(ROOT / "examples" / "cluster"), "--config", str(config),
+            "--node", "node-a"]
+    run = subprocess.run([svcproxy, "run", "--once", *args], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "fall" not in run.stderr.lower(), run.stderr  # IPVS, no fallback
+    plan = subprocess.run([svcproxy, "plan", "--output", "ipvsadm", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    assert ipvsadm(topo) == sorted(line for line in plan.stdout.splitlines() if line)
