@@ -279,6 +279,38 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- status and check ------------------------------------------------------------------
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .inspect import frontends_from_daemon, index_frontends, run_status
+
+    config, host = _plugins(args.config)
+    datapath = args.datapath or host.select_datapath()[0]
+    note = ""
+    if args.manifests:
+        state, _ = _load_manifests(args.manifests, args.node, config, strict=False)
+        plan, _ = Planner(host).plan_full(make_context(config, state.node_name, state.node),
+                                          state, ServiceMap())
+        frontends = index_frontends(plan.to_json())
+    else:
+        found, where = frontends_from_daemon(config)
+        frontends = found or {}
+        if found is None:
+            note = (f"service names unknown: no running svcproxy answered ({where}); "
+                    "give --manifests DIR to plan them here")
+    if args.watch is not None and args.watch <= 0:
+        raise UsageError(f"--watch: the interval must be > 0 seconds (got {args.watch:g})")
+    return run_status(host, datapath, frontends, args.output, args.stats, args.rate,
+                      args.connection, args.watch, note)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .inspect import run_check
+
+    config, host = _plugins(args.config)
+    return run_check(host, config, args.output)
+
+
 # ---- parser --------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -323,6 +355,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "last sync)")
     sp.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("status", help="the live kernel view, with service names "
+                        "(like ipvsadm -L -n)")
+    sp.add_argument("--config", metavar="FILE")
+    sp.add_argument("--manifests", metavar="DIR",
+                    help="plan service names from this directory (default: ask the running "
+                    "svcproxy on its metrics address)")
+    sp.add_argument("--node", metavar="NAME", help="the node to plan for (with --manifests)")
+    sp.add_argument("--datapath", help="datapath to show (default: the one svcproxy would use)")
+    sp.add_argument("--stats", action="store_true", help="counters (ipvsadm --stats)")
+    sp.add_argument("--rate", action="store_true", help="rates (ipvsadm --rate)")
+    sp.add_argument("--connection", "-c", action="store_true",
+                    help="the connection table under each frontend (ipvsadm --connection)")
+    sp.add_argument("--output", "-o", default="table", choices=["table", "json"])
+    sp.add_argument("--watch", "-w", type=float, nargs="?", const=1.0, metavar="SECONDS",
+                    help="refresh every SECONDS (default 1) until interrupted")
+    sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("check", help="prerequisites and health, with the commands that fix "
+                        "problems; exit 1 when the configured mode cannot run")
+    sp.add_argument("--config", metavar="FILE")
+    sp.add_argument("--output", "-o", default="table", choices=["table", "json"])
+    sp.set_defaults(func=cmd_check)
 
     sp = sub.add_parser("plugins", help="list enabled plugins in call order")
     sp.add_argument("--config", metavar="FILE")

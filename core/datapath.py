@@ -82,3 +82,21 @@ class MetricSample:
 
     def key(self) -> tuple[Any, ...]:
         return (self.name, self.kind, tuple(sorted(self.labels)))
+
+
+@dataclass(frozen=True)
+class CheckItem:
+    """One line of `svcproxy check`: a prerequisite or health fact, its state
+    ("ok", "warn" or "fail"), what was found, and the command that fixes it."""
+
+    name: str
+    state: str
+    detail: str
+    fix: str = ""
+    #: datapaths this problem stops from running (exit code 1 when it is the
+    #: configured mode)
+    blocks: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "detail": self.detail,
+                "fix": self.fix, "blocks": list(self.blocks)}

@@ -19,7 +19,7 @@ import pluggy
 if TYPE_CHECKING:
     from .bus import Event
     from .config import Config
-    from .datapath import ApplyResult, MetricSample, ProbeResult, SyncResult
+    from .datapath import ApplyResult, CheckItem, MetricSample, ProbeResult, SyncResult
     from .ir import Frontend, PlanDelta, ServiceMap
     from .manager import PluginHost
     from .plan import PortContext
@@ -150,6 +150,24 @@ def svcproxy_render_plan(name: str, plan: ServiceMap, output: str) -> str | None
 @hookspec
 def svcproxy_list_plan_formats() -> Sequence[str] | None:
     """Return the extra `svcproxy plan --output` formats this plugin renders."""
+
+
+@hookspec(firstresult=True)
+def svcproxy_datapath_status(name: str, frontends: Mapping[tuple[str, int, str],
+                                                           Mapping[str, Any]],
+                             connections: bool) -> Mapping[str, Any] | None:
+    """`svcproxy status`: the live kernel view of datapath `name` as JSON-able
+    data (docs/status-format.md), each kernel object labelled from `frontends`
+    (plan frontends in their JSON form, by (address, port, protocol); empty when
+    unknown). `connections`: include the connection table. The plugin that
+    implements `name` answers; others return None."""
+
+
+@hookspec
+def svcproxy_check(config: Config) -> Sequence[CheckItem] | None:
+    """`svcproxy check`: prerequisites and health facts this plugin knows about
+    (kernel modules, tools and versions, sysctls, table usage), each with the
+    command that fixes a problem and the datapaths it blocks."""
 
 
 @hookspec

@@ -19,7 +19,7 @@ import pluggy
 
 from . import hookspecs
 from .config import Config, nearest_name
-from .datapath import ApplyResult, MetricSample, ProbeResult, SyncResult
+from .datapath import ApplyResult, CheckItem, MetricSample, ProbeResult, SyncResult
 from .errors import ConfigError, ConfigProblem, PluginError
 from .ir import Frontend, PlanDelta, ServiceMap
 
@@ -293,6 +293,21 @@ class PluginHost:
         for answer in self.pm.hook.svcproxy_cleanup_datapath(config=self.config):
             lines.extend(answer or ())
         return lines
+
+    def datapath_status(self, name: str,
+                        frontends: Mapping[tuple[str, int, str], Mapping[str, Any]],
+                        connections: bool = False) -> Mapping[str, Any]:
+        answer = self.pm.hook.svcproxy_datapath_status(name=name, frontends=frontends,
+                                                       connections=connections)
+        if answer is None:
+            raise PluginError(f"datapath {name!r} cannot show its kernel state")
+        return answer  # type: ignore[no-any-return]
+
+    def checks(self) -> list[CheckItem]:
+        items: list[CheckItem] = []
+        for answer in self.pm.hook.svcproxy_check(config=self.config):
+            items.extend(answer or ())
+        return items
 
     # -- lifecycle and observers ----------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from svcproxy import hookimpl
 from svcproxy.config import Config
-from svcproxy.datapath import ApplyResult, MetricSample, ProbeResult
+from svcproxy.datapath import ApplyResult, CheckItem, MetricSample, ProbeResult
 from svcproxy.errors import PluginError
 from svcproxy.ir import PlanDelta, ServiceMap, ip_family
 
@@ -113,6 +113,30 @@ class IptablesPlugin:
     @hookimpl
     def svcproxy_list_plan_formats(self) -> list[str]:
         return [FORMAT]
+
+    @hookimpl
+    def svcproxy_datapath_status(self, name: str) -> dict[str, Any] | None:
+        if name != NAME:
+            return None
+        from .status import iptables_status
+
+        kernels = [IptablesKernel(4, self._backend(), self.netns)]
+        if IptablesKernel(6, self._backend(), self.netns).available() is None:
+            kernels.append(IptablesKernel(6, self._backend(), self.netns))
+        return iptables_status(kernels)
+
+    @hookimpl
+    def svcproxy_check(self) -> list[CheckItem]:
+        from .status import conntrack_checks, safe_checks
+
+        if self.backend_setting == "auto":
+            backend, why = detect_backend(4, self.netns)
+        else:
+            backend, why = self.backend_setting, "configured"
+        items = []
+        for family in (4, 6):
+            items += safe_checks(IptablesKernel(family, backend, self.netns), why, self.netns)
+        return items + conntrack_checks(self.netns)
 
     @hookimpl
     def svcproxy_start_proxy(self, datapath: str) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 from svcproxy import hookimpl
 from svcproxy.config import Config
-from svcproxy.datapath import ApplyResult, MetricSample, ProbeResult
+from svcproxy.datapath import ApplyResult, CheckItem, MetricSample, ProbeResult
 from svcproxy.errors import PluginError, SyncError
 from svcproxy.ir import Frontend, PlanDelta, ServiceMap, ip_family
 from svcproxy.plan import PortContext
@@ -36,7 +36,7 @@ from svcproxy.plugins.iptables.kernel import conntrack_samples, read_proc
 
 from .datapath import HelperState, IpvsOptions, IpvsState, render_ipvsadm, to_ipvs
 from .helpers import HelperOptions
-from .kernel import IpvsKernel, in_netns
+from .kernel import IpvsKernel, in_netns, opened_in
 from .netlink import SCHED_FLAGS
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,32 @@ class IpvsPlugin:
                                     "IPVS virtual servers svcproxy programmed",
                                     float(len(self.state.services or {}))))
         return out
+
+    @hookimpl
+    def svcproxy_datapath_status(self, name: str, frontends: Mapping[tuple[str, int, str],
+                                                                     Mapping[str, Any]],
+                                 connections: bool) -> dict[str, Any] | None:
+        if name != NAME:
+            return None
+        from .netlink import IPVSNetlink
+        from .status import ipvs_status
+
+        with opened_in(self.netns, IPVSNetlink) as nl:
+            return ipvs_status(nl, self.netns, frontends, connections)
+
+    @hookimpl
+    def svcproxy_check(self, config: Config) -> list[CheckItem]:
+        from .status import ipvs_checks
+
+        probe = self.svcproxy_probe_datapath(NAME)
+        reason = None if probe is None or probe.usable else probe.reason
+        if reason is not None and reason.startswith("ipset"):
+            reason = None  # reported on its own line
+        wanted = dict(SYSCTLS)
+        if (4, 1) <= _kernel_version() < (5, 9):
+            wanted["net/ipv4/vs/conn_reuse_mode"] = "0"
+        return ipvs_checks(config.kube_proxy.ipvs_scheduler, reason, self.netns, wanted,
+                           config.kube_proxy.ipvs.strict_arp)
 
     @hookimpl
     def svcproxy_list_plan_formats(self) -> list[str]:

@@ -48,10 +48,14 @@ CMD_ATTR_SERVICE, CMD_ATTR_DEST = 1, 2
 CMD_ATTR_TIMEOUT_TCP, CMD_ATTR_TIMEOUT_TCP_FIN, CMD_ATTR_TIMEOUT_UDP = 4, 5, 6
 SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_FWMARK = 1, 2, 3, 4, 5
 SVC_SCHED_NAME, SVC_FLAGS, SVC_TIMEOUT, SVC_NETMASK = 6, 7, 8, 9
+SVC_STATS, SVC_STATS64 = 10, 12
 DEST_ADDR, DEST_PORT, DEST_FWD_METHOD, DEST_WEIGHT = 1, 2, 3, 4
 DEST_U_THRESH, DEST_L_THRESH = 5, 6
 DEST_ACTIVE_CONNS, DEST_INACT_CONNS, DEST_PERSIST_CONNS = 7, 8, 9
-DEST_ADDR_FAMILY = 11
+DEST_STATS, DEST_ADDR_FAMILY, DEST_STATS64 = 10, 11, 12
+#: IPVS_STATS_ATTR_*: u32 in STATS (bytes u64), u64 everywhere in STATS64
+STATS_FIELDS = ("conns", "inpkts", "outpkts", "inbytes", "outbytes", "cps", "inpps",
+                "outpps", "inbps", "outbps")
 
 # service flags
 F_PERSISTENT = 0x1
@@ -81,6 +85,21 @@ _FLAGS = struct.Struct("=II")
 
 class NetlinkError(OSError):
     """A netlink request failed; errno is the kernel's answer."""
+
+
+def _parse_stats(attrs: dict[int, bytes]) -> dict[str, int]:
+    """Counters and rates of a service or destination, as `ipvsadm --stats/--rate`."""
+    raw, wide = (attrs[SVC_STATS64], True) if SVC_STATS64 in attrs else (
+        attrs.get(SVC_STATS, b""), False)
+    out = dict.fromkeys(STATS_FIELDS, 0)
+    for kind, value in _attrs(raw):
+        if 1 <= kind <= len(STATS_FIELDS):
+            name = STATS_FIELDS[kind - 1]
+            if wide or name in ("inbytes", "outbytes"):
+                out[name] = struct.unpack("=Q", value[:8])[0]
+            else:
+                out[name] = _U32.unpack(value[:4])[0]
+    return out
 
 
 @dataclass(frozen=True, order=True)
@@ -347,6 +366,28 @@ class IPVSNetlink:
         """Every virtual server with its real servers (one dump per service, as
         the kernel API requires)."""
         return {vs: self.dests(vs) for vs in self.services()}
+
+    def stats(self) -> list[tuple[VirtualServer, dict[str, int],
+                                  list[tuple[RealServer, dict[str, int]]]]]:
+        """Every virtual server with its counters and rates, and its real servers
+        with theirs (what `ipvsadm -L -n --stats` and `--rate` show)."""
+        out = []
+        for payload in self._request(self.family_id, CMD_GET_SERVICE, b"", dump=True):
+            for kind, value in _attrs(payload):
+                if kind != CMD_ATTR_SERVICE:
+                    continue
+                vs = _parse_service(value)
+                if vs is None:
+                    continue
+                dests = []
+                request = _nested(CMD_ATTR_SERVICE, *_service_id(vs))
+                for answer in self._request(self.family_id, CMD_GET_DEST, request, dump=True):
+                    for dkind, dvalue in _attrs(answer):
+                        if dkind == CMD_ATTR_DEST:
+                            dests.append((_parse_dest(dvalue, vs.family),
+                                          _parse_stats(dict(_attrs(dvalue)))))
+                out.append((vs, _parse_stats(dict(_attrs(value))), dests))
+        return out
 
     def timeouts(self) -> tuple[int, int, int]:
         """(tcp, tcpfin, udp) connection timeouts in seconds."""

@@ -215,12 +215,20 @@ class MetricsPlugin:
     def serve_metrics(self, h: BaseHTTPRequestHandler) -> None:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        if h.path.split("?", 1)[0] != "/metrics":
+        path = h.path.split("?", 1)[0]
+        if path == "/svcproxy/frontends":
+            # what `svcproxy status` labels the kernel's objects with
+            plan = self.metrics.plan
+            data = json.dumps(plan.to_json() if plan is not None else []).encode()
+            content_type = "application/json"
+        elif path == "/metrics":
+            data = generate_latest(self.metrics.registry)
+            content_type = CONTENT_TYPE_LATEST
+        else:
             h.send_error(404)
             return
-        data = generate_latest(self.metrics.registry)
         h.send_response(200)
-        h.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        h.send_header("Content-Type", content_type)
         h.send_header("Content-Length", str(len(data)))
         h.end_headers()
         h.wfile.write(data)

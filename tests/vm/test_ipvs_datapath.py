@@ -344,3 +344,86 @@ def run_once_and_compare(topo: Topology, tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert plan.returncode == 0, plan.stderr
     assert ipvsadm(topo) == sorted(line for line in plan.stdout.splitlines() if line)
+
+
+def parse_ipvsadm_stats(text: str) -> dict[tuple[str, ...], list[int]]:
+    """`ipvsadm -L -n --stats --exact`: (proto, vip:port[, backend]) -> counters."""
+    out: dict[tuple[str, ...], list[int]] = {}
+    vs: tuple[str, str] | None = None
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) == 7 and f[0] in ("TCP", "UDP", "SCTP"):
+            vs = (f[0], f[1])
+            out[vs] = [int(x) for x in f[2:]]
+        elif len(f) == 7 and f[0] == "->" and vs is not None:
+            out[(*vs, f[1])] = [int(x) for x in f[2:]]
+    return out
+
+
+def test_status_matches_ipvsadm_and_names_services(topo: Topology, tmp_path: Path) -> None:
+    import yaml
+
+    topo.add_pod("a", "10.244.1.11")
+    topo.add_pod("b", "10.244.2.12")
+    objects = [service("web", cluster_ip="10.96.0.10", ports=HTTP),
+               slice_("web", endpoints=[endpoint("10.244.1.11", "node-a"),
+                                        endpoint("10.244.2.12", "node-b")])]
+    n = IpvsNode(topo, tmp_path)
+    for obj in objects:
+        n.publish(obj)
+    n.sync()
+    assert topo.answers("c1", "http", "10.96.0.10", 80, 6) == {"a": 3, "b": 3}
+    hold = topo.hold("c1", "10.96.0.10", 80)
+    assert hold.stdout is not None
+    first = json.loads(hold.stdout.readline())["first"]
+    gone = topo.pods[first].ip
+    n.publish(slice_("web", endpoints=[e for e in objects[1]["endpoints"]  # type: ignore[index]
+                                       if e["addresses"][0] != gone]), EventType.MODIFIED)
+    n.sync()
+    manifests = tmp_path / "cluster"
+    manifests.mkdir()
+    (manifests / "all.yaml").write_text(yaml.safe_dump_all(objects))
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        apiVersion: kubeproxy.config.k8s.io/v1alpha1
+        kind: KubeProxyConfiguration
+        mode: ipvs
+        metricsBindAddress: ""
+        ---
+        apiVersion: svcproxy.io/v1alpha1
+        kind: SvcProxyConfiguration
+        datapathOptions:
+          ipvs: {{netns: {topo.node}}}
+    """))
+    svcproxy = str(Path(sys.executable).parent / "svcproxy")
+    # the slice on disk still lists both pods: the plan labels, the kernel decides
+    proc = subprocess.run([svcproxy, "status", "--config", str(config), "--manifests",
+                           str(manifests), "--node", "node-a", "--stats", "-c", "-o", "json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    view = json.loads(proc.stdout)
+    raw = parse_ipvsadm_stats(sh("ipvsadm", "-L", "-n", "--stats", "--exact",
+                                 netns=topo.node).stdout)
+    (fe,) = view["frontends"]
+    assert fe["service"] == "default/web:http" and fe["kind"] == "ClusterIP"
+    keys = ("conns", "inpkts", "outpkts", "inbytes", "outbytes")
+    assert [fe["stats"][k] for k in keys] == raw[("TCP", "10.96.0.10:80")]
+    assert fe["stats"]["conns"] == 7
+    for b in fe["backends"]:
+        assert [b["stats"][k] for k in keys] == raw[("TCP", "10.96.0.10:80",
+                                                    f"{b['address']}:{b['port']}")]
+    # the open connection is listed under its frontend
+    assert any(c["backend"] == gone and c["state"] == "ESTABLISHED"
+               for c in fe["connections"])
+    # a plan from the API (not the stale file) marks the removed pod as draining
+    from svcproxy.plugins.ipvs.status import ipvs_status
+
+    frontends = {(f.address, f.port, f.protocol): f.to_json()
+                 for f in n.proxy.applied.frontends.values()}
+    live = ipvs_status(n.plugin.state.kernel.nl, topo.node, frontends, False)
+    states = {b["address"]: b["state"] for b in live["frontends"][0]["backends"]}
+    assert states[gone] == "draining" and list(states.values()).count("ok") == 1
+    assert hold.stdin is not None
+    hold.stdin.write("again\n")
+    hold.stdin.flush()
+    hold.wait(timeout=10)

@@ -1,0 +1,140 @@
+"""The iptables kernel view for `svcproxy status` (per-service counters from
+`iptables-save -c`) and the iptables checks of `svcproxy check`.
+
+nat rules see only the first packet of each connection, so the counters of the
+service and endpoint rules count new connections (packets) and their first
+packets' bytes — which is what says where connections went."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from typing import Any
+
+from svcproxy.datapath import CheckItem
+
+from .kernel import IptablesKernel, KernelError, read_proc
+
+_LINE = re.compile(r"^\[(\d+):(\d+)\] -A (\S+) (.*)$")
+_SUFFIXES = (" cluster IP", " external IP", " loadbalancer IP", " nodePort",
+             " has no endpoints", " has no local endpoints")
+_JUMP_PREFIXES = ("KUBE-SVC-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SVL-")
+
+
+def _parse(text: str) -> dict[str, list[dict[str, Any]]]:
+    chains: dict[str, list[dict[str, Any]]] = {}
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        packets, octets, chain, rest = int(m[1]), int(m[2]), m[3], m[4]
+        try:
+            words = shlex.split(rest)
+        except ValueError:
+            continue
+        rule: dict[str, Any] = {"packets": packets, "bytes": octets}
+        for i, w in enumerate(words[:-1]):
+            nxt = words[i + 1]
+            if w == "--comment":
+                rule["comment"] = nxt
+            elif w == "-j":
+                rule["target"] = nxt
+            elif w == "-d":
+                rule["dst"] = nxt.removesuffix("/32").removesuffix("/128")
+            elif w == "--dport":
+                rule["port"] = int(nxt)
+            elif w == "-p":
+                rule["protocol"] = nxt.upper()
+            elif w == "--to-destination":
+                rule["to"] = nxt
+        chains.setdefault(chain, []).append(rule)
+    return chains
+
+
+def _endpoints(chains: dict[str, list[dict[str, Any]]], chain: str,
+               seen: set[str]) -> list[dict[str, Any]]:
+    """Endpoint rules reachable from a service chain (KUBE-EXT -> KUBE-SVC -> SEP)."""
+    if chain in seen:
+        return []
+    seen.add(chain)
+    out = []
+    for r in chains.get(chain, []):
+        target = r.get("target", "")
+        if target.startswith("KUBE-SEP-"):
+            ep = r.get("comment", "").partition(" -> ")[2]
+            out.append({"endpoint": ep, "packets": r["packets"], "bytes": r["bytes"]})
+        elif target.startswith(_JUMP_PREFIXES):
+            out += _endpoints(chains, target, seen)
+    return out
+
+
+def iptables_status(kernels: list[IptablesKernel]) -> dict[str, Any]:
+    rows = []
+    for kernel in kernels:
+        text = kernel.run([kernel.tool("save"), "-c", "-t", "nat"]).stdout
+        chains = _parse(text)
+        for chain in ("KUBE-SERVICES", "KUBE-NODEPORTS"):
+            for r in chains.get(chain, []):
+                target = r.get("target", "")
+                if not target.startswith(_JUMP_PREFIXES) or "comment" not in r:
+                    continue
+                service = r["comment"]
+                kind = ""
+                for suffix in _SUFFIXES:
+                    if service.endswith(suffix):
+                        service, kind = service[: -len(suffix)], suffix.strip()
+                        break
+                rows.append({"family": kernel.family, "chain": chain,
+                             "address": r.get("dst", "*"), "port": r.get("port"),
+                             "protocol": r.get("protocol", ""), "service": service,
+                             "kind": kind, "packets": r["packets"], "bytes": r["bytes"],
+                             "backends": _endpoints(chains, target, set())})
+    return {"datapath": "iptables", "frontends": rows}
+
+
+def iptables_checks(kernel: IptablesKernel, why_backend: str,
+                    netns: str | None) -> list[CheckItem]:
+    items = []
+    reason = kernel.available()
+    if reason is None:
+        version = kernel.run([kernel.tool(""), "--version"], check=False).stdout.strip()
+        items.append(CheckItem(f"iptables (IPv{kernel.family})", "ok",
+                               f"{version or kernel.tool('')} ({why_backend})"))
+    else:
+        items.append(CheckItem(f"iptables (IPv{kernel.family})",
+                               "fail" if kernel.family == 4 else "warn", reason,
+                               "apt-get install iptables",
+                               blocks=("iptables", "ipvs") if kernel.family == 4 else ()))
+    return items
+
+
+def conntrack_checks(netns: str | None) -> list[CheckItem]:
+    items = []
+    count = read_proc("/proc/sys/net/netfilter/nf_conntrack_count", netns)
+    limit = read_proc("/proc/sys/net/netfilter/nf_conntrack_max", netns)
+    if count is None or limit is None:
+        items.append(CheckItem("conntrack table", "warn", "nf_conntrack is not loaded "
+                               "(it loads with the first NAT rule)", "modprobe nf_conntrack"))
+    else:
+        n, m = int(count), int(limit)
+        used = n / m if m else 0.0
+        state = "warn" if used > 0.9 else "ok"
+        items.append(CheckItem("conntrack table", state,
+                               f"{n} of {m} entries ({used:.0%})",
+                               "" if state == "ok" else
+                               "raise conntrack.maxPerCore / conntrack.min in the config, or "
+                               f"sysctl -w net.netfilter.nf_conntrack_max={m * 2}"))
+    if shutil.which("conntrack") is None:
+        items.append(CheckItem("conntrack tool", "warn", "conntrack not found: stale UDP "
+                               "entries cannot be flushed when endpoints go away",
+                               "apt-get install conntrack"))
+    return items
+
+
+def safe_checks(kernel: IptablesKernel, why: str, netns: str | None) -> list[CheckItem]:
+    try:
+        return iptables_checks(kernel, why, netns)
+    except KernelError as exc:
+        return [CheckItem(f"iptables (IPv{kernel.family})", "fail", str(exc),
+                          "apt-get install iptables", blocks=("iptables", "ipvs"))]

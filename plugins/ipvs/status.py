@@ -1,0 +1,167 @@
+"""The IPVS kernel view for `svcproxy status`, and the IPVS checks of
+`svcproxy check`."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping
+from typing import Any
+
+from svcproxy.datapath import CheckItem
+from svcproxy.plugins.iptables.kernel import read_proc
+
+from .netlink import F_PERSISTENT, F_SCHED1, F_SCHED2, IPVSNetlink
+
+FWD = {0: "Masq", 1: "Local", 2: "Tunnel", 3: "Route", 4: "Bypass"}
+
+
+def _conn_address(text: str) -> str:
+    # /proc/net/ip_vs_conn: IPv4 as 8 hex digits, IPv6 in its text form
+    if ":" in text:
+        return str(ipaddress.ip_address(text))
+    return str(ipaddress.IPv4Address(int(text, 16)))
+
+
+def connections(netns: str | None) -> list[dict[str, Any]]:
+    """The IPVS connection table (/proc/net/ip_vs_conn)."""
+    text = read_proc("/proc/thread-self/net/ip_vs_conn", netns) or ""
+    out = []
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 9:
+            continue
+        try:
+            out.append({"protocol": f[0], "client": _conn_address(f[1]),
+                        "client_port": int(f[2], 16), "virtual": _conn_address(f[3]),
+                        "virtual_port": int(f[4], 16), "backend": _conn_address(f[5]),
+                        "backend_port": int(f[6], 16), "state": f[7],
+                        "expires": int(f[8])})
+        except ValueError:
+            continue
+    return out
+
+
+def flags_text(scheduler: str, flags: int, timeout: int) -> str:
+    names = []
+    prefix = scheduler if scheduler in ("sh", "mh") else ""
+    if flags & F_SCHED1:
+        names.append(f"{prefix}-fallback" if prefix else "flag-1")
+    if flags & F_SCHED2:
+        names.append(f"{prefix}-port" if prefix else "flag-2")
+    if flags & F_PERSISTENT:
+        names.append(f"persistent {timeout}")
+    return " ".join(names)
+
+
+def ipvs_status(nl: IPVSNetlink, netns: str | None,
+                frontends: Mapping[tuple[str, int, str], Mapping[str, Any]],
+                with_connections: bool) -> dict[str, Any]:
+    conns_by_vs: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    if with_connections:
+        for c in connections(netns):
+            conns_by_vs.setdefault((c["virtual"], c["virtual_port"], c["protocol"]),
+                                   []).append(c)
+    rows = []
+    for vs, stats, dests in sorted(nl.stats(), key=lambda t: (":" in t[0].address,
+                                                               t[0].protocol, t[0].address,
+                                                               t[0].port)):
+        fe = frontends.get(vs.key) or frontends.get(("*", vs.port, vs.protocol))
+        planned: set[tuple[str, int]] = set()
+        if fe is not None:
+            backends = fe.get("backends") or []
+            if not backends and fe.get("traffic_policy") == "Local":
+                backends = fe.get("cluster_backends") or []
+            planned = {(b["address"], b["port"]) for b in backends}
+        real = []
+        for rs, rstats in sorted(dests, key=lambda d: d[0]):
+            if fe is None:
+                state = ""
+            elif rs.key in planned:
+                state = "ok"
+            else:
+                # in the kernel but not in the plan: a removed endpoint draining
+                state = "draining" if rs.weight == 0 else "stale"
+            real.append({"address": rs.address, "port": rs.port,
+                         "forward": FWD.get(rs.fwd_method, str(rs.fwd_method)),
+                         "weight": rs.weight, "active": rs.active, "inactive": rs.inactive,
+                         "persistent": rs.persistent, "state": state, "stats": rstats})
+        row = {"protocol": vs.protocol, "address": vs.address, "port": vs.port,
+               "scheduler": vs.scheduler,
+               "flags": flags_text(vs.scheduler, vs.flags, vs.timeout),
+               "service": fe.get("service") if fe else None,
+               "kind": fe.get("kind") if fe else None,
+               "stats": stats, "backends": real}
+        if with_connections:
+            row["connections"] = conns_by_vs.get(vs.key, [])
+        rows.append(row)
+    return {"datapath": "ipvs", "frontends": rows}
+
+
+def _sysctl(name: str, netns: str | None) -> str | None:
+    text = read_proc(f"/proc/sys/{name}", netns)
+    return text.strip() if text is not None else None
+
+
+def ipvs_checks(scheduler: str, probe_reason: str | None, netns: str | None,
+                needed: Mapping[str, str], strict_arp: bool) -> list[CheckItem]:
+    items = []
+    if probe_reason is None:
+        items.append(CheckItem("ipvs", "ok", f"IPVS works here (scheduler {scheduler})"))
+    else:
+        if "scheduler" in probe_reason:
+            fix = f"modprobe ip_vs_{scheduler}"
+        elif "module" in probe_reason or "netlink" in probe_reason.lower():
+            fix = ("modprobe ip_vs ip_vs_rr ip_vs_wrr ip_vs_sh nf_conntrack (install the "
+                   "kernel's modules package if they are missing)")
+        else:
+            fix = ""
+        items.append(CheckItem("ipvs", "fail", probe_reason, fix, blocks=("ipvs",)))
+    if shutil.which("ipset") is None:
+        items.append(CheckItem("ipset", "fail", "ipset not found", "apt-get install ipset",
+                               blocks=("ipvs",)))
+    else:
+        proc = subprocess.run(["ipset", "version"], capture_output=True, text=True,
+                              check=False)
+        items.append(CheckItem("ipset", "ok" if proc.returncode == 0 else "warn",
+                               (proc.stdout or proc.stderr).strip().splitlines()[0]
+                               if (proc.stdout or proc.stderr).strip() else "ipset"))
+    if shutil.which("ipvsadm") is None:
+        items.append(CheckItem("ipvsadm", "warn", "ipvsadm not found (svcproxy does not need "
+                               "it; `svcproxy status` shows the same and more)",
+                               "apt-get install ipvsadm"))
+    if probe_reason is None:
+        for name, value in needed.items():
+            current = _sysctl(name, netns)
+            dotted = name.replace("/", ".")
+            if current is None:
+                continue
+            state = "ok" if current == value else "warn"
+            items.append(CheckItem(f"sysctl {dotted}", state,
+                                   f"{current} (svcproxy sets {value} when it runs)",
+                                   "" if state == "ok" else f"sysctl -w {dotted}={value}"))
+        bits = read_proc("/sys/module/ip_vs/parameters/conn_tab_bits")
+        conns = read_proc("/proc/thread-self/net/ip_vs_conn", netns)
+        if bits is not None and conns is not None:
+            size = 1 << int(bits.strip())
+            n = max(0, conns.count("\n") - 1)
+            items.append(CheckItem("ipvs connections", "ok",
+                                   f"{n} entries (hash table of {size} buckets)"))
+    ignore = _sysctl("net/ipv4/conf/all/arp_ignore", netns)
+    announce = _sysctl("net/ipv4/conf/all/arp_announce", netns)
+    is_strict = ignore == "1" and announce == "2"
+    if strict_arp and not is_strict:
+        items.append(CheckItem("strictARP", "warn", f"ipvs.strictARP is set but arp_ignore="
+                               f"{ignore}, arp_announce={announce} (set when svcproxy runs)",
+                               "sysctl -w net.ipv4.conf.all.arp_ignore=1 "
+                               "net.ipv4.conf.all.arp_announce=2"))
+    else:
+        items.append(CheckItem("strictARP", "ok", f"arp_ignore={ignore}, arp_announce="
+                               f"{announce} ({'strict' if is_strict else 'not strict'}; "
+                               f"ipvs.strictARP {'on' if strict_arp else 'off'})"))
+    if os.geteuid() != 0:
+        items.append(CheckItem("privileges", "warn", "not running as root: some checks "
+                               "could not read the kernel", "sudo svcproxy check"))
+    return items

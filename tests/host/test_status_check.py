@@ -1,0 +1,93 @@
+"""`svcproxy status` on real iptables counters after real traffic, and
+`svcproxy check` on this host (whose kernel has no IPVS)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import yaml
+from conftest import Node
+from factories import endpoint, service, slice_
+from netns import Topology
+
+HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
+SVCPROXY = str(Path(sys.executable).parent / "svcproxy")
+
+
+def test_status_counts_connections_per_service_and_endpoint(topo: Topology,
+                                                            tmp_path: Path) -> None:
+    topo.add_pod("a", "10.244.1.11")
+    topo.add_pod("b", "10.244.2.12")
+    objects = [service("web", cluster_ip="10.96.0.10", ports=HTTP),
+               slice_("web", endpoints=[endpoint("10.244.1.11", "node-a"),
+                                        endpoint("10.244.2.12", "node-b")]),
+               service("idle", cluster_ip="10.96.0.11", ports=HTTP),
+               slice_("idle", endpoints=[endpoint("10.244.1.11", "node-a")])]
+    n = Node(topo)
+    for obj in objects:
+        n.publish(obj)
+    n.sync()
+    answers = topo.answers("c1", "http", "10.96.0.10", 80, 12)
+    assert sum(answers.values()) == 12 and set(answers) == {"a", "b"}
+    manifests = tmp_path / "cluster"
+    manifests.mkdir()
+    (manifests / "all.yaml").write_text(yaml.safe_dump_all(objects))
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        apiVersion: kubeproxy.config.k8s.io/v1alpha1
+        kind: KubeProxyConfiguration
+        mode: iptables
+        metricsBindAddress: ""
+        ---
+        apiVersion: svcproxy.io/v1alpha1
+        kind: SvcProxyConfiguration
+        datapathOptions:
+          iptables: {{netns: {topo.node}}}
+    """))
+    args = [SVCPROXY, "status", "--config", str(config), "--manifests", str(manifests),
+            "--node", "node-a"]
+    proc = subprocess.run([*args, "-o", "json"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    view = json.loads(proc.stdout)
+    assert view["datapath"] == "iptables"
+    web = next(f for f in view["frontends"] if f["address"] == "10.96.0.10")
+    assert (web["service"], web["kind"], web["port"]) == ("default/web:http", "cluster IP", 80)
+    assert web["packets"] == 12  # one per new connection
+    per_pod = {b["endpoint"]: b["packets"] for b in web["backends"]}
+    assert per_pod == {"10.244.1.11:8080": answers["a"], "10.244.2.12:8080": answers["b"]}
+    idle = next(f for f in view["frontends"] if f["address"] == "10.96.0.11")
+    assert idle["packets"] == 0
+    table = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    line = next(x for x in table.stdout.splitlines() if "10.96.0.10:80" in x)
+    assert line.split()[2] == "12" and line.endswith("default/web:http (cluster IP)")
+
+
+def test_check_reports_the_missing_ipvs_module(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+                      "kind: KubeProxyConfiguration\nmode: ipvs\n")
+    proc = subprocess.run([SVCPROXY, "check", "--config", str(config)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the configured mode cannot run
+    assert "[FAIL] ipvs" in proc.stdout
+    assert "the ip_vs kernel module is not loaded and cannot be loaded" in proc.stdout
+    assert "fix: modprobe ip_vs" in proc.stdout
+    assert "configured mode ipvs: BLOCKED" in proc.stdout
+    assert "svcproxy would fall back to iptables" in proc.stdout
+    assert "[ok  ] iptables (IPv4)" in proc.stdout
+    report = json.loads(subprocess.run([SVCPROXY, "check", "--config", str(config), "-o",
+                                        "json"], capture_output=True, text=True,
+                                       timeout=60).stdout)
+    assert report["blocked"] is True and report["fallback"] == "iptables"
+    # iptables mode is not blocked by the missing module
+    config.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+                      "kind: KubeProxyConfiguration\nmode: iptables\n")
+    proc = subprocess.run([SVCPROXY, "check", "--config", str(config)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout
+    assert "configured mode iptables: ready" in proc.stdout
