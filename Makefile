@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv lint typecheck unit test example clean
+.PHONY: all deps venv lint typecheck unit test example demo clean
 
 all: test
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | deps
 venv: $(STAMP)
 
 lint: venv
-	$(VENV)/bin/ruff check core plugins tests examples benchmarks
+	$(VENV)/bin/ruff check core plugins demo tests examples benchmarks
 
 typecheck: venv
 	$(VENV)/bin/mypy core
@@ -36,6 +36,11 @@ test: venv lint typecheck
 # a throwaway network namespace (IPVS, or the iptables fallback), then cleanup.
 example: venv
 	scripts/example.sh
+
+# The newcomer's one command: a throwaway node in network namespaces, svcproxy
+# with this kernel's best datapath, real requests and a rolling update.
+demo: venv
+	$(VENV)/bin/svcproxy demo
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -311,6 +311,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return run_check(host, config, args.output)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import importlib
+
+    # the demo is not part of the core: it drives the datapath plugins' kernel
+    demo = importlib.import_module("svcproxy.demo")
+    if args.requests < 1:
+        raise UsageError(f"--requests must be at least 1 (got {args.requests})")
+    return int(demo.run_demo(args.manifests, args.config, args.requests))
+
+
 # ---- parser --------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -378,6 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", metavar="FILE")
     sp.add_argument("--output", "-o", default="table", choices=["table", "json"])
     sp.set_defaults(func=cmd_check)
+
+    sp = sub.add_parser("demo", help="a throwaway node in network namespaces: svcproxy "
+                        "with this kernel's best datapath, real requests, a rolling update "
+                        "(root)")
+    sp.add_argument("--manifests", metavar="DIR", help="the cluster (default: examples/cluster)")
+    sp.add_argument("--config", metavar="FILE",
+                    help="KubeProxyConfiguration (default: examples/config.yaml)")
+    sp.add_argument("--requests", type=int, default=30, metavar="N",
+                    help="requests per frontend (default 30)")
+    sp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("plugins", help="list enabled plugins in call order")
     sp.add_argument("--config", metavar="FILE")

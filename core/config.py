@@ -33,7 +33,7 @@ SVCPROXY_KIND = "SvcProxyConfiguration"
 DEFAULT_DATAPATHS: tuple[str, ...] = ("ipvs", "iptables")
 #: Built-in feature plugins enabled when the config does not list plugins.
 DEFAULT_PLUGINS: tuple[str, ...] = ("clusterip", "nodeport", "externalips", "loadbalancer",
-                                    "affinity", "metrics")
+                                    "affinity", "metrics", "conntrack", "metallb")
 MODES = ("", "ipvs", "iptables", "nftables")
 DETECT_LOCAL_MODES = ("", "ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
 

@@ -41,6 +41,8 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "affinity": "svcproxy.plugins.affinity",
     "metrics": "svcproxy.plugins.metrics:MetricsPlugin",
     "tracing": "svcproxy.plugins.tracing:TracingPlugin",
+    "conntrack": "svcproxy.plugins.conntrack:ConntrackPlugin",
+    "metallb": "svcproxy.plugins.metallb:MetallbPlugin",
     "ipvs": "svcproxy.plugins.ipvs:IpvsPlugin",
     "iptables": "svcproxy.plugins.iptables:IptablesPlugin",
     "nftables": "svcproxy.plugins.nftables:NftablesPlugin",

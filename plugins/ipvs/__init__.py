@@ -15,7 +15,6 @@ removed TCP real servers. See docs/ipvs.md.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import shutil
@@ -33,6 +32,7 @@ from svcproxy.errors import PluginError, SyncError
 from svcproxy.ir import Frontend, PlanDelta, ServiceMap, ip_family
 from svcproxy.plan import PortContext
 from svcproxy.plugins.iptables.kernel import conntrack_samples, read_proc
+from svcproxy.plugins.sysctl import DEFAULT_BACKUP, SysctlStore
 
 from .datapath import HelperState, IpvsOptions, IpvsState, render_ipvsadm, to_ipvs
 from .helpers import HelperOptions
@@ -106,7 +106,7 @@ SYSCTLS = {
     "net/ipv4/ip_forward": "1",
 }
 #: where the previous values of changed sysctls are kept for `svcproxy cleanup`
-SYSCTL_BACKUP = "/var/lib/svcproxy/sysctl-backup.json"
+SYSCTL_BACKUP = DEFAULT_BACKUP
 
 
 def _flags_for(scheduler: str) -> list[str]:
@@ -253,10 +253,8 @@ class IpvsPlugin:
         reason = None if probe is None or probe.usable else probe.reason
         if reason is not None and reason.startswith("ipset"):
             reason = None  # reported on its own line
-        wanted = dict(SYSCTLS)
-        if (4, 1) <= _kernel_version() < (5, 9):
-            wanted["net/ipv4/vs/conn_reuse_mode"] = "0"
-        return ipvs_checks(config.kube_proxy.ipvs_scheduler, reason, self.netns, wanted,
+        return ipvs_checks(config.kube_proxy.ipvs_scheduler, reason, self.netns,
+                           self._wanted_sysctls(),
                            config.kube_proxy.ipvs.strict_arp)
 
     @hookimpl
@@ -290,27 +288,16 @@ class IpvsPlugin:
     def _ensure_sysctls(self, kernel: IpvsKernel) -> None:
         """Set what the datapath needs, recording each previous value once (the
         first time svcproxy changes it) so cleanup can restore it."""
+        store = SysctlStore(self.backup_path, self.netns)
+        for name, value in self._wanted_sysctls().items():
+            store.ensure(name, value)
+
+    @staticmethod
+    def _wanted_sysctls() -> dict[str, str]:
         wanted = dict(SYSCTLS)
         if (4, 1) <= _kernel_version() < (5, 9):
             wanted["net/ipv4/vs/conn_reuse_mode"] = "0"
-        try:
-            with open(self.backup_path) as f:
-                backup = json.load(f)
-        except (OSError, ValueError):
-            backup = {}
-        changed = False
-        for name, value in wanted.items():
-            current = kernel.read_sysctl(name)
-            if current is None or current == value:
-                continue
-            backup.setdefault(name, current)
-            kernel.write_sysctl(name, value)
-            changed = True
-            log.info("sysctl %s: %s -> %s", name.replace("/", "."), current, value)
-        if changed:
-            os.makedirs(os.path.dirname(self.backup_path), exist_ok=True)
-            with open(self.backup_path, "w") as f:
-                json.dump(backup, f, indent=2)
+        return wanted
 
     @hookimpl
     def svcproxy_apply_plan(self, name: str, plan: ServiceMap, delta: PlanDelta,
@@ -411,16 +398,8 @@ class IpvsPlugin:
                 lines.append(f"ipvs: removed {n} virtual servers")
             if kernel.delete_dummy():
                 lines.append("ipvs: removed kube-ipvs0")
-            try:
-                with open(self.backup_path) as f:
-                    backup = json.load(f)
-            except (OSError, ValueError):
-                backup = {}
-            for name, value in backup.items():
-                kernel.write_sysctl(name, value)
-                lines.append(f"sysctl {name.replace('/', '.')} restored to {value}")
-            if backup:
-                os.remove(self.backup_path)
+            lines += SysctlStore(self.backup_path, self.netns).restore(
+                [*SYSCTLS, "net/ipv4/vs/conn_reuse_mode"])
         finally:
             kernel.close()
         return lines

@@ -89,23 +89,11 @@ class IpvsKernel:
         self.ipr.link("del", index=index)
         return True
 
-    # -- sysctls -------------------------------------------------------------------------
+    # -- tools ----------------------------------------------------------------------------
 
     def _run(self, args: list[str], check: bool = True,
              stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return run_tool(args, self.netns, stdin=stdin, check=check, timeout=300)
-
-    def read_sysctl(self, name: str) -> str | None:
-        with in_netns(self.netns):
-            try:
-                with open(f"/proc/sys/{name}") as f:
-                    return f.read().strip()
-            except OSError:
-                return None
-
-    def write_sysctl(self, name: str, value: str) -> None:
-        with in_netns(self.netns), open(f"/proc/sys/{name}", "w") as f:
-            f.write(value)
 
     # -- conntrack -----------------------------------------------------------------------
 

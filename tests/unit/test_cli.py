@@ -135,7 +135,7 @@ def test_plugins_lists_builtins_in_order(capsys: pytest.CaptureFixture[str]) -> 
     rows = json.loads(capsys.readouterr().out)
     feature = [r["name"] for r in rows if r["role"] in ("feature", "essential")]
     assert feature == ["clusterip", "nodeport", "externalips", "loadbalancer", "affinity",
-                       "metrics"]
+                       "metrics", "conntrack", "metallb"]
     assert rows[0]["origin"] == "built-in" and "build_frontends" in rows[0]["hooks"]
 
 

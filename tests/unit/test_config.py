@@ -242,7 +242,8 @@ def test_svcproxy_document_plugins_and_datapaths() -> None:
 def test_default_plugins_and_datapath_order() -> None:
     c = Config()
     assert [p.name for p in c.svcproxy.plugins] == ["clusterip", "nodeport", "externalips",
-                                                     "loadbalancer", "affinity", "metrics"]
+                                                     "loadbalancer", "affinity", "metrics",
+                                                     "conntrack", "metallb"]
     assert c.datapath_order() == ("ipvs", "iptables")
 
 

@@ -1,0 +1,139 @@
+"""Built-in plugin `metallb`: what MetalLB (L2 mode) needs from an IPVS node.
+
+With `ipvs.strictARP: true` and the IPVS datapath active, the node stops
+answering ARP for addresses that are not on the interface the request came in
+on, and stops announcing them — otherwise every node answers for every
+LoadBalancer IP bound to kube-ipvs0 and L2 ownership flaps (k/k#59976):
+arp_ignore=1 and arp_announce=2.
+
+- `arpScope: all` (default, as kube-proxy): on net.ipv4.conf.all, which every
+  interface inherits. `arpScope: interfaces`: only on kube-ipvs0 and the
+  node's uplinks (`interfaces`, default: every interface holding an IPv4
+  address other than loopback and kube-ipvs0) — upstream's global setting broke
+  CNIs with unnumbered veths (k/k#71555).
+- The previous values are recorded (shared sysctl backup) and put back when
+  strictARP is turned off (upstream never reverts, k/k#123992) and by
+  `svcproxy cleanup`.
+
+LoadBalancer ingress IPs themselves are handled as kube-proxy does by the
+loadbalancer plugin and the IPVS datapath: bound to kube-ipvs0 unless already
+local, `ipMode: Proxy` skipped.
+
+Options: arpScope, interfaces, sysctlBackup, netns (tests).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from svcproxy import hookimpl
+from svcproxy.config import Config
+from svcproxy.datapath import SyncResult
+from svcproxy.errors import PluginError
+from svcproxy.plugins.iptables.kernel import run_tool
+from svcproxy.plugins.sysctl import DEFAULT_BACKUP, SysctlStore
+
+log = logging.getLogger(__name__)
+
+ARP = {"arp_ignore": "1", "arp_announce": "2"}
+_ARP_NAME = re.compile(r"^net/ipv4/conf/[^/]+/arp_(ignore|announce)$")
+
+
+def arp_names(interface: str) -> list[str]:
+    return [f"net/ipv4/conf/{interface}/{k}" for k in ARP]
+
+
+class MetallbPlugin:
+    def __init__(self) -> None:
+        self.config = Config()
+        self.store = SysctlStore()
+        self.explicit_backup = False
+        self.scope = "all"
+        self.interfaces: list[str] | None = None
+        self.active = False
+
+    @hookimpl
+    def svcproxy_configure_plugin(self, config: Config, options: Mapping[str, Any]) -> None:
+        self.config = config
+        known = {"arpScope", "interfaces", "sysctlBackup", "netns"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise PluginError(f"metallb: unknown option {unknown[0]!r} (options: "
+                              f"{', '.join(sorted(known))})")
+        scope = options.get("arpScope", "all")
+        if scope not in ("all", "interfaces"):
+            raise PluginError(f"metallb: arpScope must be all or interfaces (got {scope!r})")
+        self.scope = scope
+        ifaces = options.get("interfaces")
+        if ifaces is not None and (not isinstance(ifaces, list) or
+                                   not all(isinstance(i, str) and i for i in ifaces)):
+            raise PluginError(f"metallb: interfaces must be a list of interface names "
+                              f"(got {ifaces!r})")
+        self.interfaces = ifaces
+        self.explicit_backup = "sysctlBackup" in options
+        self.store = SysctlStore(str(options.get("sysctlBackup", DEFAULT_BACKUP)),
+                                 options.get("netns"))
+
+    def uplinks(self) -> list[str]:
+        """Interfaces holding the node's IPv4 addresses (not lo, not kube-ipvs0)."""
+        proc = run_tool(["ip", "-j", "-4", "addr", "show"], self.store.netns, check=False)
+        try:
+            links = json.loads(proc.stdout or "[]")
+        except ValueError:
+            return []
+        return sorted({link["ifname"] for link in links
+                       if link.get("ifname") not in ("lo", "kube-ipvs0")
+                       and link.get("addr_info")})
+
+    def scope_interfaces(self) -> list[str]:
+        if self.scope == "all":
+            return ["all"]
+        names = list(self.interfaces) if self.interfaces is not None else self.uplinks()
+        if self.store.read("net/ipv4/conf/kube-ipvs0/arp_ignore") is not None:
+            names.append("kube-ipvs0")
+        return sorted(set(names))
+
+    def recorded(self) -> list[str]:
+        return [n for n in self.store.backup() if _ARP_NAME.match(n)]
+
+    @hookimpl
+    def svcproxy_start_proxy(self, config: Config, datapath: str) -> None:
+        if self.store.netns is None:
+            # in the namespace the datapath programs (tests, benchmarks, the demo
+            # use one); a throwaway namespace's old values are not recorded
+            # unless a backup file is configured
+            netns = config.svcproxy.datapath_options.get(datapath, {}).get("netns")
+            if netns:
+                self.store.netns = netns
+                if not self.explicit_backup:
+                    self.store.backup_path = None
+        self.active = config.kube_proxy.ipvs.strict_arp and datapath == "ipvs"
+        if self.active:
+            self.apply()
+        else:
+            restored = self.store.restore(self.recorded())
+            for line in restored:
+                log.info("strictARP is off: %s", line)
+
+    def apply(self) -> list[str]:
+        """Set arp_ignore/arp_announce on the scope; returns the names written."""
+        written = []
+        for iface in self.scope_interfaces():
+            for name, value in zip(arp_names(iface), ARP.values(), strict=True):
+                if self.store.ensure(name, value):
+                    written.append(name)
+        return written
+
+    @hookimpl
+    def svcproxy_observe_sync(self, result: SyncResult) -> None:
+        # kube-ipvs0 appears with the first IPVS sync
+        if self.active and result.ok and self.scope == "interfaces":
+            self.apply()
+
+    @hookimpl
+    def svcproxy_cleanup_datapath(self) -> list[str]:
+        return self.store.restore(self.recorded())
