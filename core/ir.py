@@ -203,6 +203,10 @@ class ServiceMap:
     node_ips: tuple[str, ...] = ()
     #: the node addresses NodePorts listen on (nodePortAddresses applied)
     node_port_ips: tuple[str, ...] = ()
+    #: backends over all frontends, and the IP families with frontends: computed
+    #: on first use, or carried over by a partial plan (which then stays O(change))
+    backend_total: int | None = field(default=None, compare=False, repr=False)
+    family_set: frozenset[int] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def build(cls, frontends: Iterable[Frontend],
@@ -244,7 +248,18 @@ class ServiceMap:
         return None
 
     def backend_count(self) -> int:
-        return sum(len(f.backends) for f in self.frontends.values())
+        if self.backend_total is None:
+            object.__setattr__(self, "backend_total",
+                               sum(len(f.backends) for f in self.frontends.values()))
+        return self.backend_total  # type: ignore[return-value]
+
+    def families(self) -> frozenset[int]:
+        """IP families with at least one frontend (a partial plan keeps a family
+        until the next full plan)."""
+        if self.family_set is None:
+            object.__setattr__(self, "family_set", frozenset(
+                ip_family(k.address) for k in self.frontends))
+        return self.family_set  # type: ignore[return-value]
 
     def diff(self, old: ServiceMap) -> PlanDelta:
         """Frontends created, updated (any field differs) and deleted since `old`."""

@@ -273,5 +273,10 @@ class Planner:
         created = sorted(k for k in new_keys if k not in old)
         deleted = sorted(k for k in old if k not in new_keys)
         updated = sorted(k for k in new_keys if k in old and old[k] != frontends[k])
-        return (ServiceMap(frontends, summaries, by_service, *_node_ips(ctx)),
+        backends = previous.backend_count() \
+            - sum(len(f.backends) for f in old.values()) \
+            + sum(len(frontends[k].backends) for k in new_keys)
+        families = previous.families() | {ip_family(k.address) for k in new_keys}
+        return (ServiceMap(frontends, summaries, by_service, *_node_ips(ctx),
+                           backend_total=backends, family_set=frozenset(families)),
                 PlanDelta(tuple(created), tuple(updated), tuple(deleted)))

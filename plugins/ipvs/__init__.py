@@ -312,7 +312,7 @@ class IpvsPlugin:
         # node-originated traffic masqueraded) before it is bound to kube-ipvs0.
         helper_changes = 0
         steps: dict[str, float] = {}
-        families = {4} | {f.family for f in plan.frontends.values()} | set(self.helpers)
+        families = {4} | plan.families() | set(self.helpers)
         for family in sorted(families):
             helper = self._helper(family)
             helper_changes += helper.sync(plan, None if full else delta.changed,

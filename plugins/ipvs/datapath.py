@@ -320,6 +320,9 @@ class HelperState:
         self.sets: dict[str, set[str]] | None = None
         self.chains: dict[tuple[str, str], tuple[str, ...]] | None = None
         self.index = SetIndex()
+        #: the Service of each frontend, and each Service's health check node port
+        self.service_of: dict[FrontendKey, str] = {}
+        self.health_port: dict[str, str] = {}
         self.opts: HelperOptions | None = None
         #: seconds spent in each step of the last sync (for the sync phases)
         self.phases: dict[str, float] = {}
@@ -397,6 +400,9 @@ class HelperState:
                         fe, node, fe.bind_address and not excluded(fe.address)), sink, sink)
             desired = self.index.members()
             desired["KUBE-HEALTH-CHECK-NODE-PORT"] = health_check_entries(plan)
+            self.service_of = {fe.key: fe.service_key for fe in plan.frontends.values()}
+            self.health_port = {k: str(s.health_check_node_port)
+                                for k, s in plan.services.items() if s.health_check_node_port}
             for base, members in desired.items():
                 have = self.sets.get(set_name(base, fam), set())
                 adds += [(base, m) for m in sorted(members - have)]
@@ -412,10 +418,7 @@ class HelperState:
                 else:
                     self.index.set(fk, *frontend_entries(
                         fe, node, fe.bind_address and not excluded(fe.address)), adds, dels)
-            hc = health_check_entries(plan)
-            have = self.sets.get(set_name("KUBE-HEALTH-CHECK-NODE-PORT", fam), set())
-            adds += [("KUBE-HEALTH-CHECK-NODE-PORT", m) for m in sorted(hc - have)]
-            dels += [("KUBE-HEALTH-CHECK-NODE-PORT", m) for m in sorted(have - hc)]
+            self._health_ports(plan, changed, adds, dels)
         self.opts = opts
         assert self.sets is not None and self.chains is not None
         missing = [set_name(k, fam) for k in SETS if set_name(k, fam) not in self.sets]
@@ -447,6 +450,31 @@ class HelperState:
         t3 = time.perf_counter()
         self.phases = {"sets": t1 - t0, "ipset": t2 - t1, "rules": t3 - t2}
         return len(adds) + len(dels) + len(writes) + len(jumps)
+
+    def _health_ports(self, plan: ServiceMap, changed: Iterable[FrontendKey],
+                      adds: list[tuple[str, str]], dels: list[tuple[str, str]]) -> None:
+        """KUBE-HEALTH-CHECK-NODE-PORT for the Services owning the changed
+        frontends only (a port two Services share stays while one has it)."""
+        touched: set[str] = set()
+        for fk in changed:
+            old = self.service_of.pop(fk, None)
+            if old is not None:
+                touched.add(old)
+            fe = plan.frontends.get(fk)
+            if fe is not None:
+                self.service_of[fk] = fe.service_key
+                touched.add(fe.service_key)
+        before = set(self.health_port.values())
+        for key in touched:
+            summary = plan.services.get(key)
+            if summary is not None and summary.health_check_node_port:
+                self.health_port[key] = str(summary.health_check_node_port)
+            else:
+                self.health_port.pop(key, None)
+        if touched:
+            after = set(self.health_port.values())
+            adds += [("KUBE-HEALTH-CHECK-NODE-PORT", m) for m in sorted(after - before)]
+            dels += [("KUBE-HEALTH-CHECK-NODE-PORT", m) for m in sorted(before - after)]
 
     def cleanup(self) -> list[str]:
         from svcproxy.plugins.iptables.datapath import restore_text

@@ -209,9 +209,7 @@ class ProxyMetrics:
         kind = "full" if result.full else "partial"
         self.syncs.labels(kind, "ok" if result.ok else "error").inc()
         plan = result.plan
-        families = {4}
-        if plan is not None and any(":" in k.address for k in plan.frontends):
-            families.add(6)
+        families = {4} | (set(plan.families()) if plan is not None else set())
         for phase, seconds in result.phases.items():
             self.phase.labels(phase, kind).observe(seconds)
         if not result.ok:
