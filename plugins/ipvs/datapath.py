@@ -37,7 +37,8 @@ from .helpers import (
     set_name,
     vip_source_rule,
 )
-from .kernel import IpvsKernel
+from .ipsetnl import IpsetNetlink
+from .kernel import IpvsKernel, opened_in
 from .netlink import F_PERSISTENT, F_SCHED1, F_SCHED2, SCHED_FLAGS, RealServer, VirtualServer
 
 log = logging.getLogger(__name__)
@@ -324,6 +325,7 @@ class HelperState:
         self.service_of: dict[FrontendKey, str] = {}
         self.health_port: dict[str, str] = {}
         self.opts: HelperOptions | None = None
+        self.ipset_nl: IpsetNetlink | None = None
         #: seconds spent in each step of the last sync (for the sync phases)
         self.phases: dict[str, float] = {}
 
@@ -357,12 +359,12 @@ class HelperState:
         members = {a for a in bound if (":" in a) == (fam == 6)}
         missing = sorted(members - self.sets.get(name, set()))
         wrote = False
-        if name not in self.sets or missing:
-            text = ipset_changes([name], [(name, m) for m in missing], [], fam)
-            proc = self.kernel._run(["ipset", "restore"], check=False, stdin=text)
-            if proc.returncode != 0:
-                raise OSError(f"ipset restore failed: {proc.stderr.strip()}")
-            self.sets.setdefault(name, set()).update(missing)
+        if name not in self.sets:
+            self._create_sets([name])
+            wrote = True
+        if missing:
+            self._write_members([(name, m) for m in missing], [])
+            self.sets[name].update(missing)
             wrote = True
         key = ("nat", "KUBE-POSTROUTING")
         have = self.chains.get(key)
@@ -423,15 +425,11 @@ class HelperState:
         assert self.sets is not None and self.chains is not None
         missing = [set_name(k, fam) for k in SETS if set_name(k, fam) not in self.sets]
         t1 = time.perf_counter()
-        if adds or dels or missing:
-            text = ipset_changes(missing, [(set_name(k, fam), m) for k, m in adds],
-                                 [(set_name(k, fam), m) for k, m in dels], fam)
-            proc = self.kernel._run(["ipset", "restore"], check=False, stdin=text)
-            if proc.returncode != 0:
-                self.sets = None
-                raise OSError(f"ipset restore failed: {proc.stderr.strip()}")
-            for name in missing:
-                self.sets[name] = set()
+        if missing:
+            self._create_sets(missing)
+        if adds or dels:
+            self._write_members([(set_name(k, fam), m) for k, m in adds],
+                                [(set_name(k, fam), m) for k, m in dels])
             for k, m in adds:
                 self.sets[set_name(k, fam)].add(m)
             for k, m in dels:
@@ -450,6 +448,29 @@ class HelperState:
         t3 = time.perf_counter()
         self.phases = {"sets": t1 - t0, "ipset": t2 - t1, "rules": t3 - t2}
         return len(adds) + len(dels) + len(writes) + len(jumps)
+
+    def _create_sets(self, names: list[str]) -> None:
+        """Create sets (rare: the first sync) with `ipset restore`."""
+        assert self.sets is not None
+        text = ipset_changes(names, [], [], self.family)
+        proc = self.kernel._run(["ipset", "restore"], check=False, stdin=text)
+        if proc.returncode != 0:
+            self.sets = None
+            raise OSError(f"ipset restore failed: {proc.stderr.strip()}")
+        for name in names:
+            self.sets.setdefault(name, set())
+
+    def _write_members(self, adds: list[tuple[str, str]], dels: list[tuple[str, str]]) -> None:
+        """Members through batched netlink (ipsetnl.py); a refusal makes the
+        next sync re-read the sets."""
+        if self.ipset_nl is None:
+            self.ipset_nl = opened_in(self.kernel.netns, IpsetNetlink)
+        failures = self.ipset_nl.write(adds, dels, self.family)
+        if failures:
+            self.sets = None
+            shown = "; ".join(str(f) for f in failures[:5])
+            raise OSError(f"the kernel refused {len(failures)} of {len(adds) + len(dels)} "
+                          f"ipset changes: {shown}")
 
     def _health_ports(self, plan: ServiceMap, changed: Iterable[FrontendKey],
                       adds: list[tuple[str, str]], dels: list[tuple[str, str]]) -> None:

@@ -1,0 +1,75 @@
+"""The batched ipset netlink writer against the host kernel's ipset (in a
+namespace made here): members of every set type kube-proxy's IPVS mode uses,
+in both families, read back with `ipset save`."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from svcproxy.plugins.ipvs.helpers import parse_ipset_save
+from svcproxy.plugins.ipvs.ipsetnl import IpsetNetlink, member_data
+from svcproxy.plugins.ipvs.kernel import opened_in
+
+SETS = """\
+create PORT hash:ip,port family inet hashsize 1024 maxelem 65536
+create LOOP hash:ip,port,ip family inet hashsize 1024 maxelem 65536
+create CIDR hash:ip,port,net family inet hashsize 1024 maxelem 65536
+create NP bitmap:port range 0-65535
+create IPS hash:ip family inet hashsize 1024 maxelem 65536
+create PORT6 hash:ip,port family inet6 hashsize 1024 maxelem 65536
+create CIDR6 hash:ip,port,net family inet6 hashsize 1024 maxelem 65536
+"""
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    name = f"svpipset{id(SETS) % 10000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ipset", "restore"], input=SETS,
+                       text=True, check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def saved(ns: str) -> dict[str, set[str]]:
+    out = subprocess.run(["ip", "netns", "exec", ns, "ipset", "save"], capture_output=True,
+                         text=True, check=True).stdout
+    return parse_ipset_save(out)
+
+
+def test_members_of_every_type_read_back_as_written(ns: str) -> None:
+    nl = opened_in(ns, IpsetNetlink)
+    try:
+        v4 = [("PORT", "10.96.0.1,tcp:443"), ("PORT", "10.96.0.10,udp:53"),
+              ("PORT", "10.96.0.90,sctp:90"), ("LOOP", "10.244.1.5,tcp:8080,10.244.1.5"),
+              ("CIDR", "203.0.113.10,tcp:80,198.51.100.0/24"), ("NP", "30080"),
+              ("NP", "32000"), ("IPS", "10.96.0.1")]
+        assert nl.write(v4, [], 4) == []
+        assert nl.write([("PORT6", "fd00:96::10,tcp:80"),
+                         ("CIDR6", "fd00::7,udp:53,fd00:1::/64")], [], 6) == []
+        want = {"PORT": {"10.96.0.1,tcp:443", "10.96.0.10,udp:53", "10.96.0.90,sctp:90"},
+                "LOOP": {"10.244.1.5,tcp:8080,10.244.1.5"},
+                "CIDR": {"203.0.113.10,tcp:80,198.51.100.0/24"}, "NP": {"30080", "32000"},
+                "IPS": {"10.96.0.1"}, "PORT6": {"fd00:96::10,tcp:80"},
+                "CIDR6": {"fd00::7,udp:53,fd00:1::/64"}}
+        assert saved(ns) == want
+        # like `ipset -exist`: adding what is there and deleting what is not are fine
+        assert nl.write([("PORT", "10.96.0.1,tcp:443")], [("IPS", "10.0.0.9"),
+                                                          ("NP", "30080")], 4) == []
+        want["NP"] = {"32000"}
+        assert saved(ns) == want
+        # a refusal names the operation, set and member
+        (failure,) = nl.write([("MISSING", "10.0.0.1")], [], 4)
+        assert str(failure).startswith("add MISSING 10.0.0.1: ")
+    finally:
+        nl.close()
+
+
+def test_bad_member_text_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown protocol"):
+        member_data("10.0.0.1,icmp:0")
