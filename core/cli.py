@@ -198,8 +198,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         proxy.set_node_name(_resolve_node_name(args.node, config, None))
         for name in KubernetesSource.REQUIRED:
             proxy.bus.expect(name)
+        metallb = next((p.options for p in config.svcproxy.plugins if p.name == "metallb"), {})
         k8s = KubernetesSource(api, proxy.node_name, proxy.bus.publish, proxy.bus.mark_synced,
-                               resync_period=config.kube_proxy.config_sync_period)
+                               resync_period=config.kube_proxy.config_sync_period,
+                               watch_ip_address_pools=bool(
+                                   (metallb or {}).get("watchIPAddressPools")))
         host.register("kubernetes-events", k8s)
     if args.status_file:
         host.register("status-file", StatusFile(args.status_file, proxy.node_name))

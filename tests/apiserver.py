@@ -36,6 +36,8 @@ RESOURCES = {
     "/apis/discovery.k8s.io/v1/endpointslices": ("endpointslices", "EndpointSlice",
                                                  "discovery.k8s.io/v1"),
     "/api/v1/nodes": ("nodes", "Node", "v1"),
+    "/apis/metallb.io/v1beta1/ipaddresspools": ("ipaddresspools", "IPAddressPool",
+                                               "metallb.io/v1beta1"),
 }
 
 
@@ -77,7 +79,7 @@ class FakeAPIServer:
         self.rv = 1000
         self.min_rv = 0  # watches/continues from before this get 410
         self.objects: dict[str, dict[str, dict[str, Any]]] = {
-            "services": {}, "endpointslices": {}, "nodes": {}}
+            "services": {}, "endpointslices": {}, "nodes": {}, "ipaddresspools": {}}
         self.history: list[tuple[int, str, str, dict[str, Any]]] = []
         self.posted_events: list[dict[str, Any]] = []
         self.requests: list[str] = []
@@ -131,7 +133,7 @@ class FakeAPIServer:
 
     def _resource_of(self, obj: dict[str, Any]) -> str:
         return {"Service": "services", "EndpointSlice": "endpointslices",
-                "Node": "nodes"}[obj["kind"]]
+                "Node": "nodes", "IPAddressPool": "ipaddresspools"}[obj["kind"]]
 
     def apply(self, obj: dict[str, Any]) -> int:
         obj = copy.deepcopy(obj)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import random
@@ -34,7 +35,13 @@ import yaml
 from ..bus import Event, EventType
 from ..errors import ObjectError, UsageError
 from ..hookspecs import hookimpl
-from ..model import ClusterObject, parse_endpoint_slice, parse_node, parse_service
+from ..model import (
+    ClusterObject,
+    parse_endpoint_slice,
+    parse_ip_address_pool,
+    parse_node,
+    parse_service,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +161,10 @@ class Reflector:
         except ApiException as exc:
             if exc.status == 410:
                 raise Gone(str(exc.reason)) from None
+            if exc.status == 404:
+                # a custom resource whose CRD is not installed (yet): look again later
+                raise RetryLater(f"{self.r.name}: not served by the API server (is its "
+                                 "CRD installed?)", 300.0) from None
             retry = None
             if exc.headers and exc.headers.get("Retry-After"):
                 try:
@@ -328,7 +339,8 @@ class KubernetesSource:
 
     def __init__(self, api_client: Any, node_name: str, publish: Callable[[Event], object],
                  on_synced: Callable[[str], None], resync_period: float = 900.0,
-                 watch_timeout: tuple[int, int] = (240, 480)) -> None:
+                 watch_timeout: tuple[int, int] = (240, 480),
+                 watch_ip_address_pools: bool = False) -> None:
         from kubernetes import client
 
         self.api_client = api_client
@@ -345,6 +357,14 @@ class KubernetesSource:
             Resource("nodes", self.core.list_node, parse_node, "Node", "v1",
                      {"field_selector": f"metadata.name={node_name}"}),
         ]
+        if watch_ip_address_pools:
+            # MetalLB's pools, for the metallb plugin's LoadBalancer IP check; not
+            # needed for the first sync (not in REQUIRED)
+            custom = client.CustomObjectsApi(api_client)
+            resources.append(Resource(
+                "ipaddresspools", functools.partial(custom.list_cluster_custom_object,
+                                                    "metallb.io", "v1beta1", "ipaddresspools"),
+                parse_ip_address_pool, "IPAddressPool", "metallb.io/v1beta1", {}))
         self.reflectors = [Reflector(r, publish, on_synced, self.stop_event, resync_period,
                                      watch_timeout) for r in resources]
         self.threads: list[threading.Thread] = []

@@ -19,7 +19,13 @@ LoadBalancer ingress IPs themselves are handled as kube-proxy does by the
 loadbalancer plugin and the IPVS datapath: bound to kube-ipvs0 unless already
 local, `ipMode: Proxy` skipped.
 
-Options: arpScope, interfaces, sysctlBackup, netns (tests).
+With `watchIPAddressPools: true` (and the Kubernetes source), svcproxy also
+watches MetalLB's IPAddressPools (metallb.io/v1beta1) and warns — log line and
+Warning Event `LoadBalancerIPOutsidePools` on the Service — about
+LoadBalancer IPs outside every pool (checked on full syncs and whenever a
+pool changes).
+
+Options: arpScope, interfaces, watchIPAddressPools, sysctlBackup, netns (tests).
 """
 
 from __future__ import annotations
@@ -31,9 +37,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from svcproxy import hookimpl
+from svcproxy.bus import Event, EventType
 from svcproxy.config import Config
 from svcproxy.datapath import SyncResult
 from svcproxy.errors import PluginError
+from svcproxy.ir import FrontendKind, ServiceMap
+from svcproxy.model import IPAddressPool
 from svcproxy.plugins.iptables.kernel import run_tool
 from svcproxy.plugins.sysctl import DEFAULT_BACKUP, SysctlStore
 
@@ -55,11 +64,17 @@ class MetallbPlugin:
         self.scope = "all"
         self.interfaces: list[str] | None = None
         self.active = False
+        self.host: Any = None
+        #: MetalLB pools by namespace/name, once any was seen
+        self.pools: dict[str, IPAddressPool] = {}
+        self.pools_seen = False
+        self.pools_changed = False
+        self.last_plan: ServiceMap | None = None
 
     @hookimpl
     def svcproxy_configure_plugin(self, config: Config, options: Mapping[str, Any]) -> None:
         self.config = config
-        known = {"arpScope", "interfaces", "sysctlBackup", "netns"}
+        known = {"arpScope", "interfaces", "sysctlBackup", "netns", "watchIPAddressPools"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise PluginError(f"metallb: unknown option {unknown[0]!r} (options: "
@@ -101,7 +116,8 @@ class MetallbPlugin:
         return [n for n in self.store.backup() if _ARP_NAME.match(n)]
 
     @hookimpl
-    def svcproxy_start_proxy(self, config: Config, datapath: str) -> None:
+    def svcproxy_start_proxy(self, config: Config, datapath: str, host: Any) -> None:
+        self.host = host
         if self.store.netns is None:
             # in the namespace the datapath programs (tests, benchmarks, the demo
             # use one); a throwaway namespace's old values are not recorded
@@ -129,10 +145,51 @@ class MetallbPlugin:
         return written
 
     @hookimpl
+    def svcproxy_observe_event(self, event: Event) -> None:
+        obj = event.object
+        if not isinstance(obj, IPAddressPool):
+            return
+        if event.type == EventType.DELETED:
+            self.pools.pop(obj.key, None)
+        else:
+            self.pools[obj.key] = obj
+        self.pools_seen = True
+        self.pools_changed = True
+        if self.last_plan is not None:
+            self.pools_changed = False
+            self.check_pools(self.last_plan)
+
+    @hookimpl
     def svcproxy_observe_sync(self, result: SyncResult) -> None:
         # kube-ipvs0 appears with the first IPVS sync
         if self.active and result.ok and self.scope == "interfaces":
             self.apply()
+        if result.ok and result.plan is not None:
+            self.last_plan = result.plan
+        if result.ok and result.plan is not None and self.pools_seen and (
+                result.full or self.pools_changed):
+            self.pools_changed = False
+            self.check_pools(result.plan)
+
+    def check_pools(self, plan: ServiceMap) -> list[str]:
+        """LoadBalancer IPs outside every IPAddressPool, each reported on its Service."""
+        outside = []
+        names = ", ".join(sorted(self.pools)) or "none"
+        for fe in plan.frontends.values():
+            if fe.kind != FrontendKind.LOAD_BALANCER:
+                continue
+            if any(p.contains(fe.address) for p in self.pools.values()):
+                continue
+            outside.append(fe.address)
+            ns, _, name = fe.service_key.partition("/")
+            message = (f"LoadBalancer IP {fe.address} is outside every MetalLB IPAddressPool "
+                       f"({names}): MetalLB will not announce it")
+            if self.host is not None:
+                self.host.report_object("Service", ns, name, "LoadBalancerIPOutsidePools",
+                                        message)
+            else:
+                log.warning("Service %s: %s", fe.service_key, message)
+        return outside
 
     @hookimpl
     def svcproxy_cleanup_datapath(self) -> list[str]:

@@ -44,6 +44,15 @@ def test_run_with_kubeconfig_programs_and_follows_the_api(topo: Topology,
     odd["metadata"]["namespace"] = "team-a"
     odd["metadata"]["annotations"] = {"svcproxy.io/ipvs-scheduler": "fastest"}
     server.apply(odd)
+    # MetalLB: one pool; the LoadBalancer IP of "lb" is outside it
+    server.apply({"apiVersion": "metallb.io/v1beta1", "kind": "IPAddressPool",
+                  "metadata": {"name": "pool-a", "namespace": "metallb-system",
+                               "resourceVersion": "1"},
+                  "spec": {"addresses": ["198.51.100.0/24", "203.0.113.200-203.0.113.210"]}})
+    server.apply(service("lb", cluster_ip="10.96.0.12", type="LoadBalancer",
+                         ports=[{**HTTP[0], "nodePort": 30120}],
+                         status={"loadBalancer": {"ingress": [{"ip": "203.0.113.9"}]}}))
+    server.apply(slice_("lb", endpoints=[endpoint("10.244.1.11", "node-a")]))
     config = tmp_path / "config.yaml"
     config.write_text(textwrap.dedent(f"""\
         apiVersion: kubeproxy.config.k8s.io/v1alpha1
@@ -53,6 +62,13 @@ def test_run_with_kubeconfig_programs_and_follows_the_api(topo: Topology,
         ---
         apiVersion: svcproxy.io/v1alpha1
         kind: SvcProxyConfiguration
+        plugins:
+          - clusterip
+          - nodeport
+          - loadbalancer
+          - metrics
+          - name: metallb
+            options: {{watchIPAddressPools: true}}
         datapathOptions:
           iptables: {{netns: {topo.node}}}
     """))
@@ -87,6 +103,13 @@ def test_run_with_kubeconfig_programs_and_follows_the_api(topo: Topology,
                                             "name": "odd", "apiVersion": "v1"}
         assert bad[0]["metadata"]["namespace"] == "team-a"
         assert "unknown scheduler 'fastest'" in bad[0]["message"]
+        # the LoadBalancer IP outside every MetalLB pool is reported on its Service
+        outside = [e for e in server.posted_events
+                   if e["reason"] == "LoadBalancerIPOutsidePools"]
+        assert len(outside) == 1, outside
+        assert outside[0]["involvedObject"]["name"] == "lb"
+        assert "203.0.113.9 is outside every MetalLB IPAddressPool " \
+               "(metallb-system/pool-a)" in outside[0]["message"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

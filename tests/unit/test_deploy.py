@@ -79,6 +79,7 @@ def test_rbac_allows_what_the_source_does() -> None:
                             ("discovery.k8s.io", "endpointslices")):
         assert allowed(group, resource, "list") and allowed(group, resource, "watch")
     assert allowed("", "events", "create") and allowed("", "events", "patch")
+    assert allowed("metallb.io", "ipaddresspools", "watch")
 
 
 def test_kustomization_lists_every_manifest() -> None:

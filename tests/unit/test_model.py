@@ -161,3 +161,21 @@ def test_content_equality_ignores_resource_version() -> None:
     b = service()
     b["metadata"]["resourceVersion"] = "99"
     assert parse_service(a) == parse_service(b)
+
+
+def test_ip_address_pool_ranges_and_errors() -> None:
+    from svcproxy.model import parse_object
+
+    pool = parse_object({"apiVersion": "metallb.io/v1beta1", "kind": "IPAddressPool",
+                         "metadata": {"name": "p", "namespace": "metallb-system"},
+                         "spec": {"addresses": ["192.168.10.0/24", "10.0.0.5-10.0.0.9",
+                                                "fd00::/120"]}})
+    assert pool.key == "metallb-system/p"
+    for ip, inside in (("192.168.10.255", True), ("192.168.11.0", False), ("10.0.0.5", True),
+                       ("10.0.0.9", True), ("10.0.0.10", False), ("fd00::ff", True),
+                       ("fd00::100", False)):
+        assert pool.contains(ip) is inside, ip
+    with pytest.raises(ObjectError, match=r"spec\.addresses\[1\].*10\.0\.0\.9-10\.0\.0\.5"):
+        parse_object({"apiVersion": "metallb.io/v1beta1", "kind": "IPAddressPool",
+                      "metadata": {"name": "p", "namespace": "m"},
+                      "spec": {"addresses": ["10.0.0.0/8", "10.0.0.9-10.0.0.5"]}})
