@@ -105,6 +105,11 @@ def test_metrics_follow_real_syncs(topo: Topology) -> None:
                       (("ip_family", "IPv4"), ("traffic_policy", "external")))] == 1
         assert third[("kubeproxy_sync_proxy_rules_iptables_total",
                       (("ip_family", "IPv4"), ("table", "nat")))] > nat_rules
+        # what `svcproxy status` asks the daemon for: the plan the kernel holds
+        status, plan, _ = get(f"http://{address}/svcproxy/frontends")
+        assert status == 200
+        assert {(f["address"], f["port"], f["service"]) for f in plan} >= {
+            ("10.96.0.10", 80, "default/web:http"), ("10.96.0.20", 80, "default/np:http")}
     finally:
         n.host.stop()
 
