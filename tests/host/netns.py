@@ -18,8 +18,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).parent
 _ids = itertools.count()
@@ -145,9 +147,30 @@ class Topology:
         return proc
 
     def client(self, client: str, *args: str, timeout: float = 120) -> dict[str, object]:
-        proc = sh(sys.executable, str(HERE / "traffic_client.py"), *args,
-                  netns=self.clients[client], timeout=timeout)
-        return json.loads(proc.stdout)  # type: ignore[no-any-return]
+        """traffic_client's one-shot modes, run in-process on a thread inside the
+        client's namespace (its sockets live there)."""
+        import traffic_client
+
+        from svcproxy.plugins.iptables.kernel import in_netns
+
+        out: list[Any] = []
+
+        def body() -> None:
+            try:
+                with in_netns(self.clients[client]):
+                    out.append(traffic_client.run(list(args)))
+            except BaseException as exc:  # re-raised in the test's thread
+                out.append(exc)
+
+        t = threading.Thread(target=body, daemon=True)
+        t.start()
+        t.join(timeout)
+        if not out:
+            raise TimeoutError(f"traffic_client {' '.join(args)} took over {timeout}s")
+        if isinstance(out[0], BaseException):
+            raise out[0]
+        # through JSON, as before: Counter keys and values as a plain dict
+        return json.loads(json.dumps(out[0]))  # type: ignore[no-any-return]
 
     def answers(self, client: str, mode: str, host: str, port: int,
                 count: int) -> dict[str, int]:

@@ -70,36 +70,47 @@ def sctp_once(host: str, port: int) -> str:
         return f"!{type(exc).__name__}"
 
 
-def main() -> None:
-    mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def run(argv: list[str]) -> dict[str, object]:
+    """The one-shot modes (http, whoami, sctp, udp, udp-same): their JSON answer.
+    Topology.client() runs this in-process on a thread inside the client's
+    namespace (a Python start per call costs seconds in the emulated VM)."""
+    mode, host, port = argv[0], argv[1], int(argv[2])
     out: dict[str, object] = {}
     if mode == "whoami":
-        out["answers"] = Counter(http_once(host, port, "/whoami")
-                                 for _ in range(int(sys.argv[4])))
+        out["answers"] = Counter(http_once(host, port, "/whoami") for _ in range(int(argv[3])))
     elif mode == "http":
         started = time.monotonic()
-        out["answers"] = Counter(http_once(host, port) for _ in range(int(sys.argv[4])))
+        out["answers"] = Counter(http_once(host, port) for _ in range(int(argv[3])))
         out["seconds"] = time.monotonic() - started
     elif mode == "sctp":
-        out["answers"] = Counter(sctp_once(host, port) for _ in range(int(sys.argv[4])))
+        out["answers"] = Counter(sctp_once(host, port) for _ in range(int(argv[3])))
     elif mode in ("udp", "udp-same"):
         answers: Counter[str] = Counter()
         sock = None
-        for _ in range(int(sys.argv[4])):
+        for _ in range(int(argv[3])):
             if sock is None or mode == "udp":
                 if sock is not None:
                     sock.close()
                 sock = socket.socket(family(host), socket.SOCK_DGRAM)
                 sock.settimeout(TIMEOUT)
             answers[udp_once(sock, host, port)] += 1
+        if sock is not None:
+            sock.close()
         out["answers"] = answers
-    elif mode == "udp-hold":
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    return out
+
+
+def main() -> None:
+    mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if mode == "udp-hold":
         sock = socket.socket(family(host), socket.SOCK_DGRAM)
         sock.settimeout(TIMEOUT)
         for _ in sys.stdin:
             print(udp_once(sock, host, port), flush=True)
         return
-    elif mode == "hold":
+    if mode == "hold":
         conn = http.client.HTTPConnection(host, port, timeout=5)
         conn.request("GET", "/")
         first = conn.getresponse().read().decode()
@@ -110,8 +121,9 @@ def main() -> None:
             second = conn.getresponse().read().decode()
         except OSError as exc:
             second = f"!{type(exc).__name__}"
-        out = {"first": first, "second": second}
-    print(json.dumps(out), flush=True)
+        print(json.dumps({"first": first, "second": second}), flush=True)
+        return
+    print(json.dumps(run(sys.argv[1:])), flush=True)
 
 
 if __name__ == "__main__":
