@@ -19,9 +19,12 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 HERE = Path(__file__).parent
 _ids = itertools.count()
@@ -36,13 +39,36 @@ def sh(*args: str, netns: str | None = None, check: bool = True,
     return proc
 
 
+def in_namespace(netns: str, fn: Callable[[], T], timeout: float = 120) -> T:
+    """Run `fn` on a thread inside `netns` (sockets it opens stay there)."""
+    from svcproxy.plugins.iptables.kernel import in_netns
+
+    out: list[Any] = []
+
+    def body() -> None:
+        try:
+            with in_netns(netns):
+                out.append(fn())
+        except BaseException as exc:  # re-raised in the caller's thread
+            out.append(exc)
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join(timeout)
+    if not out:
+        raise TimeoutError(f"work in {netns} took over {timeout}s")
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]  # type: ignore[no-any-return]
+
+
 @dataclass
 class Pod:
     name: str
     ip: str
     netns: str
     ip6: str | None = None
-    process: subprocess.Popen[str] | None = None
+    process: Any = None  # its in-process server (backend_server.PodServer)
 
 
 class UdpSession:
@@ -68,6 +94,7 @@ class Topology:
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
     pods: dict[str, Pod] = field(default_factory=dict)
     clients: dict[str, str] = field(default_factory=dict)
+    servers: list[Any] = field(default_factory=list)
     _links = itertools.count()
 
     @property
@@ -133,44 +160,24 @@ class Topology:
         self.pods[name] = pod
         return pod
 
-    def _serve(self, name: str, ns: str, ipv6: bool) -> subprocess.Popen[str]:
-        args = ["ip", "netns", "exec", ns, sys.executable, str(HERE / "backend_server.py"), name]
-        if ipv6:
-            args.append("--ipv6")
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.processes.append(proc)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if line.strip() != "ready":
-            err = proc.stderr.read() if proc.stderr else ""
-            raise RuntimeError(f"pod {name} did not start: {err}")
-        return proc
+    def _serve(self, name: str, ns: str, ipv6: bool) -> Any:
+        import backend_server
+
+        sockets = in_namespace(ns, lambda: backend_server.open_sockets(ipv6))
+        server = backend_server.PodServer(name, sockets)
+        server.start()
+        self.servers.append(server)
+        return server
 
     def client(self, client: str, *args: str, timeout: float = 120) -> dict[str, object]:
         """traffic_client's one-shot modes, run in-process on a thread inside the
         client's namespace (its sockets live there)."""
         import traffic_client
 
-        from svcproxy.plugins.iptables.kernel import in_netns
-
-        out: list[Any] = []
-
-        def body() -> None:
-            try:
-                with in_netns(self.clients[client]):
-                    out.append(traffic_client.run(list(args)))
-            except BaseException as exc:  # re-raised in the test's thread
-                out.append(exc)
-
-        t = threading.Thread(target=body, daemon=True)
-        t.start()
-        t.join(timeout)
-        if not out:
-            raise TimeoutError(f"traffic_client {' '.join(args)} took over {timeout}s")
-        if isinstance(out[0], BaseException):
-            raise out[0]
+        result = in_namespace(self.clients[client], lambda: traffic_client.run(list(args)),
+                              timeout)
         # through JSON, as before: Counter keys and values as a plain dict
-        return json.loads(json.dumps(out[0]))  # type: ignore[no-any-return]
+        return json.loads(json.dumps(result))  # type: ignore[no-any-return]
 
     def answers(self, client: str, mode: str, host: str, port: int,
                 count: int) -> dict[str, int]:
@@ -193,6 +200,10 @@ class Topology:
         return UdpSession(proc)
 
     def close(self) -> None:
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                server.close()
+        self.servers.clear()
         for proc in self.processes:
             if proc.poll() is None:
                 proc.kill()
