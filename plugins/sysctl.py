@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from svcproxy.plugins.iptables.kernel import in_netns
 
@@ -36,6 +37,19 @@ class SysctlStore:
         #: None: record nothing (a throwaway namespace nobody restores)
         self.backup_path = backup_path
         self.netns = netns
+
+    def follow_datapath(self, config: Any, datapath: str, explicit_backup: bool) -> None:
+        """Without a namespace of its own, work in the one the active datapath
+        programs (datapath option `netns`: tests, benchmarks, the demo); a
+        throwaway namespace's old values are not recorded unless a backup file
+        was configured."""
+        if self.netns is not None:
+            return
+        netns = config.svcproxy.datapath_options.get(datapath, {}).get("netns")
+        if netns:
+            self.netns = netns
+            if not explicit_backup:
+                self.backup_path = None
 
     def read(self, name: str) -> str | None:
         with in_netns(self.netns):

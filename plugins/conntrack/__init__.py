@@ -109,15 +109,7 @@ class ConntrackPlugin:
 
     @hookimpl
     def svcproxy_start_proxy(self, config: Config, datapath: str) -> None:
-        if self.store.netns is None:
-            # in the namespace the datapath programs (tests, benchmarks, the demo
-            # use one); a throwaway namespace's old values are not recorded
-            # unless a backup file is configured
-            netns = config.svcproxy.datapath_options.get(datapath, {}).get("netns")
-            if netns:
-                self.store.netns = netns
-                if not self.explicit_backup:
-                    self.store.backup_path = None
+        self.store.follow_datapath(config, datapath, self.explicit_backup)
         self.apply()
 
     def apply(self) -> list[str]:

@@ -99,8 +99,7 @@ class IpvsState:
         self.draining: dict[tuple[VSKey, RSKey], Drain] = {}
         self.addresses: set[str] | None = None
         #: the kube-ipvs0 address each frontend needs, counted per address
-        self.address_of: dict[FrontendKey, str] = {}
-        self.address_refs: dict[str, int] = {}
+        self.bound_index = SetIndex()
         self._excluded = [ipaddress.ip_network(c) for c in options.exclude_cidrs]
 
     def excluded(self, address: str) -> bool:
@@ -241,40 +240,31 @@ class IpvsState:
                         result: IpvsResult) -> None:
         """kube-ipvs0 holds every address a frontend binds; a full sync compares
         with the kernel, a partial one follows the changed frontends' counts."""
-        add: list[str] = []
-        remove: list[str] = []
+        added: list[tuple[str, str]] = []
+        removed: list[tuple[str, str]] = []
+
+        def bound(fk: FrontendKey) -> tuple[tuple[str, str], ...]:
+            fe = plan.frontends.get(fk)
+            if fe is None or not fe.bind_address or self.excluded(fe.address):
+                return ()
+            return (("kube-ipvs0", fe.address),)
+
         if scope is None or self.addresses is None:
-            self.address_of, self.address_refs = {}, {}
-            for fe in plan.frontends.values():
-                if fe.bind_address and not self.excluded(fe.address):
-                    self.address_of[fe.key] = fe.address
-                    self.address_refs[fe.address] = self.address_refs.get(fe.address, 0) + 1
-            want = set(self.address_refs)
+            self.bound_index = SetIndex()
+            for fk in plan.frontends:
+                self.bound_index.set(fk, bound(fk), None, added, removed)
+            want = {a for _, a in self.bound_index.refs}
             have = self.addresses if self.addresses is not None else \
                 self.kernel.bound_addresses()
             add, remove = sorted(want - have), sorted(have - want)
             self.addresses = want
         else:
-            refs = self.address_refs
             for fk in scope:
-                old = self.address_of.pop(fk, None)
-                if old is not None:
-                    n = refs[old] - 1
-                    if n:
-                        refs[old] = n
-                    else:
-                        del refs[old]
-                        remove.append(old)
-                fe = plan.frontends.get(fk)
-                if fe is not None and fe.bind_address and not self.excluded(fe.address):
-                    self.address_of[fk] = fe.address
-                    n = refs.get(fe.address, 0)
-                    refs[fe.address] = n + 1
-                    if not n:
-                        add.append(fe.address)
-            both = set(add) & set(remove)  # moved between frontends: stays bound
-            add = [a for a in add if a not in both]
-            remove = [a for a in remove if a not in both]
+                self.bound_index.set(fk, bound(fk), None, added, removed)
+            # an address that moved between frontends in this sync stays bound
+            both = {a for _, a in added} & {a for _, a in removed}
+            add = [a for _, a in added if a not in both]
+            remove = [a for _, a in removed if a not in both]
             self.addresses.update(add)
             self.addresses.difference_update(remove)
         self.kernel.bind(add)

@@ -17,8 +17,10 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from .netlink import SEND_CHUNK, open_socket, send_batch
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_IPSET = 6
@@ -31,7 +33,6 @@ ATTR_IPADDR_IPV4, ATTR_IPADDR_IPV6 = 1, 2
 NLA_F_NESTED = 0x8000
 NLA_F_NET_BYTEORDER = 0x4000
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
-NLMSG_ERROR = 0x2
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -89,15 +90,10 @@ class IpsetFailure:
 
 
 class IpsetNetlink:
-    SEND_CHUNK = 32 * 1024
+    SEND_CHUNK = SEND_CHUNK
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, 33, 8 * 1024 * 1024)  # SO_RCVBUFFORCE
-        except OSError:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
-        self.sock.bind((0, 0))
+        self.sock = open_socket(NETLINK_NETFILTER)
         self.seq = int.from_bytes(os.urandom(2), "big")
 
     def close(self) -> None:
@@ -116,48 +112,12 @@ class IpsetNetlink:
               family: int) -> list[IpsetFailure]:
         """Add and delete (set, member) pairs; returns what the kernel refused."""
         af = socket.AF_INET6 if family == 6 else socket.AF_INET
-        messages: list[tuple[int, bytes, str, str, str]] = []
+        what: dict[int, tuple[str, str, str]] = {}
+        messages: list[tuple[int, bytes]] = []
         for op, cmd, pairs in (("add", CMD_ADD, adds), ("del", CMD_DEL, dels)):
             for set_name, member in pairs:
                 seq, msg = self._message(cmd, 0 if member.isdigit() else af, set_name, member)
-                messages.append((seq, msg, op, set_name, member))
-        return self._send(messages)
-
-    def _send(self, messages: Sequence[tuple[int, bytes, str, str, str]]) -> list[IpsetFailure]:
-        pending = {m[0]: m for m in messages}
-        failures: list[IpsetFailure] = []
-
-        def drain(block: bool) -> None:
-            self.sock.setblocking(block)
-            try:
-                while pending:
-                    data = self.sock.recv(1 << 20)
-                    offset = 0
-                    while offset + _NLMSGHDR.size <= len(data):
-                        length, mtype, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
-                        if length < _NLMSGHDR.size:
-                            break
-                        if mtype == NLMSG_ERROR and seq in pending:
-                            _, _, op, set_name, member = pending.pop(seq)
-                            code = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
-                            if code:
-                                failures.append(IpsetFailure(op, set_name, member, code))
-                        offset += (length + 3) & ~3
-            except BlockingIOError:
-                pass
-            finally:
-                self.sock.setblocking(True)
-
-        chunk: list[bytes] = []
-        size = 0
-        for _, msg, *_ in messages:
-            if size + len(msg) > self.SEND_CHUNK and chunk:
-                self.sock.send(b"".join(chunk))
-                chunk, size = [], 0
-                drain(block=False)
-            chunk.append(msg)
-            size += len(msg)
-        if chunk:
-            self.sock.send(b"".join(chunk))
-        drain(block=True)
-        return failures
+                what[seq] = (op, set_name, member)
+                messages.append((seq, msg))
+        refused = send_batch(self.sock, messages, self.SEND_CHUNK)
+        return [IpsetFailure(*what[seq], code) for seq, code in refused.items()]

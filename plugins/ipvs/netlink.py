@@ -19,7 +19,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 # netlink
@@ -259,20 +259,76 @@ class Failure:
         return f"{self.op} {self.target}: {os.strerror(self.errno)} (errno {self.errno})"
 
 
+#: bytes packed into one sendmsg (the kernel takes many messages per skb)
+SEND_CHUNK = 32 * 1024
+
+
+def open_socket(protocol: int) -> socket.socket:
+    """A bound netlink socket with room for the acks of a whole chunk, and large
+    dumps."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, 33, 8 * 1024 * 1024)  # SO_RCVBUFFORCE
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
+    sock.bind((0, 0))
+    return sock
+
+
+def send_batch(sock: socket.socket, messages: Iterable[tuple[int, bytes]],
+               chunk_size: int = SEND_CHUNK) -> dict[int, int]:
+    """Send (seq, message) pairs (each with NLM_F_ACK) many per system call,
+    reading acks as they come, then every ack still owed. Returns
+    {seq: errno} for the messages the kernel refused."""
+    pending: set[int] = set()
+    refused: dict[int, int] = {}
+
+    def drain(block: bool) -> None:
+        # acks arrive in request order; read what is there (or, at the end,
+        # everything still owed)
+        sock.setblocking(block)
+        try:
+            while pending:
+                data = sock.recv(1 << 20)
+                offset = 0
+                while offset + _NLMSGHDR.size <= len(data):
+                    length, mtype, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
+                    if length < _NLMSGHDR.size:
+                        break
+                    if mtype == NLMSG_ERROR and seq in pending:
+                        pending.discard(seq)
+                        code = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
+                        if code:
+                            refused[seq] = code
+                    offset += (length + 3) & ~3
+        except BlockingIOError:
+            pass
+        finally:
+            sock.setblocking(True)
+
+    chunk: list[bytes] = []
+    size = 0
+    for seq, msg in messages:
+        pending.add(seq)
+        if size + len(msg) > chunk_size and chunk:
+            sock.send(b"".join(chunk))
+            chunk, size = [], 0
+            drain(block=False)
+        chunk.append(msg)
+        size += len(msg)
+    if chunk:
+        sock.send(b"".join(chunk))
+    drain(block=True)
+    return refused
+
+
 class IPVSNetlink:
     """A generic-netlink socket bound to the IPVS family."""
 
-    #: bytes packed into one sendmsg (the kernel takes many messages per skb)
-    SEND_CHUNK = 32 * 1024
+    SEND_CHUNK = SEND_CHUNK
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
-        try:
-            # room for the acks of a whole chunk, and large dumps
-            self.sock.setsockopt(socket.SOL_SOCKET, 33, 8 * 1024 * 1024)  # SO_RCVBUFFORCE
-        except OSError:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 * 1024 * 1024)
-        self.sock.bind((0, 0))
+        self.sock = open_socket(NETLINK_GENERIC)
         self.seq = 1
         self.family_id = self._resolve_family()
 
@@ -415,40 +471,13 @@ class IPVSNetlink:
     def _send_batch(self, messages: Sequence[tuple[int, bytes, str, VirtualServer,
                                                    RealServer | None]]) -> list[Failure]:
         """Send (seq, message, op, vs, rs) in chunks, then gather every ack."""
-        pending = {m[0]: m for m in messages}
-        failures: list[Failure] = []
-        chunk: list[bytes] = []
-        size = 0
-
-        def drain(block: bool) -> None:
-            # acks arrive in request order; read what is there (or, at the end,
-            # everything still owed)
-            self.sock.setblocking(block)
-            try:
-                while pending:
-                    for mtype, _, mseq, body in self._recv_messages():
-                        if mtype == NLMSG_ERROR and mseq in pending:
-                            _, _, op, vs, rs = pending.pop(mseq)
-                            code = -struct.unpack_from("=i", body)[0]
-                            if code:
-                                target = str(vs) if rs is None else \
-                                    f"{vs} -> {rs.address}:{rs.port}"
-                                failures.append(Failure(op, target, code))
-            except BlockingIOError:
-                pass
-            finally:
-                self.sock.setblocking(True)
-
-        for _, msg, *_ in messages:
-            if size + len(msg) > self.SEND_CHUNK and chunk:
-                self.sock.send(b"".join(chunk))
-                chunk, size = [], 0
-                drain(block=False)
-            chunk.append(msg)
-            size += len(msg)
-        if chunk:
-            self.sock.send(b"".join(chunk))
-        drain(block=True)
+        by_seq = {m[0]: m for m in messages}
+        refused = send_batch(self.sock, ((m[0], m[1]) for m in messages), self.SEND_CHUNK)
+        failures = []
+        for seq, code in refused.items():
+            _, _, op, vs, rs = by_seq[seq]
+            target = str(vs) if rs is None else f"{vs} -> {rs.address}:{rs.port}"
+            failures.append(Failure(op, target, code))
         return failures
 
 

@@ -118,15 +118,7 @@ class MetallbPlugin:
     @hookimpl
     def svcproxy_start_proxy(self, config: Config, datapath: str, host: Any) -> None:
         self.host = host
-        if self.store.netns is None:
-            # in the namespace the datapath programs (tests, benchmarks, the demo
-            # use one); a throwaway namespace's old values are not recorded
-            # unless a backup file is configured
-            netns = config.svcproxy.datapath_options.get(datapath, {}).get("netns")
-            if netns:
-                self.store.netns = netns
-                if not self.explicit_backup:
-                    self.store.backup_path = None
+        self.store.follow_datapath(config, datapath, self.explicit_backup)
         self.active = config.kube_proxy.ipvs.strict_arp and datapath == "ipvs"
         if self.active:
             self.apply()
