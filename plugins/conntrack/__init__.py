@@ -82,6 +82,7 @@ def wanted_settings(config: Config, cpus: int) -> list[tuple[str, str, bool]]:
 
 class ConntrackPlugin:
     WARN_EVERY = 600.0
+    CHECK_EVERY = 10.0
 
     def __init__(self) -> None:
         self.config = Config()
@@ -89,6 +90,7 @@ class ConntrackPlugin:
         self.explicit_backup = False
         self.warn_at = 0.9
         self.last_warning = 0.0
+        self.last_check: float | None = None
         self.clock = time.monotonic
 
     @hookimpl
@@ -135,11 +137,14 @@ class ConntrackPlugin:
 
     @hookimpl
     def svcproxy_observe_sync(self, result: SyncResult) -> None:
+        now = self.clock()
+        if self.last_check is not None and now - self.last_check < self.CHECK_EVERY:
+            return  # not on every sync of a busy node
+        self.last_check = now
         used = self.usage()
         if used is None or not used[1]:
             return
         count, limit = used
-        now = self.clock()
         if count / limit > self.warn_at and now - self.last_warning >= self.WARN_EVERY:
             self.last_warning = now
             log.warning("the conntrack table is %.0f%% full (%d of %d entries): new "

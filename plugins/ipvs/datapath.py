@@ -316,6 +316,9 @@ class HelperState:
         self.health_port: dict[str, str] = {}
         self.opts: HelperOptions | None = None
         self.ipset_nl: IpsetNetlink | None = None
+        #: early() read the kernel and nothing else wrote since: the first full
+        #: sync need not read it again
+        self.just_read = False
         #: seconds spent in each step of the last sync (for the sync phases)
         self.phases: dict[str, float] = {}
 
@@ -365,7 +368,10 @@ class HelperState:
             rules = (first, *(r for r in have or () if r != first))
             self.ipt.restore(restore_text({key: rules}, [], jumps))
             self.chains[key] = rules
+            self._builtin.update({("nat", c): (*self._builtin.get(("nat", c), ()), f"-A {c} {b}")
+                                  for _, c, b in jumps})
             wrote = True
+        self.just_read = True
         return wrote
 
     def sync(self, plan: ServiceMap, changed: Iterable[FrontendKey] | None,
@@ -380,7 +386,9 @@ class HelperState:
         adds: list[tuple[str, str]] = []
         dels: list[tuple[str, str]] = []
         if changed is None or self.sets is None or self.chains is None or opts != self.opts:
-            self.read()
+            if not self.just_read:  # early() read the kernel moments ago
+                self.read()
+            self.just_read = False
             assert self.sets is not None
             jumps = [(t, c, b) for t, c, b in JUMPS
                      if f"-A {c} {b}" not in self._builtin.get((t, c), ())]

@@ -64,6 +64,7 @@ class MetallbPlugin:
         self.scope = "all"
         self.interfaces: list[str] | None = None
         self.active = False
+        self.ipvs0_covered = False
         self.host: Any = None
         #: MetalLB pools by namespace/name, once any was seen
         self.pools: dict[str, IPAddressPool] = {}
@@ -153,9 +154,11 @@ class MetallbPlugin:
 
     @hookimpl
     def svcproxy_observe_sync(self, result: SyncResult) -> None:
-        # kube-ipvs0 appears with the first IPVS sync
-        if self.active and result.ok and self.scope == "interfaces":
+        # kube-ipvs0 appears with the first IPVS sync: cover it once it exists
+        if self.active and result.ok and self.scope == "interfaces" and \
+                not self.ipvs0_covered:
             self.apply()
+            self.ipvs0_covered = self.store.read("net/ipv4/conf/kube-ipvs0/arp_ignore") == "1"
         if result.ok and result.plan is not None:
             self.last_plan = result.plan
         if result.ok and result.plan is not None and self.pools_seen and (
