@@ -1,0 +1,109 @@
+"""With the IPVS modules made unavailable inside the VM, `svcproxy run` in IPVS
+mode falls back to the iptables datapath, says why, and serves traffic.
+
+The module is unloaded and loading is blocked (the kernel's modprobe helper
+set to /bin/false, userspace modprobe pointed at an empty module tree), then
+everything is put back. The file name sorts last so the VM tier's other
+tests never run without IPVS even if putting it back failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import yaml
+from factories import endpoint, node, service, slice_
+from netns import Topology
+
+NODE_IP = "192.168.100.1"
+HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
+SVCPROXY = str(Path(sys.executable).parent / "svcproxy")
+MODPROBE = Path("/proc/sys/kernel/modprobe")
+
+
+def ipvs_modules() -> list[str]:
+    names = [line.split()[0] for line in Path("/proc/modules").read_text().splitlines()]
+    # dependents first: schedulers and xt_ipvs hold ip_vs
+    return sorted((n for n in names if n.startswith("ip_vs") or n == "xt_ipvs"),
+                  key=lambda n: n == "ip_vs")
+
+
+def unload_ipvs() -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        mods = ipvs_modules()
+        if not mods:
+            return
+        proc = subprocess.run(["modprobe", "-r", *mods], capture_output=True, text=True)
+        if proc.returncode == 0 and not ipvs_modules():
+            return
+        if time.monotonic() > deadline:  # namespaces of earlier tests still exiting?
+            raise AssertionError(f"cannot unload {mods}: {proc.stderr.strip()}")
+        time.sleep(1)
+
+
+def run(topo: Topology, args: list[str], env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", topo.node, SVCPROXY, *args],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_iptables_takes_over_when_ipvs_modules_are_unavailable(tmp_path: Path) -> None:
+    manifests = tmp_path / "cluster"
+    manifests.mkdir()
+    (manifests / "all.yaml").write_text(yaml.safe_dump_all([
+        node("node-a", ips=[NODE_IP]),
+        service("web", cluster_ip="10.96.0.10", type="NodePort",
+                ports=[{**HTTP[0], "nodePort": 30080}]),
+        slice_("web", endpoints=[endpoint("10.244.1.11", "node-a"),
+                                 endpoint("10.244.2.12", "node-b")])]))
+    config = tmp_path / "config.yaml"
+    status = tmp_path / "status.json"
+    old_helper = MODPROBE.read_text().strip()
+    topo = Topology()
+    try:
+        topo.create_node()
+        topo.add_client("c1", "192.168.100.2", NODE_IP)
+        topo.add_pod("a", "10.244.1.11")
+        topo.add_pod("b", "10.244.2.12")
+        # the iptables datapath's own modules load now, while loading still works
+        config.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+                          "kind: KubeProxyConfiguration\nmode: iptables\n"
+                          "metricsBindAddress: ''\nhealthzBindAddress: ''\n")
+        warm = run(topo, ["run", "--once", "--manifests", str(manifests), "--config",
+                          str(config)])
+        assert warm.returncode == 0, warm.stderr
+        assert run(topo, ["cleanup", "--config", str(config)]).returncode == 0
+
+        unload_ipvs()
+        MODPROBE.write_text("/bin/false\n")
+        config.write_text(textwrap.dedent("""\
+            apiVersion: kubeproxy.config.k8s.io/v1alpha1
+            kind: KubeProxyConfiguration
+            mode: ipvs
+            metricsBindAddress: ""
+            healthzBindAddress: ""
+        """))
+        proc = run(topo, ["run", "--once", "--manifests", str(manifests), "--config",
+                          str(config), "--status-file", str(status)],
+                   env={"MODPROBE_OPTIONS": "--dirname=/nonexistent"})
+        assert proc.returncode == 0, proc.stderr
+        assert not Path("/sys/module/ip_vs").exists()
+        (line,) = [x for x in proc.stderr.splitlines() if "datapath unusable" in x]
+        assert "ipvs datapath unusable: the ip_vs kernel module is not loaded and cannot " \
+               "be loaded" in line and line.endswith("; using iptables")
+        recorded = json.loads(status.read_text())
+        assert recorded["datapath"] == "iptables"
+        assert topo.answers("c1", "http", NODE_IP, 30080, 20).keys() == {"a", "b"}
+        assert topo.answers("c1", "http", "10.96.0.10", 80, 20).keys() == {"a", "b"}
+    finally:
+        MODPROBE.write_text(old_helper + "\n")
+        subprocess.run(["modprobe", "ip_vs"], check=False)
+        topo.close()
+    assert Path("/sys/module/ip_vs").exists()
