@@ -85,6 +85,8 @@ class PluginHost:
         self.config = config
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._reported: set[tuple[str, str, str, str, str]] = set()
+        self._adjust_chain: tuple[tuple[int, ...],
+                                  list[tuple[Any, str, tuple[str, ...]]]] | None = None
         self.pm.add_hookspecs(hookspecs)
         self.plugins: list[LoadedPlugin] = []
         #: datapath name -> why it could not be loaded
@@ -227,15 +229,23 @@ class PluginHost:
     def adjust_frontend(self, frontend: Frontend, port: PortContext) -> Frontend:
         # A chain, not a broadcast: each plugin sees the previous one's result, so
         # the implementations are called one by one in config order.
-        for impl in reversed(self.pm.hook.svcproxy_adjust_frontend.get_hookimpls()):
-            if impl.hookwrapper or impl.wrapper:
-                continue
-            kwargs = {"frontend": frontend, "port": port}
-            result = impl.function(*[kwargs[a] for a in impl.argnames])
+        impls = self.pm.hook.svcproxy_adjust_frontend.get_hookimpls()
+        key = tuple(map(id, impls))
+        if self._adjust_chain is None or self._adjust_chain[0] != key:
+            # called for every frontend of every plan: resolve the chain once
+            chain = [(impl.function, impl.plugin_name, tuple(impl.argnames))
+                     for impl in reversed(impls) if not (impl.hookwrapper or impl.wrapper)]
+            self._adjust_chain = (key, chain)
+        for function, plugin_name, argnames in self._adjust_chain[1]:
+            if argnames == ("frontend", "port"):
+                result = function(frontend, port)
+            else:
+                kwargs = {"frontend": frontend, "port": port}
+                result = function(*[kwargs[a] for a in argnames])
             if isinstance(result, Frontend):
                 frontend = result
             elif result is not None:
-                raise PluginError(f"plugin {impl.plugin_name!r}: svcproxy_adjust_frontend must "
+                raise PluginError(f"plugin {plugin_name!r}: svcproxy_adjust_frontend must "
                                   f"return a Frontend or None, not {type(result).__name__}")
         return frontend
 

@@ -134,6 +134,11 @@ class IpvsState:
                      (k.address, k.port, k.protocol) in self.services]
         result.phases["read"] = time.perf_counter() - t0
         assert self.services is not None
+        # kube-ipvs0 addresses change in the background while the IPVS batch is
+        # built and sent (they do not depend on each other)
+        add, remove = self._plan_addresses(plan, None if full else scope)
+        result.bound, result.unbound = len(add), len(remove)
+        binding = self.kernel.start_address_changes(add, remove)
         batch = self.kernel.nl.batch()
         now = self.clock()
         new_services = dict(self.services)
@@ -144,16 +149,20 @@ class IpvsState:
             if fe is None or self.excluded(fe.address):
                 continue
             vs, want = to_ipvs(fe)
-            have_vs = self.services.get(vs.key)
-            have = dict(self.dests.get(vs.key, {}))
+            vkey = vs.key
+            have_vs = self.services.get(vkey)
             if have_vs is None:
                 batch.add_service(vs)
-                have = {}
-            elif have_vs != vs:
-                batch.update_service(vs)
-            new_services[vs.key] = vs
+                have: dict[RSKey, RealServer] = {}
+            else:
+                have = dict(self.dests.get(vkey, {}))
+                if have_vs != vs:
+                    batch.update_service(vs)
+            new_services[vkey] = vs
+            draining = self.draining
             for rk, rs in want.items():
-                self.draining.pop((vs.key, rk), None)
+                if draining:
+                    draining.pop((vkey, rk), None)
                 cur = have.get(rk)
                 if cur is None:
                     batch.add_dest(vs, rs)
@@ -188,17 +197,20 @@ class IpvsState:
         result.drained = self._reap_drained(batch, new_dests, now)
         t1 = time.perf_counter()
         result.batch_ops = len(batch)
-        failures = batch.commit()
-        result.phases["ipvs"] = time.perf_counter() - t1
+        try:
+            failures = batch.commit()
+        finally:
+            result.phases["ipvs"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            self.kernel.finish_address_changes(binding)
+            # only the part that did not overlap with the IPVS work
+            result.phases["addresses"] = time.perf_counter() - t2
         if failures:
             self.services = None  # unknown now: the next (full) sync reads it back
             result.failures = [str(f) for f in failures]
             return result
         self.services = new_services
         self.dests = new_dests
-        t2 = time.perf_counter()
-        self._sync_addresses(plan, None if full else scope, result)
-        result.phases["addresses"] = time.perf_counter() - t2
         for vs, rs in deletes_udp:
             fam = 6 if ":" in vs.address else 4
             self.kernel.conntrack_delete(["-p", vs.protocol.lower(), "--orig-dst", vs.address,
@@ -236,10 +248,11 @@ class IpvsState:
         return {vs: sorted(self.dests.get(k, {}).values())
                 for k, vs in (self.services or {}).items()}
 
-    def _sync_addresses(self, plan: ServiceMap, scope: Iterable[FrontendKey] | None,
-                        result: IpvsResult) -> None:
-        """kube-ipvs0 holds every address a frontend binds; a full sync compares
-        with the kernel, a partial one follows the changed frontends' counts."""
+    def _plan_addresses(self, plan: ServiceMap, scope: Iterable[FrontendKey] | None
+                        ) -> tuple[list[str], list[str]]:
+        """The kube-ipvs0 addresses to add and remove: every address a frontend
+        binds; a full sync compares with the kernel, a partial one follows the
+        changed frontends' counts."""
         added: list[tuple[str, str]] = []
         removed: list[tuple[str, str]] = []
 
@@ -256,20 +269,17 @@ class IpvsState:
             want = {a for _, a in self.bound_index.refs}
             have = self.addresses if self.addresses is not None else \
                 self.kernel.bound_addresses()
-            add, remove = sorted(want - have), sorted(have - want)
             self.addresses = want
-        else:
-            for fk in scope:
-                self.bound_index.set(fk, bound(fk), None, added, removed)
-            # an address that moved between frontends in this sync stays bound
-            both = {a for _, a in added} & {a for _, a in removed}
-            add = [a for _, a in added if a not in both]
-            remove = [a for _, a in removed if a not in both]
-            self.addresses.update(add)
-            self.addresses.difference_update(remove)
-        self.kernel.bind(add)
-        self.kernel.unbind(remove)
-        result.bound, result.unbound = len(add), len(remove)
+            return sorted(want - have), sorted(have - want)
+        for fk in scope:
+            self.bound_index.set(fk, bound(fk), None, added, removed)
+        # an address that moved between frontends in this sync stays bound
+        both = {a for _, a in added} & {a for _, a in removed}
+        add = [a for _, a in added if a not in both]
+        remove = [a for _, a in removed if a not in both]
+        self.addresses.update(add)
+        self.addresses.difference_update(remove)
+        return add, remove
 
 
 def render_ipvsadm(table: dict[VirtualServer, list[RealServer]]) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
-from collections.abc import Callable, Iterable
+import tempfile
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from svcproxy.plugins.iptables.kernel import conntrack_delete, in_netns, run_tool
@@ -62,25 +63,41 @@ class IpvsKernel:
             return set()
         return {a.get_attr("IFA_ADDRESS") for a in self.ipr.get_addr(index=index)}
 
-    def bind(self, addresses: Iterable[str]) -> None:
-        """Add addresses to kube-ipvs0 (full-length prefix), in one `ip -batch`:
-        one netlink request per address through pyroute2's namespace proxy
-        took ~50 ms each under emulation (a minute for 1,000 ClusterIPs)."""
-        self.dummy_index()
-        self._ip_batch("add", addresses)
+    def start_address_changes(self, add: Sequence[str], remove: Sequence[str]
+                              ) -> subprocess.Popen[bytes] | None:
+        """Add and remove kube-ipvs0 addresses (full-length prefixes) with one
+        `ip -batch` that runs in the background while the caller goes on (the
+        IPVS batch does not depend on them); `finish_address_changes` waits.
+        One netlink request per address through pyroute2's namespace proxy took
+        ~50 ms each under emulation, and adding many /32s to one device is
+        quadratic in the kernel: worth overlapping."""
+        if add:
+            self.dummy_index()
+        elif not remove or self.dummy_index(create=False) is None:
+            return None
+        lines = [f"address add {a}/{ipaddress.ip_address(a).max_prefixlen} dev {DUMMY}"
+                 for a in add]
+        lines += [f"address del {a}/{ipaddress.ip_address(a).max_prefixlen} dev {DUMMY}"
+                  for a in remove]
+        # from a file, not a pipe: writing to a pipe would wait for ip to read
+        with tempfile.TemporaryFile("w+") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            f.seek(0)
+            # -force: keep going past "exists"/"not there" (already as wanted)
+            return subprocess.Popen(
+                [*(["ip", "netns", "exec", self.netns] if self.netns else []),
+                 "ip", "-force", "-batch", "-"], stdin=f, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
 
-    def unbind(self, addresses: Iterable[str]) -> None:
-        if self.dummy_index(create=False) is None:
-            return
-        self._ip_batch("del", addresses)
-
-    def _ip_batch(self, verb: str, addresses: Iterable[str]) -> None:
-        lines = [f"address {verb} {a}/{ipaddress.ip_address(a).max_prefixlen} dev {DUMMY}"
-                 for a in addresses]
-        if not lines:
-            return
-        # -force: keep going past "exists"/"not there" (already as wanted)
-        self._run(["ip", "-force", "-batch", "-"], check=False, stdin="\n".join(lines) + "\n")
+    @staticmethod
+    def finish_address_changes(proc: subprocess.Popen[bytes] | None) -> None:
+        if proc is not None:
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def delete_dummy(self) -> bool:
         index = self.dummy_index(create=False)

@@ -481,6 +481,13 @@ class IPVSNetlink:
         return failures
 
 
+_HEADERS = _NLMSGHDR.size + _GENLHDR.size
+#: the generic netlink header of each command, packed once
+_GENL = {cmd: _GENLHDR.pack(cmd, IPVS_GENL_VERSION, 0)
+         for cmd in (CMD_NEW_SERVICE, CMD_SET_SERVICE, CMD_DEL_SERVICE, CMD_NEW_DEST,
+                     CMD_SET_DEST, CMD_DEL_DEST)}
+
+
 class Batch:
     """Operations collected and sent together; `commit()` returns the failures."""
 
@@ -506,9 +513,8 @@ class Batch:
         nl = self.nl
         nl.seq += 1
         seq = nl.seq
-        msg = _NLMSGHDR.pack(_NLMSGHDR.size + _GENLHDR.size + len(payload), nl.family_id,
-                             NLM_F_REQUEST | NLM_F_ACK, seq, 0) \
-            + _GENLHDR.pack(cmd, IPVS_GENL_VERSION, 0) + payload
+        msg = _NLMSGHDR.pack(_HEADERS + len(payload), nl.family_id,
+                             NLM_F_REQUEST | NLM_F_ACK, seq, 0) + _GENL[cmd] + payload
         self.messages.append((seq, msg, op, vs, rs))
 
     def add_service(self, vs: VirtualServer) -> None:
