@@ -10,7 +10,7 @@ only these types, never Services.
 from __future__ import annotations
 
 import functools
-import ipaddress
+import socket
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -41,8 +41,13 @@ class FrontendKey:
 
     @functools.cached_property
     def _sort(self) -> tuple[int, int, int, str]:
-        ip = ipaddress.ip_address(self.address)
-        return ip.version, int(ip), self.port, self.protocol
+        # inet_pton, not ipaddress: every key of a full plan is sorted once, and
+        # ipaddress's parser was a sixth of planning 10,000 services
+        if ":" in self.address:
+            version, packed = 6, socket.inet_pton(socket.AF_INET6, self.address)
+        else:
+            version, packed = 4, socket.inet_pton(socket.AF_INET, self.address)
+        return version, int.from_bytes(packed, "big"), self.port, self.protocol
 
     def sort_key(self) -> tuple[int, int, int, str]:
         return self._sort
