@@ -210,9 +210,12 @@ def test_weights_shape_the_spread(topo: Topology, weights: tuple[int, int]) -> N
     n.publish(slice_("web", endpoints=[endpoint("10.244.1.11"), endpoint("10.244.2.12"),
                                        endpoint("10.244.3.13")]))
     n.sync()
-    answers = topo.answers("c1", "http", "10.96.0.10", 80, 80)
+    # 1:3 means a ~ 50 of 200 (sd ~6); equal weights would give a ~ 100. The
+    # bound fails for 1:3 with a probability of ~2e-4 (80 requests and b > 2a
+    # failed ~5 % of runs)
+    answers = topo.answers("c1", "http", "10.96.0.10", 80, 200)
     assert "c" not in answers
-    assert answers.get("b", 0) > 2 * answers.get("a", 0), answers
+    assert answers.get("b", 0) > 1.8 * answers.get("a", 0), answers
 
 
 def test_backend_detection(topo: Topology) -> None:
