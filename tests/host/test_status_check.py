@@ -31,8 +31,8 @@ def test_status_counts_connections_per_service_and_endpoint(topo: Topology,
     for obj in objects:
         n.publish(obj)
     n.sync()
-    answers = topo.answers("c1", "http", "10.96.0.10", 80, 12)
-    assert sum(answers.values()) == 12 and set(answers) == {"a", "b"}
+    answers = topo.answers("c1", "http", "10.96.0.10", 80, 24)
+    assert sum(answers.values()) == 24 and set(answers) == {"a", "b"}
     manifests = tmp_path / "cluster"
     manifests.mkdir()
     (manifests / "all.yaml").write_text(yaml.safe_dump_all(objects))
@@ -56,7 +56,7 @@ def test_status_counts_connections_per_service_and_endpoint(topo: Topology,
     assert view["datapath"] == "iptables"
     web = next(f for f in view["frontends"] if f["address"] == "10.96.0.10")
     assert (web["service"], web["kind"], web["port"]) == ("default/web:http", "cluster IP", 80)
-    assert web["packets"] == 12  # one per new connection
+    assert web["packets"] == 24  # one per new connection
     per_pod = {b["endpoint"]: b["packets"] for b in web["backends"]}
     assert per_pod == {"10.244.1.11:8080": answers["a"], "10.244.2.12:8080": answers["b"]}
     idle = next(f for f in view["frontends"] if f["address"] == "10.96.0.11")
@@ -64,7 +64,7 @@ def test_status_counts_connections_per_service_and_endpoint(topo: Topology,
     table = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     line = next(x for x in table.stdout.splitlines() if "10.96.0.10:80" in x)
-    assert line.split()[2] == "12" and line.endswith("default/web:http (cluster IP)")
+    assert line.split()[2] == "24" and line.endswith("default/web:http (cluster IP)")
 
 
 def test_check_reports_the_missing_ipvs_module(tmp_path: Path) -> None:
