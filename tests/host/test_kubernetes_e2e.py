@@ -112,6 +112,13 @@ def test_run_with_kubeconfig_programs_and_follows_the_api(topo: Topology,
                "(metallb-system/pool-a)" in outside[0]["message"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+    except AssertionError as exc:
+        # what svcproxy logged is what explains a failure here
+        if proc.poll() is None:
+            proc.kill()
+        log = proc.stderr.read() if proc.stderr else ""
+        raise AssertionError(f"{exc}\n--- svcproxy's log (last 60 lines) ---\n"
+                             + "\n".join(log.splitlines()[-60:])) from None
     finally:
         if proc.poll() is None:
             proc.kill()
