@@ -9,10 +9,12 @@ rules all stay as they were; the runner retries with backoff.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .bus import EventBus
 from .config import Config
@@ -24,6 +26,26 @@ from .runner import SyncPolicy, SyncRunner
 from .state import Change, ClusterState
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a sync runs.
+
+    A sync allocates hundreds of thousands of short-lived objects (a plan of
+    10,000 services, its netlink messages), which triggers the collector over
+    and over, and each older-generation pass walks the whole cluster state: 30 %
+    of planning 10,000 services went there. Nearly everything a sync allocates
+    is freed by reference counting anyway; the collector runs again right
+    after."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 class Proxy:
@@ -94,7 +116,7 @@ class Proxy:
 
     def sync(self, full: bool = False) -> SyncResult:
         """Plan and apply once. Never raises: the outcome is in the SyncResult."""
-        with self._sync_lock:
+        with self._sync_lock, gc_paused():
             return self._sync(full)
 
     def _sync(self, full: bool) -> SyncResult:

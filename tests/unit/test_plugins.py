@@ -251,3 +251,48 @@ def test_every_hookspec_is_documented() -> None:
         fn = getattr(hookspecs, name)
         assert fn.__doc__ and len(fn.__doc__.strip()) > 40, f"{name} has no docstring"
         assert f"`{name}" in docs, f"{name} is missing from docs/plugins.md"
+
+
+def test_build_frontends_direct_dispatch_matches_pluggy() -> None:
+    """build_frontends calls the implementations directly (resolved once), in
+    pluggy's order; a hook wrapper, which only pluggy can run, sends every call
+    through pluggy — the same frontends either way."""
+    order: list[str] = []
+
+    class Extra:
+        def __init__(self, name: str, address: str) -> None:
+            self.name, self.address = name, address
+
+        @hookimpl
+        def svcproxy_build_frontends(self, port: Any) -> list[Frontend]:
+            order.append(self.name)
+            return [port.frontend(self.address, 80, "ExternalIP", "Cluster")]
+
+    class First:
+        @hookimpl(tryfirst=True)
+        def svcproxy_build_frontends(self) -> None:  # no arguments: allowed by pluggy
+            order.append("first")
+
+    class Wrapper:
+        calls = 0
+
+        @hookimpl(wrapper=True)
+        def svcproxy_build_frontends(self, port: Any) -> Any:
+            Wrapper.calls += 1
+            return (yield)
+
+    extras = [("x", Extra("x", "192.0.2.1")), ("y", Extra("y", "192.0.2.2")),
+              ("first", First())]
+    host = host_for("plugins: [clusterip]\n", extra_plugins=extras)
+    pc = port_context()
+    direct = host.build_frontends(pc)
+    expected = list(order)
+    via_pluggy = [fe for answer in host.pm.hook.svcproxy_build_frontends(port=pc) if answer
+                  for fe in answer]
+    assert direct == via_pluggy
+    assert expected[0] == "first" and order[len(expected):] == expected
+    assert {fe.address for fe in direct} == {"10.0.0.1", "192.0.2.1", "192.0.2.2"}
+    host.pm.register(Wrapper(), "wrapper")  # a new implementation: resolved again
+    order.clear()
+    assert host.build_frontends(pc) == direct and Wrapper.calls == 1
+    assert order == expected
