@@ -60,7 +60,7 @@ class FrontendKey:
         return f"{host}:{self.port}/{self.protocol}"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Backend:
     """One endpoint a frontend may send a connection to."""
 

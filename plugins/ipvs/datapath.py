@@ -136,9 +136,11 @@ class IpvsState:
         assert self.services is not None
         # kube-ipvs0 addresses change in the background while the IPVS batch is
         # built and sent (they do not depend on each other)
+        t_addr = time.perf_counter()
         add, remove = self._plan_addresses(plan, None if full else scope)
         result.bound, result.unbound = len(add), len(remove)
         binding = self.kernel.start_address_changes(add, remove)
+        result.phases["addresses.start"] = time.perf_counter() - t_addr
         batch = self.kernel.nl.batch()
         now = self.clock()
         new_services = dict(self.services)
@@ -395,9 +397,11 @@ class HelperState:
         node = ipaddress.ip_address(opts.node_ip) if opts.node_ip else None
         adds: list[tuple[str, str]] = []
         dels: list[tuple[str, str]] = []
+        t_read = 0.0
         if changed is None or self.sets is None or self.chains is None or opts != self.opts:
             if not self.just_read:  # early() read the kernel moments ago
                 self.read()
+                t_read = time.perf_counter() - t0
             self.just_read = False
             assert self.sets is not None
             jumps = [(t, c, b) for t, c, b in JUMPS
@@ -454,7 +458,8 @@ class HelperState:
                 raise
             self.chains.update(writes)
         t3 = time.perf_counter()
-        self.phases = {"sets": t1 - t0, "ipset": t2 - t1, "rules": t3 - t2}
+        self.phases = {"read": t_read, "sets": t1 - t0 - t_read, "ipset": t2 - t1,
+                       "rules": t3 - t2}
         return len(adds) + len(dels) + len(writes) + len(jumps)
 
     def _create_sets(self, names: list[str]) -> None:

@@ -6,8 +6,8 @@ NSS and getaddrinfo; in the VM that cost ~1.5 ms per member — 30 s for the
 This module sends ADD/DEL messages for members in kube-proxy's text form
 ("10.96.0.1,tcp:443", "10.244.1.5,tcp:8080,10.244.1.5",
 "203.0.113.10,tcp:80,198.51.100.0/24", "30080", "10.96.0.1") many per
-system call, with the acknowledgements gathered afterwards, as the IPVS
-writer does. Without NLM_F_EXCL the kernel treats "already there" and "not
+system call, as the IPVS writer does (netlink.send_batch: only refusals and
+the last message are answered). Without NLM_F_EXCL the kernel treats "already there" and "not
 there" as success, like `ipset -exist`. Creating sets still goes through
 `ipset restore` (rare: the first sync).
 """
@@ -32,7 +32,7 @@ ATTR_IP, ATTR_PORT, ATTR_PROTO, ATTR_IP2, ATTR_CIDR2 = 1, 4, 7, 20, 21
 ATTR_IPADDR_IPV4, ATTR_IPADDR_IPV6 = 1, 2
 NLA_F_NESTED = 0x8000
 NLA_F_NET_BYTEORDER = 0x4000
-NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLM_F_REQUEST = 0x1
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -106,7 +106,7 @@ class IpsetNetlink:
                    + member_data(member))
         body = _NFGEN.pack(family, 0, 0) + payload
         return self.seq, _NLMSGHDR.pack(_NLMSGHDR.size + len(body), (NFNL_SUBSYS_IPSET << 8) | cmd,
-                                        NLM_F_REQUEST | NLM_F_ACK, self.seq, 0) + body
+                                        NLM_F_REQUEST, self.seq, 0) + body
 
     def write(self, adds: Iterable[tuple[str, str]], dels: Iterable[tuple[str, str]],
               family: int) -> list[IpsetFailure]:

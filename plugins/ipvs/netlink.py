@@ -289,29 +289,42 @@ def open_socket(protocol: int) -> socket.socket:
 
 def send_batch(sock: socket.socket, messages: Iterable[tuple[int, bytes]],
                chunk_size: int = SEND_CHUNK) -> dict[int, int]:
-    """Send (seq, message) pairs (each with NLM_F_ACK) many per system call,
-    reading acks as they come, then every ack still owed. Returns
-    {seq: errno} for the messages the kernel refused."""
-    pending: set[int] = set()
+    """Send (seq, message) pairs many per system call; returns {seq: errno} for
+    the messages the kernel refused.
+
+    Only the last message asks for an acknowledgement (NLM_F_ACK is set on it
+    here; callers build messages without it): the kernel answers a request
+    without NLM_F_ACK only when it fails, and it processes a send's messages in
+    order before the call returns, so every refusal arrives before that last
+    ack. Skipping the acks of the other messages saves the kernel an answer
+    and svcproxy a parse per message (60,000 for 10,000 services)."""
     refused: dict[int, int] = {}
+    last_seq: int | None = None
+    done = False
 
     def drain(block: bool) -> None:
-        # acks arrive in request order; read what is there (or, at the end,
-        # everything still owed)
+        nonlocal done
         sock.setblocking(block)
         try:
-            while pending:
-                data = sock.recv(1 << 20)
+            while not done:
+                try:
+                    data = sock.recv(1 << 20)
+                except OSError as exc:
+                    if exc.errno == errno_mod.ENOBUFS:  # answers were lost
+                        raise NetlinkError(exc.errno, "netlink receive buffer overflowed; "
+                                           "the kernel's answers to a batch were lost") from None
+                    raise
                 offset = 0
                 while offset + _NLMSGHDR.size <= len(data):
                     length, mtype, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
                     if length < _NLMSGHDR.size:
                         break
-                    if mtype == NLMSG_ERROR and seq in pending:
-                        pending.discard(seq)
+                    if mtype == NLMSG_ERROR:
                         code = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
                         if code:
                             refused[seq] = code
+                        if seq == last_seq:
+                            done = True
                     offset += (length + 3) & ~3
         except BlockingIOError:
             pass
@@ -320,16 +333,23 @@ def send_batch(sock: socket.socket, messages: Iterable[tuple[int, bytes]],
 
     chunk: list[bytes] = []
     size = 0
-    for seq, msg in messages:
-        pending.add(seq)
-        if size + len(msg) > chunk_size and chunk:
-            sock.send(b"".join(chunk))
-            chunk, size = [], 0
-            drain(block=False)
-        chunk.append(msg)
-        size += len(msg)
-    if chunk:
-        sock.send(b"".join(chunk))
+    previous: tuple[int, bytes] | None = None
+    for item in messages:
+        if previous is not None:
+            msg = previous[1]
+            if size + len(msg) > chunk_size and chunk:
+                sock.send(b"".join(chunk))
+                chunk, size = [], 0
+                drain(block=False)  # refusals, if any, so they cannot pile up
+            chunk.append(msg)
+            size += len(msg)
+        previous = item
+    if previous is None:
+        return refused
+    last_seq, msg = previous
+    flags = _U16.unpack_from(msg, 6)[0] | NLM_F_ACK
+    chunk.append(msg[:6] + _U16.pack(flags) + msg[8:])
+    sock.send(b"".join(chunk))
     drain(block=True)
     return refused
 
@@ -525,8 +545,9 @@ class Batch:
         nl = self.nl
         nl.seq += 1
         seq = nl.seq
-        msg = _NLMSGHDR.pack(_HEADERS + len(payload), nl.family_id,
-                             NLM_F_REQUEST | NLM_F_ACK, seq, 0) + _GENL[cmd] + payload
+        # no NLM_F_ACK: send_batch asks for one on the last message only
+        msg = _NLMSGHDR.pack(_HEADERS + len(payload), nl.family_id, NLM_F_REQUEST, seq,
+                             0) + _GENL[cmd] + payload
         self.messages.append((seq, msg, op, vs, rs))
 
     def add_service(self, vs: VirtualServer) -> None:

@@ -70,6 +70,28 @@ def test_members_of_every_type_read_back_as_written(ns: str) -> None:
         nl.close()
 
 
+def test_refusals_in_a_large_batch_are_each_reported(ns: str) -> None:
+    """Only refusals and the last message are answered (send_batch): a batch of
+    many sends reports exactly the refused members, wherever they are (first,
+    middle, last), and everything else lands."""
+    nl = opened_in(ns, IpsetNetlink)
+    nl.SEND_CHUNK = 4096  # many sends, with refusals read between them
+    try:
+        good = [("IPS", f"10.{i // 250}.{i % 250}.1") for i in range(3000)]
+        bad = {0, 1234, 1235, 2999}
+        batch = [("MISSING", m) if i in bad else (s, m) for i, (s, m) in enumerate(good)]
+        failures = nl.write(batch, [], 4)
+        assert sorted(f.member for f in failures) == sorted(good[i][1] for i in bad)
+        assert all(f.set_name == "MISSING" and f.op == "add" for f in failures)
+        assert saved(ns)["IPS"] == {m for i, (_, m) in enumerate(good) if i not in bad}
+        # a batch whose only (so last) message is refused, then a clean one
+        assert len(nl.write([], [("MISSING", "10.0.0.1")], 4)) == 1
+        assert nl.write([], [("IPS", m) for _, m in good], 4) == []
+        assert "IPS" in saved(ns) and not saved(ns)["IPS"]
+    finally:
+        nl.close()
+
+
 def test_bad_member_text_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown protocol"):
         member_data("10.0.0.1,icmp:0")
