@@ -328,8 +328,9 @@ class IpvsPlugin:
         if result.failures:
             shown = "; ".join(result.failures[:5])
             more = f" (and {len(result.failures) - 5} more)" if len(result.failures) > 5 else ""
-            raise SyncError(f"IPVS refused {len(result.failures)} of {result.batch_ops} "
-                            f"changes: {shown}{more}")
+            total = result.batch_ops + result.bound + result.unbound
+            raise SyncError(f"the kernel refused {len(result.failures)} of {total} IPVS and "
+                            f"kube-ipvs0 changes: {shown}{more}")
         return ApplyResult(changes=result.batch_ops + result.bound + result.unbound
                            + helper_changes,
                            phases=result.phases,

@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from svcproxy.ir import Frontend, FrontendKey, ServiceMap
@@ -32,7 +33,7 @@ from .helpers import (
     frontend_entries,
     health_check_entries,
     helper_chains,
-    ipset_changes,
+    ipset_create,
     parse_ipset_save,
     set_name,
     vip_source_rule,
@@ -143,7 +144,10 @@ class IpvsState:
         result.phases["addresses.start"] = time.perf_counter() - t_addr
         batch = self.kernel.nl.batch()
         now = self.clock()
-        new_services = dict(self.services)
+        # what self.services becomes once the kernel took the batch (a partial
+        # sync records only its changes: copying 10,000 entries per sync was a
+        # third of a one-endpoint change)
+        new_services: dict[VSKey, VirtualServer | None] = dict(self.services) if full else {}
         new_dests = {k: dict(v) for k, v in self.dests.items()} if full else self.dests
         deletes_udp: list[tuple[VirtualServer, RealServer]] = []
         for fk in scope:
@@ -190,7 +194,7 @@ class IpvsState:
             if old is None or self.excluded(old.address):
                 continue
             batch.delete_service(old)
-            new_services.pop(key, None)
+            new_services[key] = None
             new_dests.pop(key, None)
             for dk in [d for d in self.draining if d[0] == key]:
                 del self.draining[dk]
@@ -199,19 +203,30 @@ class IpvsState:
         result.drained = self._reap_drained(batch, new_dests, now)
         t1 = time.perf_counter()
         result.batch_ops = len(batch)
+        address_failures: list[str] = []
         try:
             failures = batch.commit()
         finally:
             result.phases["ipvs"] = time.perf_counter() - t1
             t2 = time.perf_counter()
-            self.kernel.finish_address_changes(binding)
+            address_failures = self.kernel.finish_address_changes(binding)
             # only the part that did not overlap with the IPVS work
             result.phases["addresses"] = time.perf_counter() - t2
+        if address_failures:
+            self.addresses = None  # unknown now: read kube-ipvs0 back next time
+            result.failures = address_failures
         if failures:
             self.services = None  # unknown now: the next (full) sync reads it back
-            result.failures = [str(f) for f in failures]
+            result.failures = [str(f) for f in failures] + address_failures
             return result
-        self.services = new_services
+        if full:
+            self.services = {k: v for k, v in new_services.items() if v is not None}
+        else:
+            for key, vs in new_services.items():
+                if vs is None:
+                    self.services.pop(key, None)
+                else:
+                    self.services[key] = vs
         self.dests = new_dests
         for vs, rs in deletes_udp:
             fam = 6 if ":" in vs.address else 4
@@ -339,12 +354,16 @@ class HelperState:
 
         from .helpers import is_owned
 
-        proc = self.kernel._run(["ipset", "save"], check=False)
-        self.sets = parse_ipset_save(proc.stdout)
+        # `ipset save` and one iptables-save for both tables, side by side:
+        # every exec counts on a busy node
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            ipset = pool.submit(self.kernel._run, ["ipset", "save"], check=False)
+            ipt_text = self.ipt.run([self.ipt.tool("save")]).stdout
+            ipset_text = ipset.result().stdout
+        self.sets = parse_ipset_save(ipset_text)
         self.chains = {}
         self._builtin: dict[tuple[str, str], tuple[str, ...]] = {}
-        # one iptables-save for both tables: every exec counts on a busy node
-        saved = parse_save(self.ipt.run([self.ipt.tool("save")]).stdout)
+        saved = parse_save(ipt_text)
         for table in ("nat", "filter"):
             for chain, rules in saved.get(table, Table()).chains.items():
                 target = self.chains if is_owned(table, chain) else self._builtin
@@ -465,7 +484,7 @@ class HelperState:
     def _create_sets(self, names: list[str]) -> None:
         """Create sets (rare: the first sync) with `ipset restore`."""
         assert self.sets is not None
-        text = ipset_changes(names, [], [], self.family)
+        text = ipset_create(names, self.family)
         proc = self.kernel._run(["ipset", "restore"], check=False, stdin=text)
         if proc.returncode != 0:
             self.sets = None

@@ -6,8 +6,8 @@ The sets say which VIP:port pairs exist; the rules use them for masquerade
 ranges and the filter that stops a VIP from exposing arbitrary node ports.
 Rules are rendered in iptables-save's canonical text (as the iptables
 datapath's are), so they are compared with the kernel line by line and only
-chains that differ are written. Sets are diffed member by member and written
-with one `ipset restore`.
+chains that differ are written. Sets are created with `ipset restore`; their
+members are diffed one by one and written through netlink (ipsetnl.py).
 """
 
 from __future__ import annotations
@@ -101,7 +101,6 @@ class HelperOptions:
     node_ip: str | None = None
 
 
-PROTO_NUMBERS = {"tcp": "6", "udp": "17", "sctp": "132"}
 
 
 def frontend_entries(fe: Frontend, node: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
@@ -356,40 +355,18 @@ def helper_chains(entries: dict[str, set[str]], out_filter: list[tuple[str, str,
     }
 
 
-def numeric_member(member: str) -> str:
-    """`ipset restore` input with protocol numbers: ipset resolves names through
-    NSS on every line (getprotobyname), which cost ~5 ms per member in the VM."""
-    for name, number in PROTO_NUMBERS.items():
-        tag = f",{name}:"
-        if tag in member:
-            return member.replace(tag, f",{number}:", 1)
-    return member
-
-
-def ipset_restore(desired: dict[str, set[str]], current: dict[str, set[str]],
-                  family: int) -> str:
-    """`ipset restore` input: create every set (-exist), then the member diff."""
-    adds = [(name, e) for name in sorted(desired)
-            for e in sorted(desired[name] - current.get(name, set()))]
-    dels = [(name, e) for name in sorted(desired)
-            for e in sorted(current.get(name, set()) - desired[name])]
-    return ipset_changes(sorted(desired), adds, dels, family)
-
-
-def ipset_changes(create: list[str], adds: list[tuple[str, str]],
-                  dels: list[tuple[str, str]], family: int) -> str:
-    """`ipset restore` input: create these sets (-exist), add and delete members."""
+def ipset_create(names: list[str], family: int) -> str:
+    """`ipset restore` input creating these sets (-exist). Members go through
+    netlink (ipsetnl.py)."""
     lines = []
     fam = "inet" if family == 4 else "inet6"
-    for name in create:
+    for name in names:
         base = name if family == 4 else "KUBE-" + name[len("KUBE-6-"):]
         kind = SETS.get(base, SETS.get(name, ("hash:ip,port", "")))[0]
         if kind.startswith("bitmap"):
             lines.append(f"create {name} {kind} range 0-65535 -exist")
         else:
             lines.append(f"create {name} {kind} family {fam} hashsize 1024 maxelem 65536 -exist")
-    lines += [f"add {name} {numeric_member(e)} -exist" for name, e in adds]
-    lines += [f"del {name} {numeric_member(e)} -exist" for name, e in dels]
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,7 @@ from svcproxy.plugins.ipvs.helpers import (
     SetIndex,
     frontend_entries,
     helper_chains,
-    ipset_restore,
+    ipset_create,
     parse_ipset_save,
     set_entries,
     set_name,
@@ -77,15 +77,14 @@ def test_rules_match_kube_proxy() -> None:
         "-m set --match-set KUBE-IPVS-IPS dst -j REJECT --reject-with icmp-port-unreachable")
 
 
-def test_ipv6_set_names_and_restore_diff() -> None:
+def test_ipv6_set_names_and_set_creation() -> None:
     assert set_name("KUBE-LOAD-BALANCER-SOURCE-CIDR", 6) == "KUBE-6-LOAD-BALANCER-SOURCE-CIDR"[:31]
-    text = ipset_restore({"KUBE-CLUSTER-IP": {"10.96.0.1,tcp:443", "10.96.0.2,tcp:80"}},
-                         {"KUBE-CLUSTER-IP": {"10.96.0.2,tcp:80", "10.96.0.9,udp:53"}}, 4)
-    assert text.splitlines() == [
+    assert ipset_create(["KUBE-CLUSTER-IP", "KUBE-NODE-PORT-TCP"], 4).splitlines() == [
         "create KUBE-CLUSTER-IP hash:ip,port family inet hashsize 1024 maxelem 65536 -exist",
-        # protocol numbers: ipset looks names up through NSS on every line
-        "add KUBE-CLUSTER-IP 10.96.0.1,6:443 -exist",
-        "del KUBE-CLUSTER-IP 10.96.0.9,17:53 -exist"]
+        "create KUBE-NODE-PORT-TCP bitmap:port range 0-65535 -exist"]
+    assert ipset_create([set_name("KUBE-LOOP-BACK", 6)], 6) == (
+        "create KUBE-6-LOOP-BACK hash:ip,port,ip family inet6 hashsize 1024 maxelem 65536 "
+        "-exist\n")
     saved = parse_ipset_save("create KUBE-X hash:ip family inet\nadd KUBE-X 10.0.0.1\n")
     assert saved == {"KUBE-X": {"10.0.0.1"}}
 

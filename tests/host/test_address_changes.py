@@ -1,0 +1,63 @@
+"""kube-ipvs0 addresses through batched rtnetlink from a background thread
+(plugins/ipvs/kernel.py AddressChanges), against the host kernel in a namespace
+made here. The host cannot make dummy links, so the addresses go on a veth
+(the messages are the same)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from svcproxy.plugins.ipvs.kernel import AddressChanges, opened_in
+from svcproxy.plugins.ipvs.netlink import open_socket
+
+NS = "svpaddrs"
+
+
+def ip(*args: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", NS, "ip", *args], capture_output=True,
+                          text=True, check=True).stdout
+
+
+@pytest.fixture
+def index() -> Iterator[int]:
+    subprocess.run(["ip", "netns", "add", NS], check=True)
+    try:
+        ip("link", "add", "va", "type", "veth", "peer", "name", "vb")
+        yield int(json.loads(ip("-j", "link", "show", "va"))[0]["ifindex"])
+    finally:
+        subprocess.run(["ip", "netns", "del", NS], check=False)
+
+
+def addresses() -> set[str]:
+    return {a["local"] for link in json.loads(ip("-j", "addr", "show", "va"))
+            for a in link.get("addr_info", ())}
+
+
+def apply(sock: socket.socket, index: int, add: list[str], remove: list[str]) -> list[str]:
+    changes = AddressChanges(sock, index, add, remove)
+    changes.start()
+    return changes.finish()
+
+
+def test_addresses_added_and_removed_in_bulk(index: int) -> None:
+    sock = opened_in(NS, lambda: open_socket(0))
+    try:
+        v4 = [f"10.96.{i // 250}.{i % 250 + 1}" for i in range(2000)]
+        v6 = [f"fd00:96::{i:x}" for i in range(1, 51)]
+        assert apply(sock, index, v4 + v6, []) == []
+        assert addresses() == set(v4) | set(v6)
+        assert json.loads(ip("-j", "addr", "show", "va"))[0]["addr_info"][0]["prefixlen"] == 32
+        # "already there" and "not there" are what was wanted: not failures
+        assert apply(sock, index, v4[:10], ["10.97.0.1", "fd00:97::1"]) == []
+        assert apply(sock, index, [], v4[1000:] + v6[25:]) == []
+        assert addresses() == set(v4[:1000]) | set(v6[:25])
+        # a refusal names the address and the kernel's reason
+        (failure,) = apply(sock, index + 100, ["10.98.0.1"], [])
+        assert failure.startswith("add address 10.98.0.1 on kube-ipvs0: No such device")
+    finally:
+        sock.close()
