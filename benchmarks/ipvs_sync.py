@@ -13,6 +13,9 @@ servers, is per namespace, so runs do not slow each other down):
   ipvs only       the IPVS part of svcproxy's sync (its netlink batch)
   change          one endpoint of one service changes: svcproxy's partial sync
                   (median of five such changes to different services)
+  resync          the periodic full sync afterwards, nothing changed: the
+                  kernel (IPVS, kube-ipvs0, ipsets, helper chains) is read
+                  back and compared; only what differs is written
   RSS             peak resident memory of this process
 
 Software emulation makes every absolute number slow; the ratios are the point.
@@ -121,11 +124,18 @@ def bench(n: int) -> dict[str, float]:
             assert part.ok and not part.full
         changes.sort(key=lambda c: c[0])
         change, part = changes[len(changes) // 2]
-        for what, res in (("full", result), ("one change (median)", part)):
+        # the periodic full sync: nothing changed, everything is read back
+        # from the kernel and compared
+        t0 = time.perf_counter()
+        again = proxy.sync(full=True)
+        resync = time.perf_counter() - t0
+        assert again.ok and again.full, again.error
+        for what, res in (("full", result), ("one change (median)", part),
+                          ("resync", again)):
             phases = ", ".join(f"{k} {v:.3f}s" for k, v in sorted(res.phases.items()))
             print(f"  {n} services, {what} sync phases: {phases}", flush=True)
         return {"full": full, "restore": restore, "ipvs": result.phases.get("apply.ipvs", 0.0),
-                "change": change, "rss_mb": resource.getrusage(
+                "change": change, "resync": resync, "rss_mb": resource.getrusage(
                     resource.RUSAGE_SELF).ru_maxrss / 1024}
     finally:
         for ns in (ours, raw):
@@ -138,13 +148,14 @@ def main() -> None:
     args = p.parse_args()
     print("IPVS datapath benchmark (inside the VM, software emulation)")
     print(f"{'services':>9} {'svcproxy full':>14} {'(ipvs part)':>12} {'ipvsadm -R':>11} "
-          f"{'ratio':>6} {'one change':>11} {'peak RSS':>9}")
+          f"{'ratio':>6} {'one change':>11} {'resync':>8} {'peak RSS':>9}")
     rows = {}
     for n in (int(s) for s in args.sizes.split(",") if s):
         r = bench(n)
         rows[n] = r
         print(f"{n:>9} {r['full']:>13.2f}s {r['ipvs']:>11.2f}s {r['restore']:>10.2f}s "
-              f"{r['full'] / r['restore']:>6.2f} {r['change']:>10.3f}s {r['rss_mb']:>7.0f}MB",
+              f"{r['full'] / r['restore']:>6.2f} {r['change']:>10.3f}s {r['resync']:>7.2f}s "
+              f"{r['rss_mb']:>7.0f}MB",
               flush=True)
     if len(rows) >= 2:
         small, large = min(rows), max(rows)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from svcproxy.plugins.ipvs.kernel import AddressChanges, opened_in
+from svcproxy.plugins.ipvs.kernel import AddressChanges, dump_addresses, opened_in
 from svcproxy.plugins.ipvs.netlink import open_socket
 
 NS = "svpaddrs"
@@ -51,6 +51,9 @@ def test_addresses_added_and_removed_in_bulk(index: int) -> None:
         v6 = [f"fd00:96::{i:x}" for i in range(1, 51)]
         assert apply(sock, index, v4 + v6, []) == []
         assert addresses() == set(v4) | set(v6)
+        # what svcproxy reads back (full syncs): the same, by interface index
+        found = set(dump_addresses(sock))
+        assert {a for i, a in found if i == index} == set(v4) | set(v6)
         assert json.loads(ip("-j", "addr", "show", "va"))[0]["addr_info"][0]["prefixlen"] == 32
         # "already there" and "not there" are what was wanted: not failures
         assert apply(sock, index, v4[:10], ["10.97.0.1", "fd00:97::1"]) == []

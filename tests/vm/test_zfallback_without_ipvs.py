@@ -8,6 +8,7 @@ tests never run without IPVS even if putting it back failed."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -34,6 +35,10 @@ def ipvs_modules() -> list[str]:
 
 
 def unload_ipvs() -> None:
+    # earlier tests' proxies may be unreachable but not yet collected: their
+    # netlink sockets keep their namespaces, and so the virtual servers in
+    # them, alive
+    gc.collect()
     deadline = time.monotonic() + 60
     while True:
         mods = ipvs_modules()
