@@ -26,7 +26,7 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_IPSET = 6
 IPSET_PROTOCOL = 7
 CMD_ADD, CMD_DEL = 9, 10
-ATTR_PROTOCOL, ATTR_SETNAME, ATTR_DATA = 1, 2, 7
+ATTR_PROTOCOL, ATTR_SETNAME, ATTR_DATA, ATTR_ADT, ATTR_LINENO = 1, 2, 7, 8, 9
 # inside IPSET_ATTR_DATA
 ATTR_IP, ATTR_PORT, ATTR_PROTO, ATTR_IP2, ATTR_CIDR2 = 1, 4, 7, 20, 21
 ATTR_IPADDR_IPV4, ATTR_IPADDR_IPV6 = 1, 2
@@ -43,6 +43,10 @@ _NLA = struct.Struct("=HH")
 def _attr(kind: int, payload: bytes) -> bytes:
     length = _NLA.size + len(payload)
     return _NLA.pack(length, kind) + payload + b"\0" * (-length % 4)
+
+
+#: IPSET_ATTR_LINENO (the kernel requires one with IPSET_ATTR_ADT)
+_LINENO = _attr(ATTR_LINENO, struct.pack("=I", 0))
 
 
 def _ip(kind: int, address: str) -> bytes:
@@ -91,6 +95,8 @@ class IpsetFailure:
 
 class IpsetNetlink:
     SEND_CHUNK = SEND_CHUNK
+    #: members per message
+    GROUP = 64
 
     def __init__(self) -> None:
         self.sock = open_socket(NETLINK_NETFILTER)
@@ -99,25 +105,55 @@ class IpsetNetlink:
     def close(self) -> None:
         self.sock.close()
 
-    def _message(self, cmd: int, family: int, set_name: str, member: str) -> tuple[int, bytes]:
+    def _message(self, cmd: int, family: int, set_name: str, data: bytes) -> tuple[int, bytes]:
         self.seq += 1
         payload = (_attr(ATTR_PROTOCOL, bytes([IPSET_PROTOCOL]))
-                   + _attr(ATTR_SETNAME, set_name.encode() + b"\0")
-                   + member_data(member))
+                   + _attr(ATTR_SETNAME, set_name.encode() + b"\0") + data)
         body = _NFGEN.pack(family, 0, 0) + payload
         return self.seq, _NLMSGHDR.pack(_NLMSGHDR.size + len(body), (NFNL_SUBSYS_IPSET << 8) | cmd,
                                         NLM_F_REQUEST, self.seq, 0) + body
 
     def write(self, adds: Iterable[tuple[str, str]], dels: Iterable[tuple[str, str]],
               family: int) -> list[IpsetFailure]:
-        """Add and delete (set, member) pairs; returns what the kernel refused."""
+        """Add and delete (set, member) pairs; returns what the kernel refused.
+
+        Members of one set go up to GROUP per message (IPSET_ATTR_ADT, as
+        `ipset restore` batches them): the kernel looks the set up and takes
+        its lock once per message, not per member. It stops at the first member
+        it refuses, so the members of a refused message are sent again one by
+        one (adding what is there and deleting what is not are no-ops), which
+        names exactly the refused ones."""
         af = socket.AF_INET6 if family == 6 else socket.AF_INET
-        what: dict[int, tuple[str, str, str]] = {}
+        groups: dict[int, tuple[int, int, str, str, list[str]]] = {}
         messages: list[tuple[int, bytes]] = []
         for op, cmd, pairs in (("add", CMD_ADD, adds), ("del", CMD_DEL, dels)):
+            by_set: dict[str, list[str]] = {}
             for set_name, member in pairs:
-                seq, msg = self._message(cmd, 0 if member.isdigit() else af, set_name, member)
-                what[seq] = (op, set_name, member)
-                messages.append((seq, msg))
+                by_set.setdefault(set_name, []).append(member)
+            for set_name, members in by_set.items():
+                fam = 0 if members[0].isdigit() else af
+                for i in range(0, len(members), self.GROUP):
+                    part = members[i:i + self.GROUP]
+                    data = b"".join(member_data(m) for m in part)
+                    if len(part) > 1:
+                        data = _LINENO + _attr(ATTR_ADT | NLA_F_NESTED, data)
+                    seq, msg = self._message(cmd, fam, set_name, data)
+                    groups[seq] = (cmd, fam, op, set_name, part)
+                    messages.append((seq, msg))
         refused = send_batch(self.sock, messages, self.SEND_CHUNK)
-        return [IpsetFailure(*what[seq], code) for seq, code in refused.items()]
+        failures: list[IpsetFailure] = []
+        retry: list[tuple[int, bytes]] = []
+        singles: dict[int, tuple[str, str, str]] = {}
+        for seq, code in refused.items():
+            cmd, fam, op, set_name, part = groups[seq]
+            if len(part) == 1:
+                failures.append(IpsetFailure(op, set_name, part[0], code))
+                continue
+            for member in part:
+                rseq, msg = self._message(cmd, fam, set_name, member_data(member))
+                singles[rseq] = (op, set_name, member)
+                retry.append((rseq, msg))
+        if retry:
+            for seq, code in send_batch(self.sock, retry, self.SEND_CHUNK).items():
+                failures.append(IpsetFailure(*singles[seq], code))
+        return failures

@@ -84,6 +84,13 @@ def test_refusals_in_a_large_batch_are_each_reported(ns: str) -> None:
         assert sorted(f.member for f in failures) == sorted(good[i][1] for i in bad)
         assert all(f.set_name == "MISSING" and f.op == "add" for f in failures)
         assert saved(ns)["IPS"] == {m for i, (_, m) in enumerate(good) if i not in bad}
+        # a member the kernel refuses in the middle of one set's members (sent
+        # together): exactly that one is reported, the others land
+        port = [f"10.96.1.{i},tcp:80" for i in range(1, 100)]
+        port[50] = "fd00::1,tcp:80"  # an IPv6 member in an IPv4 set
+        (failure,) = nl.write([("PORT", m) for m in port], [], 4)
+        assert (failure.op, failure.set_name, failure.member) == ("add", "PORT", port[50])
+        assert saved(ns)["PORT"] == set(port) - {port[50]}
         # a batch whose only (so last) message is refused, then a clean one
         assert len(nl.write([], [("MISSING", "10.0.0.1")], 4)) == 1
         assert nl.write([], [("IPS", m) for _, m in good], 4) == []
