@@ -34,7 +34,6 @@ from .helpers import (
     health_check_entries,
     helper_chains,
     ipset_create,
-    parse_ipset_save,
     set_name,
     vip_source_rule,
 )
@@ -147,8 +146,10 @@ class IpvsState:
         # what self.services becomes once the kernel took the batch (a partial
         # sync records only its changes: copying 10,000 entries per sync was a
         # third of a one-endpoint change)
-        new_services: dict[VSKey, VirtualServer | None] = dict(self.services) if full else {}
-        new_dests = {k: dict(v) for k, v in self.dests.items()} if full else self.dests
+        # (a full sync visits every frontend of the plan and every stale virtual
+        # server, so it builds both maps from nothing rather than copying)
+        new_services: dict[VSKey, VirtualServer | None] = {}
+        new_dests = {} if full else self.dests
         deletes_udp: list[tuple[VirtualServer, RealServer]] = []
         for fk in scope:
             fe = plan.frontends.get(fk)
@@ -354,13 +355,13 @@ class HelperState:
 
         from .helpers import is_owned
 
-        # `ipset save` and one iptables-save for both tables, side by side:
-        # every exec counts on a busy node
+        # one iptables-save for both tables (every exec counts on a busy node),
+        # and meanwhile the sets through one netlink dump
         with ThreadPoolExecutor(max_workers=1) as pool:
-            ipset = pool.submit(self.kernel._run, ["ipset", "save"], check=False)
-            ipt_text = self.ipt.run([self.ipt.tool("save")]).stdout
-            ipset_text = ipset.result().stdout
-        self.sets = parse_ipset_save(ipset_text)
+            saving = pool.submit(self.ipt.run, [self.ipt.tool("save")])
+            ours = {set_name(k, self.family) for k in SETS}
+            self.sets = self._ipset().read(ours.__contains__)
+            ipt_text = saving.result().stdout
         self.chains = {}
         self._builtin: dict[tuple[str, str], tuple[str, ...]] = {}
         saved = parse_save(ipt_text)
@@ -492,12 +493,15 @@ class HelperState:
         for name in names:
             self.sets.setdefault(name, set())
 
+    def _ipset(self) -> IpsetNetlink:
+        if self.ipset_nl is None:
+            self.ipset_nl = opened_in(self.kernel.netns, IpsetNetlink)
+        return self.ipset_nl
+
     def _write_members(self, adds: list[tuple[str, str]], dels: list[tuple[str, str]]) -> None:
         """Members through batched netlink (ipsetnl.py); a refusal makes the
         next sync re-read the sets."""
-        if self.ipset_nl is None:
-            self.ipset_nl = opened_in(self.kernel.netns, IpsetNetlink)
-        failures = self.ipset_nl.write(adds, dels, self.family)
+        failures = self._ipset().write(adds, dels, self.family)
         if failures:
             self.sets = None
             shown = "; ".join(str(f) for f in failures[:5])

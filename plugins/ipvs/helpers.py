@@ -368,14 +368,3 @@ def ipset_create(names: list[str], family: int) -> str:
         else:
             lines.append(f"create {name} {kind} family {fam} hashsize 1024 maxelem 65536 -exist")
     return "\n".join(lines) + "\n"
-
-
-def parse_ipset_save(text: str) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "create":
-            out.setdefault(parts[1], set())
-        elif len(parts) >= 3 and parts[0] == "add":
-            out.setdefault(parts[1], set()).add(parts[2])
-    return out

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import errno as errno_mod
 import functools
-import ipaddress
 import os
 import socket
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 # netlink
 NETLINK_GENERIC = 16
@@ -226,9 +226,11 @@ def _attrs(data: bytes, offset: int = 0, end: int | None = None) -> Iterator[tup
 
 
 def _address(family: int, raw: bytes) -> str:
+    # inet_ntop gives the canonical text ipaddress would, several times faster
+    # (a full sync reads every real server back)
     if family == socket.AF_INET6:
-        return str(ipaddress.IPv6Address(raw[:16]))
-    return str(ipaddress.IPv4Address(raw[:4]))
+        return socket.inet_ntop(socket.AF_INET6, raw[:16])
+    return socket.inet_ntop(socket.AF_INET, raw[:4])
 
 
 def _parse_service(payload: bytes) -> VirtualServer | None:
@@ -255,6 +257,37 @@ def _parse_dest(payload: bytes, default_family: int) -> RealServer:
                       port=_BE16.unpack(a[DEST_PORT][:2])[0], weight=u32(DEST_WEIGHT),
                       fwd_method=u32(DEST_FWD_METHOD) & 0x7, active=u32(DEST_ACTIVE_CONNS),
                       inactive=u32(DEST_INACT_CONNS), persistent=u32(DEST_PERSIST_CONNS))
+
+
+def _dest_at(data: bytes, pos: int, end: int, family: int, u32: Any, be16: Any) -> RealServer:
+    """A CMD_ATTR_DEST's attributes at data[pos:end], without copying them out."""
+    address = b""
+    port = weight = fwd = active = inactive = persistent = 0
+    while pos + 4 <= end:
+        alen, kind = _NLA.unpack_from(data, pos)
+        if alen < 4:
+            break
+        kind &= NLA_TYPE_MASK
+        value = pos + 4
+        if kind == DEST_ADDR:
+            address = data[value:pos + alen]
+        elif kind == DEST_PORT:
+            port = be16(data, value)[0]
+        elif kind == DEST_WEIGHT:
+            weight = u32(data, value)[0]
+        elif kind == DEST_FWD_METHOD:
+            fwd = u32(data, value)[0] & 0x7
+        elif kind == DEST_ACTIVE_CONNS:
+            active = u32(data, value)[0]
+        elif kind == DEST_INACT_CONNS:
+            inactive = u32(data, value)[0]
+        elif kind == DEST_PERSIST_CONNS:
+            persistent = u32(data, value)[0]
+        elif kind == DEST_ADDR_FAMILY:
+            family = _U16.unpack_from(data, value)[0]
+        pos += (alen + 3) & ~3
+    return RealServer(_address(family, address), port, weight, fwd, active, inactive,
+                      persistent)
 
 
 # ---- the socket ------------------------------------------------------------------------
@@ -442,13 +475,41 @@ class IPVSNetlink:
         return out
 
     def dests(self, vs: VirtualServer) -> list[RealServer]:
-        out = []
-        payload = _service_nested_id(vs)
-        for answer in self._request(self.family_id, CMD_GET_DEST, payload, dump=True):
-            for kind, value in _attrs(answer):
-                if kind == CMD_ATTR_DEST:
-                    out.append(_parse_dest(value, vs.family))
-        return out
+        """The real servers of one virtual server, parsed straight from the
+        received buffer: a full sync reads every real server back (50,000 for
+        10,000 services), so this loop is lean."""
+        seq, msg = self._message(self.family_id, CMD_GET_DEST, NLM_F_REQUEST | NLM_F_DUMP,
+                                 _service_nested_id(vs))
+        self.sock.send(msg)
+        family = socket.AF_INET6 if ":" in vs.address else socket.AF_INET
+        out: list[RealServer] = []
+        header, unpack_hdr, unpack_nla = _HEADERS, _NLMSGHDR.unpack_from, _NLA.unpack_from
+        u32, be16 = _U32.unpack_from, _BE16.unpack_from
+        while True:
+            data = self.sock.recv(1 << 20)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, mtype, _, mseq, _ = unpack_hdr(data, offset)
+                if length < 16:
+                    break
+                end = offset + length
+                if mseq == seq:
+                    if mtype == NLMSG_DONE:
+                        return out
+                    if mtype == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", data, offset + 16)[0]
+                        if code:
+                            raise NetlinkError(code, os.strerror(code))
+                        return out
+                    pos = offset + header
+                    while pos + 4 <= end:
+                        alen, kind = unpack_nla(data, pos)
+                        if alen < 4:
+                            break
+                        if kind & NLA_TYPE_MASK == CMD_ATTR_DEST:
+                            out.append(_dest_at(data, pos + 4, pos + alen, family, u32, be16))
+                        pos += (alen + 3) & ~3
+                offset += (length + 3) & ~3
 
     def dump(self) -> dict[VirtualServer, list[RealServer]]:
         """Every virtual server with its real servers (one dump per service, as

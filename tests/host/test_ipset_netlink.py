@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from svcproxy.plugins.ipvs.helpers import parse_ipset_save
 from svcproxy.plugins.ipvs.ipsetnl import IpsetNetlink, member_data
 from svcproxy.plugins.ipvs.kernel import opened_in
 
@@ -37,9 +36,17 @@ def ns() -> Iterator[str]:
 
 
 def saved(ns: str) -> dict[str, set[str]]:
-    out = subprocess.run(["ip", "netns", "exec", ns, "ipset", "save"], capture_output=True,
-                         text=True, check=True).stdout
-    return parse_ipset_save(out)
+    """What `ipset save` says is there (the independent view)."""
+    out: dict[str, set[str]] = {}
+    text = subprocess.run(["ip", "netns", "exec", ns, "ipset", "save"], capture_output=True,
+                          text=True, check=True).stdout
+    for line in text.splitlines():
+        parts = line.split()
+        if parts[:1] == ["create"]:
+            out.setdefault(parts[1], set())
+        elif parts[:1] == ["add"]:
+            out.setdefault(parts[1], set()).add(parts[2])
+    return out
 
 
 def test_members_of_every_type_read_back_as_written(ns: str) -> None:
@@ -95,6 +102,38 @@ def test_refusals_in_a_large_batch_are_each_reported(ns: str) -> None:
         assert len(nl.write([], [("MISSING", "10.0.0.1")], 4)) == 1
         assert nl.write([], [("IPS", m) for _, m in good], 4) == []
         assert "IPS" in saved(ns) and not saved(ns)["IPS"]
+    finally:
+        nl.close()
+
+
+def test_sets_read_back_through_netlink_as_svcproxy_writes_them(ns: str) -> None:
+    """The netlink dump (full syncs read the sets with it, not `ipset save`,
+    which looks every protocol number up through NSS) gives members in the text
+    svcproxy renders: the same as `ipset save`, except that a network keeps its
+    prefix length even when it is a single address."""
+    nl = opened_in(ns, IpsetNetlink)
+    try:
+        members = [("PORT", "10.96.0.1,tcp:443"), ("PORT", "10.96.0.10,udp:53"),
+                   ("PORT", "10.96.0.90,sctp:90"), ("LOOP", "10.244.1.5,tcp:8080,10.244.1.5"),
+                   ("CIDR", "203.0.113.10,tcp:80,198.51.100.0/24"),
+                   ("CIDR", "203.0.113.10,tcp:80,198.51.100.7/32"), ("NP", "30080"),
+                   ("IPS", "10.96.0.1")] + [("IPS", f"10.97.{i // 250}.{i % 250}")
+                                           for i in range(3000)]  # many dump messages
+        assert nl.write(members, [], 4) == []
+        assert nl.write([("PORT6", "fd00:96::10,tcp:80"),
+                         ("CIDR6", "fd00::7,udp:53,fd00:1::/64")], [], 6) == []
+        got = nl.read(lambda name: name != "LOOP")
+        want: dict[str, set[str]] = {}
+        for name, member in [*members, ("PORT6", "fd00:96::10,tcp:80"),
+                             ("CIDR6", "fd00::7,udp:53,fd00:1::/64")]:
+            want.setdefault(name, set()).add(member)
+        want["LOOP"] = set()  # not asked for: the name only
+        assert got == want
+        independent = saved(ns)
+        independent["CIDR"] = {m.replace(",198.51.100.7", ",198.51.100.7/32")
+                               for m in independent["CIDR"]}
+        independent["LOOP"] = set()
+        assert got == independent
     finally:
         nl.close()
 

@@ -11,7 +11,6 @@ from svcproxy.plugins.ipvs.helpers import (
     frontend_entries,
     helper_chains,
     ipset_create,
-    parse_ipset_save,
     set_entries,
     set_name,
 )
@@ -85,8 +84,6 @@ def test_ipv6_set_names_and_set_creation() -> None:
     assert ipset_create([set_name("KUBE-LOOP-BACK", 6)], 6) == (
         "create KUBE-6-LOOP-BACK hash:ip,port,ip family inet6 hashsize 1024 maxelem 65536 "
         "-exist\n")
-    saved = parse_ipset_save("create KUBE-X hash:ip family inet\nadd KUBE-X 10.0.0.1\n")
-    assert saved == {"KUBE-X": {"10.0.0.1"}}
 
 
 def test_virtual_servers_from_frontends() -> None:
