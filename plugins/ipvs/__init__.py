@@ -204,10 +204,10 @@ class IpvsPlugin:
             kernel = self._state().kernel
             skip = kernel.dummy_index(create=False)
             out = []
-            for a in kernel.ipr.get_addr():
-                if a.get("index") == skip:
+            for index, address in kernel.all_addresses():
+                if index == skip:
                     continue
-                ip = ipaddress.ip_address(a.get_attr("IFA_ADDRESS"))
+                ip = ipaddress.ip_address(address)
                 if ip.version != family or ip.is_loopback or (
                         ip.version == 6 and ip.is_link_local):
                     continue

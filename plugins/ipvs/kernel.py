@@ -1,6 +1,7 @@
 """The IPVS datapath's door to the kernel, in the host or in a network
-namespace: the IPVS netlink socket, the kube-ipvs0 dummy link (pyroute2) and
-its addresses (`ip -batch`), sysctls, ipset and conntrack."""
+namespace: the IPVS netlink socket, the kube-ipvs0 dummy link and its addresses
+(rtnetlink, packed and parsed here: pyroute2's generic machinery cost seconds
+under emulation), sysctls, ipset and conntrack."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from svcproxy.plugins.iptables.kernel import conntrack_delete, in_netns, run_tool
 
@@ -23,7 +24,7 @@ T = TypeVar("T")
 NETLINK_ROUTE = 0
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x300, 0x200, 0x400
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x300, 0x200, 0x400
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")
@@ -66,6 +67,61 @@ def dump_addresses(sock: socket.socket) -> Iterator[tuple[int, str]]:
                             break
                         pos += (alen + 3) & ~3
             offset += (length + 3) & ~3
+
+
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 18, 1
+#: ifinfomsg: family (+ padding), type, index, flags, change
+_IFINFOMSG = struct.Struct("=BxHiII")
+
+
+def _rtattr(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
+
+
+def rt_request(sock: socket.socket, mtype: int, flags: int, body: bytes) -> list[bytes]:
+    """One rtnetlink request with an ack; the payloads of the replies before it.
+    A refusal raises OSError with the kernel's errno."""
+    seq = int.from_bytes(os.urandom(4), "big") or 1
+    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), mtype,
+                             NLM_F_REQUEST | NLM_F_ACK | flags, seq, 0) + body)
+    replies: list[bytes] = []
+    while True:
+        data = sock.recv(1 << 20)
+        offset = 0
+        while offset + _NLMSGHDR.size <= len(data):
+            length, kind, _, mseq, _ = _NLMSGHDR.unpack_from(data, offset)
+            if length < _NLMSGHDR.size:
+                break
+            if mseq == seq:
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
+                    if code:
+                        raise OSError(code, os.strerror(code))
+                    return replies
+                replies.append(data[offset + _NLMSGHDR.size:offset + length])
+            offset += (length + 3) & ~3
+
+
+def link_index(sock: socket.socket, name: str) -> int | None:
+    """The index of the link called `name`, None when there is none."""
+    try:
+        replies = rt_request(sock, RTM_GETLINK, 0, _IFINFOMSG.pack(0, 0, 0, 0, 0)
+                             + _rtattr(IFLA_IFNAME, name.encode() + b"\0"))
+    except OSError as exc:
+        if exc.errno in (errno.ENODEV, errno.ENOENT):
+            return None
+        raise
+    return int(_IFINFOMSG.unpack_from(replies[0])[2]) if replies else None
+
+
+def create_dummy(sock: socket.socket, name: str) -> None:
+    """`ip link add NAME type dummy` (left down)."""
+    linkinfo = _rtattr(IFLA_INFO_KIND, b"dummy")
+    rt_request(sock, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
+               _IFINFOMSG.pack(0, 0, 0, 0, 0) + _rtattr(IFLA_IFNAME, name.encode() + b"\0")
+               + _rtattr(IFLA_LINKINFO | 0x8000, linkinfo))
 
 
 class AddressChanges:
@@ -135,38 +191,23 @@ class IpvsKernel:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
         self.nl = opened_in(netns, IPVSNetlink)
-        self._ipr: Any = None
         self._rt: socket.socket | None = None
 
     def close(self) -> None:
         self.nl.close()
         if self._rt is not None:
             self._rt.close()
-        if self._ipr is not None:
-            self._ipr.close()
 
-    # -- links and addresses (pyroute2) ---------------------------------------------------
-
-    @property
-    def ipr(self) -> Any:
-        if self._ipr is None:
-            from pyroute2 import IPRoute
-
-            # opened with this thread inside the namespace, so the socket lives
-            # there; pyroute2's NetNS would start a helper process instead
-            # (seconds each under emulation)
-            self._ipr = opened_in(self.netns, IPRoute)
-        return self._ipr
+    # -- kube-ipvs0 and its addresses (rtnetlink) ------------------------------------------
 
     def dummy_index(self, create: bool = True) -> int | None:
-        found = self.ipr.link_lookup(ifname=DUMMY)
-        if found:
-            return int(found[0])
-        if not create:
-            return None
+        sock = self._rt_socket()
+        index = link_index(sock, DUMMY)
+        if index is not None or not create:
+            return index
         # created DOWN, as kube-proxy does: the addresses are local all the same
-        self.ipr.link("add", ifname=DUMMY, kind="dummy")
-        return int(self.ipr.link_lookup(ifname=DUMMY)[0])
+        create_dummy(sock, DUMMY)
+        return link_index(sock, DUMMY)
 
     def bound_addresses(self) -> set[str]:
         """The addresses on kube-ipvs0, from one RTM_GETADDR dump parsed here
@@ -175,6 +216,10 @@ class IpvsKernel:
         if index is None:
             return set()
         return {a for i, a in dump_addresses(self._rt_socket()) if i == index}
+
+    def all_addresses(self) -> list[tuple[int, str]]:
+        """(interface index, address) of every address here."""
+        return list(dump_addresses(self._rt_socket()))
 
     def _rt_socket(self) -> socket.socket:
         if self._rt is None:
@@ -211,7 +256,7 @@ class IpvsKernel:
         index = self.dummy_index(create=False)
         if index is None:
             return False
-        self.ipr.link("del", index=index)
+        rt_request(self._rt_socket(), RTM_DELLINK, 0, _IFINFOMSG.pack(0, 0, index, 0, 0))
         return True
 
     # -- tools ----------------------------------------------------------------------------

@@ -12,7 +12,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from svcproxy.plugins.ipvs.kernel import AddressChanges, dump_addresses, opened_in
+from svcproxy.plugins.ipvs.kernel import (
+    _IFINFOMSG,
+    RTM_DELLINK,
+    AddressChanges,
+    dump_addresses,
+    link_index,
+    opened_in,
+    rt_request,
+)
 from svcproxy.plugins.ipvs.netlink import open_socket
 
 NS = "svpaddrs"
@@ -62,5 +70,22 @@ def test_addresses_added_and_removed_in_bulk(index: int) -> None:
         # a refusal names the address and the kernel's reason
         (failure,) = apply(sock, index + 100, ["10.98.0.1"], [])
         assert failure.startswith("add address 10.98.0.1 on kube-ipvs0: No such device")
+    finally:
+        sock.close()
+
+
+def test_links_looked_up_and_deleted_by_rtnetlink(index: int) -> None:
+    """kube-ipvs0 is found by name and removed (cleanup) with svcproxy's own
+    rtnetlink requests; creating it (a dummy link, which this host's kernel
+    cannot make) is exercised by every test of the VM tier."""
+    sock = opened_in(NS, lambda: open_socket(0))
+    try:
+        assert link_index(sock, "va") == index
+        assert link_index(sock, "kube-ipvs0") is None
+        rt_request(sock, RTM_DELLINK, 0, _IFINFOMSG.pack(0, 0, index, 0, 0))
+        assert link_index(sock, "va") is None and link_index(sock, "vb") is None
+        with pytest.raises(OSError) as exc:
+            rt_request(sock, RTM_DELLINK, 0, _IFINFOMSG.pack(0, 0, index, 0, 0))
+        assert exc.value.errno == 19  # ENODEV
     finally:
         sock.close()
