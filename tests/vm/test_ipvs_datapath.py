@@ -145,13 +145,28 @@ def test_full_sync_repairs_drift_and_partial_touches_only_changes(topo: Topology
     for i in range(3):
         n.publish(service(f"s{i}", cluster_ip=f"10.96.1.{i}", ports=HTTP))
         n.publish(slice_(f"s{i}", endpoints=[endpoint(f"10.244.1.{i + 1}")]))
+    n.publish(service("v6", cluster_ip="fd00:96::10", ipFamilies=["IPv6"], ports=DNS))
+    n.publish(slice_("v6", endpoints=[endpoint("fd00:244::11"), endpoint("fd00:244::12")],
+                     address_type="IPv6", ports=[SLICE_PORTS[1]]))
     n.sync()
     want = ipvsadm(topo)
+    # full syncs read real servers from /proc/net/ip_vs: the same as netlink says
+    kernel = n.plugin.state.kernel
+    listed = kernel.real_servers()
+    dumped = {vs.key: kernel.nl.dests(vs) for vs in kernel.nl.services()}
+    assert listed is not None and set(listed) == set(dumped) and len(listed) == 4
+    for key, rss in dumped.items():
+        assert sorted(listed[key]) == sorted(rss), key
+        assert [(r.active, r.inactive) for r in sorted(listed[key])] == \
+            [(r.active, r.inactive) for r in sorted(rss)]
     sh("ipvsadm", "-D", "-t", "10.96.1.1:80", netns=topo.node)
+    sh("ipvsadm", "-d", "-t", "10.96.1.0:80", "-r", "10.244.1.1:8080", netns=topo.node)
+    sh("ipvsadm", "-d", "-u", "[fd00:96::10]:53", "-r", "[fd00:244::12]:5353",
+       netns=topo.node)
     sh("ipvsadm", "-A", "-t", "10.99.0.1:80", "-s", "rr", netns=topo.node)
     n.sync()  # partial: nothing changed in the cluster, nothing touched
     assert "-A -t 10.96.1.1:80 -s rr" not in ipvsadm(topo)
-    n.sync(full=True)
+    n.sync(full=True)  # repairs virtual and real servers, both families
     assert ipvsadm(topo) == want
 
 
@@ -177,7 +192,7 @@ def test_helper_sets_and_rules_source_ranges_and_masquerade(topo: Topology,
     topo.add_pod("r", "10.244.2.12")
     n.publish(service("lb", cluster_ip="10.96.0.50", type="LoadBalancer",
                       ports=[{**HTTP[0], "nodePort": 30100}],
-                      loadBalancerSourceRanges=["192.168.100.0/24"],
+                      loadBalancerSourceRanges=["192.168.100.0/24", "192.0.2.7/32"],
                       status={"loadBalancer": {"ingress": [{"ip": "203.0.113.10"}]}}))
     n.publish(slice_("lb", endpoints=[endpoint("10.244.1.11", "node-a")]))
     n.publish(service("remote", cluster_ip="10.96.0.60", type="NodePort",
@@ -199,9 +214,13 @@ def test_helper_sets_and_rules_source_ranges_and_masquerade(topo: Topology,
     assert topo.client("c1", "whoami", NODE_IP, "30200", "2")["answers"] == {"169.254.1.1": 2}
     # the VIP does not expose other ports of the node
     assert topo.answers("c1", "http", "10.96.0.60", 22, 1) == {"!refused": 1}
-    # nothing changed: a full sync writes nothing
+    # nothing changed: a full sync writes nothing, and a single-address range
+    # stays (ipset save prints it without /32; full syncs once deleted it)
     before = n.plugin.helpers[4].ipt.restores
-    n.sync(full=True)
+    for _ in range(2):
+        n.sync(full=True)
+        assert "add KUBE-LOAD-BALANCER-SOURCE-CIDR 203.0.113.10,tcp:80,192.0.2.7\n" in \
+            sh("ipset", "save", netns=topo.node).stdout
     assert n.plugin.helpers[4].ipt.restores == before
     lines = n.host.cleanup()
     assert any("ipsets" in line for line in lines), lines
