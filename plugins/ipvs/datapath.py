@@ -115,15 +115,14 @@ class IpvsState:
         services: dict[VSKey, VirtualServer] = {}
         dests: dict[VSKey, dict[RSKey, RealServer]] = {}
         nl = self.kernel.nl
-        # real servers from one read of /proc/net/ip_vs; a dump per virtual
-        # server when it cannot be read
-        listed = self.kernel.real_servers()
+        # (not /proc/net/ip_vs: the kernel walks every namespace's virtual
+        # servers while listing one namespace's, and a listing read in several
+        # calls skipped and mixed entries once two namespaces had IPVS tables)
         for vs in nl.services():
             if not self.excluded(vs.address):
                 key = vs.key
                 services[key] = vs
-                found = listed.get(key, []) if listed is not None else nl.dests(vs)
-                dests[key] = {(rs.address, rs.port): rs for rs in found}
+                dests[key] = {(rs.address, rs.port): rs for rs in nl.dests(vs)}
         self.services, self.dests = services, dests
         self.addresses = self.kernel.bound_addresses()
 

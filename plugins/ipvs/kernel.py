@@ -11,12 +11,12 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 from svcproxy.plugins.iptables.kernel import conntrack_delete, in_netns, run_tool
 
-from .netlink import IPVSNetlink, RealServer, open_socket, send_batch
+from .netlink import IPVSNetlink, open_socket, send_batch
 
 DUMMY = "kube-ipvs0"
 T = TypeVar("T")
@@ -187,46 +187,6 @@ def opened_in(netns: str | None, factory: Callable[[], T]) -> T:
         return factory()
 
 
-#: /proc/net/ip_vs forwarding names -> IP_VS_CONN_F_* forwarding methods
-FORWARD_METHODS = {"Masq": 0, "Local": 1, "Tunnel": 2, "Route": 3}
-
-
-def _proc_endpoint(text: str) -> tuple[str, int]:
-    """"0A600001:0050" or "[fd00:0000:...:0001]:0050" -> (address, port)."""
-    if text[0] == "[":
-        host, port = text[1:].rsplit("]:", 1)
-        return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, host)), \
-            int(port, 16)
-    host, port = text.split(":", 1)
-    return socket.inet_ntop(socket.AF_INET, bytes.fromhex(host)), int(port, 16)
-
-
-def parse_proc_ip_vs(lines: Iterable[str]) -> dict[tuple[str, int, str], list[RealServer]]:
-    """The real servers of every (address, port, protocol) virtual server in
-    /proc/net/ip_vs (firewall-mark services are skipped). One read of this file
-    replaces a netlink dump request per virtual server: 12 s of a 10,000-service
-    full sync under emulation."""
-    out: dict[tuple[str, int, str], list[RealServer]] = {}
-    current: list[RealServer] | None = None
-    for line in lines:
-        if line.startswith("  -> "):
-            if current is not None:
-                parts = line.split()
-                if parts[1][0] in "0123456789ABCDEF[":
-                    address, port = _proc_endpoint(parts[1])
-                    current.append(RealServer(address, port, int(parts[3]),
-                                              FORWARD_METHODS.get(parts[2], 0), int(parts[4]),
-                                              int(parts[5])))
-            continue
-        parts = line.split(None, 2)
-        if len(parts) >= 2 and parts[0] in ("TCP", "UDP", "SCTP"):
-            address, port = _proc_endpoint(parts[1])
-            current = out.setdefault((address, port, parts[0]), [])
-        else:  # headers, FWM and other protocols
-            current = None
-    return out
-
-
 class IpvsKernel:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
@@ -256,16 +216,6 @@ class IpvsKernel:
         if index is None:
             return set()
         return {a for i, a in dump_addresses(self._rt_socket()) if i == index}
-
-    def real_servers(self) -> dict[tuple[str, int, str], list[RealServer]] | None:
-        """Every virtual server's real servers from /proc/net/ip_vs as this
-        namespace sees it, None when the file cannot be read."""
-        with in_netns(self.netns):
-            try:
-                with open("/proc/thread-self/net/ip_vs") as f:
-                    return parse_proc_ip_vs(f)
-            except OSError:
-                return None
 
     def all_addresses(self) -> list[tuple[int, str]]:
         """(interface index, address) of every address here."""

@@ -35,29 +35,3 @@ def test_service_messages_carry_every_field() -> None:
     six = nl.VirtualServer("fd00:96::a", 443, "SCTP", "rr")
     assert nl._parse_service(nl._service_full(six)[4:]) == six
 
-
-def test_proc_ip_vs_listing_parses_into_real_servers() -> None:
-    """/proc/net/ip_vs as the kernel prints it (ip_vs_info_seq_show): full syncs
-    read real servers from it in one go. The VM tier compares it with netlink."""
-    from svcproxy.plugins.ipvs.kernel import parse_proc_ip_vs
-
-    text = (
-        "IP Virtual Server version 1.2.1 (size=4096)\n"
-        "Prot LocalAddress:Port Scheduler Flags\n"
-        "  -> RemoteAddress:Port Forward Weight ActiveConn InActConn\n"
-        "TCP  0A600001:0050 rr \n"
-        "  -> 0AF40105:1F90      Masq    1      3          0         \n"
-        "  -> 0AF40206:1F90      Masq    0      0          2         \n"
-        "FWM  00000010 rr \n"
-        "  -> 0AF40107:0050      Route   1      0          0         \n"
-        "UDP  [fd00:0096:0000:0000:0000:0000:0000:000a]:0035 mh persistent 300 FFFFFFFF\n"
-        "  -> [fd00:0244:0000:0000:0000:0000:0000:0011]:14E9    Masq    1      0          0  \n"
-        "SCTP 0A60005A:005A rr \n")
-    got = parse_proc_ip_vs(text.splitlines(keepends=True))
-    assert got == {
-        ("10.96.0.1", 80, "TCP"): [nl.RealServer("10.244.1.5", 8080, 1),
-                                   nl.RealServer("10.244.2.6", 8080, 0)],
-        ("fd00:96::a", 53, "UDP"): [nl.RealServer("fd00:244::11", 5353, 1)],
-        ("10.96.0.90", 90, "SCTP"): []}
-    first, second = got[("10.96.0.1", 80, "TCP")]
-    assert (first.active, first.inactive, second.inactive) == (3, 0, 2)
