@@ -112,6 +112,11 @@ class IpvsState:
         # the previous index goes first: at 10,000 services two of them at once
         # were ~10 MB of peak memory
         self.services, self.dests = None, {}
+        # kube-ipvs0 exists from the first sync on, services or not, as with
+        # kube-proxy (EnsureDummyDevice on every sync); registering a device is
+        # slow work in the kernel that the first sync with services need not wait
+        # for
+        self.kernel.dummy_index()
         services: dict[VSKey, VirtualServer] = {}
         dests: dict[VSKey, dict[RSKey, RealServer]] = {}
         nl = self.kernel.nl
@@ -120,9 +125,9 @@ class IpvsState:
         # calls skipped and mixed entries once two namespaces had IPVS tables)
         for vs in nl.services():
             if not self.excluded(vs.address):
-                key = vs.key
-                services[key] = vs
-                dests[key] = {(rs.address, rs.port): rs for rs in nl.dests(vs)}
+                services[vs.key] = vs
+        for key, found in nl.dests_of(list(services.values())).items():
+            dests[key] = {(rs.address, rs.port): rs for rs in found}
         self.services, self.dests = services, dests
         self.addresses = self.kernel.bound_addresses()
 

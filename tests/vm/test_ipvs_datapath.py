@@ -161,6 +161,32 @@ def test_full_sync_repairs_drift_and_partial_touches_only_changes(topo: Topology
     assert ipvsadm(topo) == want
 
 
+def test_real_servers_of_many_virtual_servers_read_together(topo: Topology,
+                                                            tmp_path: Path) -> None:
+    """Full syncs send the per-service dump requests many at a time
+    (dests_of): small dumps finish within their request; a large one (here 60
+    real servers, several messages) is still running when the next request
+    arrives, which the kernel refuses (EBUSY) and svcproxy asks again. Either
+    way the answer equals one dump per virtual server."""
+    n = IpvsNode(topo, tmp_path)
+    for i in range(40):
+        n.publish(service(f"s{i}", cluster_ip=f"10.96.2.{i}", ports=HTTP))
+        count = 60 if i in (5, 6) else 1 + i % 4
+        n.publish(slice_(f"s{i}", endpoints=[endpoint(f"10.245.{i}.{j + 1}")
+                                             for j in range(count)]))
+    n.publish(service("v6", cluster_ip="fd00:96::20", ipFamilies=["IPv6"], ports=HTTP))
+    n.publish(slice_("v6", endpoints=[endpoint("fd00:245::1")], address_type="IPv6"))
+    n.sync()
+    nl = n.plugin.state.kernel.nl
+    services = nl.services()
+    one_by_one = {vs.key: sorted(nl.dests(vs)) for vs in services}
+    for per_send in (64, 7):
+        nl.DUMPS_PER_SEND = per_send
+        together = nl.dests_of(services)
+        assert {k: sorted(v) for k, v in together.items()} == one_by_one
+    assert len(one_by_one[("10.96.2.5", 80, "TCP")]) == 60 and len(one_by_one) == 41
+
+
 def test_cleanup_restores_sysctls(topo: Topology, tmp_path: Path) -> None:
     sh("sysctl", "-qw", "net.ipv4.vs.expire_nodest_conn=0", netns=topo.node)
     n = IpvsNode(topo, tmp_path)
