@@ -206,7 +206,12 @@ class IpvsKernel:
         if index is not None or not create:
             return index
         # created DOWN, as kube-proxy does: the addresses are local all the same
-        create_dummy(sock, DUMMY)
+        try:
+            create_dummy(sock, DUMMY)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot create {DUMMY} (a dummy link; is the dummy "
+                                     f"kernel module available?): {os.strerror(exc.errno)}"
+                          ) from None
         return link_index(sock, DUMMY)
 
     def bound_addresses(self) -> set[str]:

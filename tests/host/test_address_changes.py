@@ -89,3 +89,24 @@ def test_links_looked_up_and_deleted_by_rtnetlink(index: int) -> None:
         assert exc.value.errno == 19  # ENODEV
     finally:
         sock.close()
+
+
+def test_kube_ipvs0_is_created_or_the_error_says_why(index: int) -> None:
+    """Creating kube-ipvs0 needs the dummy module: where it loads (the VM tier),
+    the link appears; where it cannot (this host's kernel), the error names the
+    link and the module instead of a bare errno."""
+    from svcproxy.plugins.ipvs.kernel import IpvsKernel
+
+    kernel = IpvsKernel.__new__(IpvsKernel)  # no IPVS here: only the link part
+    kernel.netns, kernel._rt = NS, None
+    try:
+        try:
+            created = kernel.dummy_index()
+        except OSError as exc:
+            assert "cannot create kube-ipvs0 (a dummy link; is the dummy kernel module " \
+                   "available?)" in str(exc)
+        else:
+            assert created is not None and created == kernel.dummy_index(create=False)
+    finally:
+        if kernel._rt is not None:
+            kernel._rt.close()
