@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .netlink import SEND_CHUNK, open_socket, send_batch
+from .netlink import SEND_CHUNK, each_attr, each_message, error_code, open_socket, send_batch
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_IPSET = 6
@@ -174,15 +174,8 @@ PROTO_NAMES = {number: name for name, number in PROTO_NUMBERS.items()}
 
 
 def _nested_attrs(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
-    """{type: (payload start, payload end)} of the attributes in data[start:end]."""
-    out = {}
-    while start + 4 <= end:
-        length, kind = _NLA.unpack_from(data, start)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = (start + 4, start + length)
-        start += (length + 3) & ~3
-    return out
+    """{type: (value start, value end)} of the attributes in data[start:end]."""
+    return {kind: (value, stop) for kind, value, stop in each_attr(data, start, end)}
 
 
 def _address(data: bytes, span: tuple[int, int]) -> str:
@@ -237,32 +230,23 @@ class IpsetReader:
         out: dict[str, set[str]] = {}
         while True:
             data = self.sock.recv(1 << 20)
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(data):
-                length, mtype, _, mseq, _ = _NLMSGHDR.unpack_from(data, offset)
-                if length < _NLMSGHDR.size:
+            for mtype, mseq, start, end in each_message(data):
+                if mseq != seq:
+                    continue
+                if mtype == NLMSG_DONE:
                     return out
-                end = offset + length
-                if mseq == seq:
-                    if mtype == NLMSG_DONE:
-                        return out
-                    if mtype == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
-                        if code:
-                            raise OSError(code, f"listing ipsets: {os.strerror(code)}"
-                                          if code < 4096 else f"listing ipsets: error {code}")
-                    else:
-                        top = _nested_attrs(data, offset + _NLMSGHDR.size + _NFGEN.size, end)
-                        if ATTR_SETNAME in top:
-                            a, b = top[ATTR_SETNAME]
-                            name = data[a:b].split(b"\0", 1)[0].decode()
-                            members = out.setdefault(name, set())
-                            if ATTR_ADT in top and parse(name):
-                                pos, stop = top[ATTR_ADT]
-                                while pos + 4 <= stop:
-                                    elen, _ = _NLA.unpack_from(data, pos)
-                                    if elen < 4:
-                                        break
-                                    members.add(member_text(data, pos + 4, pos + elen))
-                                    pos += (elen + 3) & ~3
-                offset += (length + 3) & ~3
+                if mtype == NLMSG_ERROR:
+                    code = error_code(data, start)
+                    if code:
+                        raise OSError(code, f"listing ipsets: {os.strerror(code)}"
+                                      if code < 4096 else f"listing ipsets: error {code}")
+                    continue
+                top = _nested_attrs(data, start + _NFGEN.size, end)
+                if ATTR_SETNAME not in top:
+                    continue
+                a, b = top[ATTR_SETNAME]
+                name = data[a:b].split(b"\0", 1)[0].decode()
+                members = out.setdefault(name, set())
+                if ATTR_ADT in top and parse(name):
+                    for _, value, stop in each_attr(data, *top[ATTR_ADT]):
+                        members.add(member_text(data, value, stop))

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from svcproxy.plugins.iptables.kernel import conntrack_delete, in_netns, run_tool
 
-from .netlink import IPVSNetlink, open_socket, send_batch
+from .netlink import IPVSNetlink, each_attr, each_message, error_code, open_socket, send_batch
 
 DUMMY = "kube-ipvs0"
 T = TypeVar("T")
@@ -43,30 +43,20 @@ def dump_addresses(sock: socket.socket) -> Iterator[tuple[int, str]]:
                              NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
     while True:
         data = sock.recv(1 << 20)
-        offset = 0
-        while offset + _NLMSGHDR.size <= len(data):
-            length, mtype, _, mseq, _ = _NLMSGHDR.unpack_from(data, offset)
-            if length < _NLMSGHDR.size:
+        for mtype, mseq, start, end in each_message(data):
+            if mseq != seq:
+                continue
+            if mtype == NLMSG_DONE:
                 return
-            if mseq == seq:
-                if mtype == NLMSG_DONE:
-                    return
-                if mtype == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
-                    raise OSError(code, f"listing addresses: {os.strerror(code)}")
-                if mtype == RTM_NEWADDR:
-                    start = offset + _NLMSGHDR.size
-                    family, _, _, _, index = _IFADDRMSG.unpack_from(data, start)
-                    pos, end = start + _IFADDRMSG.size, offset + length
-                    while pos + 4 <= end:
-                        alen, kind = struct.unpack_from("=HH", data, pos)
-                        if alen < 4:
-                            break
-                        if kind == IFA_ADDRESS:
-                            yield index, socket.inet_ntop(family, data[pos + 4:pos + alen])
-                            break
-                        pos += (alen + 3) & ~3
-            offset += (length + 3) & ~3
+            if mtype == NLMSG_ERROR:
+                code = error_code(data, start)
+                raise OSError(code, f"listing addresses: {os.strerror(code)}")
+            if mtype == RTM_NEWADDR:
+                family, _, _, _, index = _IFADDRMSG.unpack_from(data, start)
+                for kind, value, stop in each_attr(data, start + _IFADDRMSG.size, end):
+                    if kind == IFA_ADDRESS:
+                        yield index, socket.inet_ntop(family, data[value:stop])
+                        break
 
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
@@ -89,19 +79,15 @@ def rt_request(sock: socket.socket, mtype: int, flags: int, body: bytes) -> list
     replies: list[bytes] = []
     while True:
         data = sock.recv(1 << 20)
-        offset = 0
-        while offset + _NLMSGHDR.size <= len(data):
-            length, kind, _, mseq, _ = _NLMSGHDR.unpack_from(data, offset)
-            if length < _NLMSGHDR.size:
-                break
-            if mseq == seq:
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
-                    if code:
-                        raise OSError(code, os.strerror(code))
-                    return replies
-                replies.append(data[offset + _NLMSGHDR.size:offset + length])
-            offset += (length + 3) & ~3
+        for kind, mseq, start, end in each_message(data):
+            if mseq != seq:
+                continue
+            if kind == NLMSG_ERROR:
+                code = error_code(data, start)
+                if code:
+                    raise OSError(code, os.strerror(code))
+                return replies
+            replies.append(data[start:end])
 
 
 def link_index(sock: socket.socket, name: str) -> int | None:

@@ -20,7 +20,6 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 # netlink
 NETLINK_GENERIC = 16
@@ -215,6 +214,34 @@ def _dest_id(rs: RealServer) -> bytes:
 
 # ---- decoding ------------------------------------------------------------------------
 
+def each_message(data: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(type, seq, payload start, end) of every netlink message in one datagram:
+    offsets into `data`, nothing copied (every reader here walks answers this way)."""
+    offset, size = 0, len(data)
+    while offset + 16 <= size:
+        length, mtype, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
+        if length < 16:
+            return
+        yield mtype, seq, offset + 16, offset + length
+        offset += (length + 3) & ~3
+
+
+def error_code(data: bytes, start: int) -> int:
+    """The errno of an NLMSG_ERROR whose payload starts at `start` (0: an ack)."""
+    return -int(struct.unpack_from("=i", data, start)[0])
+
+
+def each_attr(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type without flags, value start, value end) of the attributes in
+    data[start:end]."""
+    while start + 4 <= end:
+        length, kind = _NLA.unpack_from(data, start)
+        if length < 4:
+            return
+        yield kind & NLA_TYPE_MASK, start + 4, start + length
+        start += (length + 3) & ~3
+
+
 def _attrs(data: bytes, offset: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
     end = len(data) if end is None else end
     while offset + _NLA.size <= end:
@@ -259,20 +286,16 @@ def _parse_dest(payload: bytes, default_family: int) -> RealServer:
                       inactive=u32(DEST_INACT_CONNS), persistent=u32(DEST_PERSIST_CONNS))
 
 
-def _dest_at(data: bytes, pos: int, end: int, family: int, u32: Any, be16: Any) -> RealServer:
+def _dest_at(data: bytes, pos: int, end: int, family: int) -> RealServer:
     """A CMD_ATTR_DEST's attributes at data[pos:end], without copying them out."""
     address = b""
     port = weight = fwd = active = inactive = persistent = 0
-    while pos + 4 <= end:
-        alen, kind = _NLA.unpack_from(data, pos)
-        if alen < 4:
-            break
-        kind &= NLA_TYPE_MASK
-        value = pos + 4
+    u32 = _U32.unpack_from
+    for kind, value, stop in each_attr(data, pos, end):
         if kind == DEST_ADDR:
-            address = data[value:pos + alen]
+            address = data[value:stop]
         elif kind == DEST_PORT:
-            port = be16(data, value)[0]
+            port = _BE16.unpack_from(data, value)[0]
         elif kind == DEST_WEIGHT:
             weight = u32(data, value)[0]
         elif kind == DEST_FWD_METHOD:
@@ -285,7 +308,6 @@ def _dest_at(data: bytes, pos: int, end: int, family: int, u32: Any, be16: Any) 
             persistent = u32(data, value)[0]
         elif kind == DEST_ADDR_FAMILY:
             family = _U16.unpack_from(data, value)[0]
-        pos += (alen + 3) & ~3
     return RealServer(_address(family, address), port, weight, fwd, active, inactive,
                       persistent)
 
@@ -347,18 +369,13 @@ def send_batch(sock: socket.socket, messages: Iterable[tuple[int, bytes]],
                         raise NetlinkError(exc.errno, "netlink receive buffer overflowed; "
                                            "the kernel's answers to a batch were lost") from None
                     raise
-                offset = 0
-                while offset + _NLMSGHDR.size <= len(data):
-                    length, mtype, _, seq, _ = _NLMSGHDR.unpack_from(data, offset)
-                    if length < _NLMSGHDR.size:
-                        break
+                for mtype, seq, start, _ in each_message(data):
                     if mtype == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
+                        code = error_code(data, start)
                         if code:
                             refused[seq] = code
                         if seq == last_seq:
                             done = True
-                    offset += (length + 3) & ~3
         except BlockingIOError:
             pass
         finally:
@@ -416,16 +433,11 @@ class IPVSNetlink:
         body = _GENLHDR.pack(cmd, version, 0) + payload
         return seq, _NLMSGHDR.pack(_NLMSGHDR.size + len(body), family, flags, seq, 0) + body
 
-    def _recv_messages(self) -> Iterator[tuple[int, int, int, bytes]]:
-        """(type, flags, seq, payload-after-nlmsghdr) for one datagram."""
+    def _recv_messages(self) -> Iterator[tuple[int, int, bytes]]:
+        """(type, seq, payload after the netlink header) for one datagram."""
         data = self.sock.recv(1 << 20)
-        offset = 0
-        while offset + _NLMSGHDR.size <= len(data):
-            length, mtype, flags, seq, _ = _NLMSGHDR.unpack_from(data, offset)
-            if length < _NLMSGHDR.size:
-                break
-            yield mtype, flags, seq, data[offset + _NLMSGHDR.size: offset + length]
-            offset += (length + 3) & ~3
+        for mtype, seq, start, end in each_message(data):
+            yield mtype, seq, data[start:end]
 
     def _request(self, family: int, cmd: int, payload: bytes, dump: bool = False,
                  version: int = IPVS_GENL_VERSION) -> list[bytes]:
@@ -435,7 +447,7 @@ class IPVSNetlink:
         self.sock.send(msg)
         answers: list[bytes] = []
         while True:
-            for mtype, _, mseq, body in self._recv_messages():
+            for mtype, mseq, body in self._recv_messages():
                 if mseq != seq:
                     continue
                 if mtype == NLMSG_ERROR:
@@ -477,6 +489,14 @@ class IPVSNetlink:
     #: real-server dump requests sent together by dests_of
     DUMPS_PER_SEND = 64
 
+    def dests(self, vs: VirtualServer) -> list[RealServer]:
+        """The real servers of one virtual server."""
+        found, busy = self._dump_dests([vs])
+        if busy:  # only if a dump on this socket were still running
+            raise NetlinkError(errno_mod.EBUSY, f"listing the real servers of {vs}: "
+                               f"{os.strerror(errno_mod.EBUSY)}")
+        return found[vs.key]
+
     def dests_of(self, services: Sequence[VirtualServer]
                  ) -> dict[tuple[str, int, str], list[RealServer]]:
         """The real servers of many virtual servers: their dump requests go
@@ -488,96 +508,52 @@ class IPVSNetlink:
         not is still running then, and the kernel refuses the next dump on this
         socket with EBUSY - those are asked again one at a time."""
         out: dict[tuple[str, int, str], list[RealServer]] = {}
-        header, unpack_hdr, unpack_nla = _HEADERS, _NLMSGHDR.unpack_from, _NLA.unpack_from
-        u32, be16 = _U32.unpack_from, _BE16.unpack_from
         again: list[VirtualServer] = []
         for start in range(0, len(services), self.DUMPS_PER_SEND):
-            group = services[start:start + self.DUMPS_PER_SEND]
-            by_seq: dict[int, tuple[VirtualServer, int, list[RealServer]]] = {}
-            msgs = []
-            for vs in group:
-                seq, msg = self._message(self.family_id, CMD_GET_DEST,
-                                         NLM_F_REQUEST | NLM_F_DUMP, _service_nested_id(vs))
-                family = socket.AF_INET6 if ":" in vs.address else socket.AF_INET
-                by_seq[seq] = (vs, family, [])
-                msgs.append(msg)
-            self.sock.send(b"".join(msgs))
-            pending = set(by_seq)
-            while pending:
-                data = self.sock.recv(1 << 20)
-                offset = 0
-                while offset + 16 <= len(data):
-                    length, mtype, _, mseq, _ = unpack_hdr(data, offset)
-                    if length < 16:
-                        break
-                    end = offset + length
-                    entry = by_seq.get(mseq)
-                    if entry is not None and mseq in pending:
-                        vs, family, found = entry
-                        if mtype == NLMSG_DONE:
-                            pending.discard(mseq)
-                            out[vs.key] = found
-                        elif mtype == NLMSG_ERROR:
-                            pending.discard(mseq)
-                            code = -struct.unpack_from("=i", data, offset + 16)[0]
-                            if code == errno_mod.EBUSY:
-                                again.append(vs)
-                            elif code:
-                                raise NetlinkError(code, f"listing the real servers of {vs}: "
-                                                   f"{os.strerror(code)}")
-                            else:
-                                out[vs.key] = found
-                        else:
-                            pos = offset + header
-                            while pos + 4 <= end:
-                                alen, kind = unpack_nla(data, pos)
-                                if alen < 4:
-                                    break
-                                if kind & NLA_TYPE_MASK == CMD_ATTR_DEST:
-                                    found.append(_dest_at(data, pos + 4, pos + alen, family,
-                                                          u32, be16))
-                                pos += (alen + 3) & ~3
-                    offset += (length + 3) & ~3
+            found, busy = self._dump_dests(services[start:start + self.DUMPS_PER_SEND])
+            out.update(found)
+            again += busy
         for vs in again:
             out[vs.key] = self.dests(vs)
         return out
 
-    def dests(self, vs: VirtualServer) -> list[RealServer]:
-        """The real servers of one virtual server, parsed straight from the
-        received buffer: a full sync reads every real server back (50,000 for
-        10,000 services), so this loop is lean."""
-        seq, msg = self._message(self.family_id, CMD_GET_DEST, NLM_F_REQUEST | NLM_F_DUMP,
-                                 _service_nested_id(vs))
-        self.sock.send(msg)
-        family = socket.AF_INET6 if ":" in vs.address else socket.AF_INET
-        out: list[RealServer] = []
-        header, unpack_hdr, unpack_nla = _HEADERS, _NLMSGHDR.unpack_from, _NLA.unpack_from
-        u32, be16 = _U32.unpack_from, _BE16.unpack_from
-        while True:
+    def _dump_dests(self, group: Sequence[VirtualServer]
+                    ) -> tuple[dict[tuple[str, int, str], list[RealServer]],
+                               list[VirtualServer]]:
+        """One send of real-server dump requests; the answers parsed straight
+        from the receive buffer, and the virtual servers refused with EBUSY."""
+        by_seq: dict[int, tuple[VirtualServer, int, list[RealServer]]] = {}
+        msgs = []
+        for vs in group:
+            seq, msg = self._message(self.family_id, CMD_GET_DEST, NLM_F_REQUEST | NLM_F_DUMP,
+                                     _service_nested_id(vs))
+            by_seq[seq] = (vs, socket.AF_INET6 if ":" in vs.address else socket.AF_INET, [])
+            msgs.append(msg)
+        self.sock.send(b"".join(msgs))
+        out: dict[tuple[str, int, str], list[RealServer]] = {}
+        busy: list[VirtualServer] = []
+        pending = set(by_seq)
+        while pending:
             data = self.sock.recv(1 << 20)
-            offset = 0
-            while offset + 16 <= len(data):
-                length, mtype, _, mseq, _ = unpack_hdr(data, offset)
-                if length < 16:
-                    break
-                end = offset + length
-                if mseq == seq:
-                    if mtype == NLMSG_DONE:
-                        return out
-                    if mtype == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", data, offset + 16)[0]
-                        if code:
-                            raise NetlinkError(code, os.strerror(code))
-                        return out
-                    pos = offset + header
-                    while pos + 4 <= end:
-                        alen, kind = unpack_nla(data, pos)
-                        if alen < 4:
-                            break
-                        if kind & NLA_TYPE_MASK == CMD_ATTR_DEST:
-                            out.append(_dest_at(data, pos + 4, pos + alen, family, u32, be16))
-                        pos += (alen + 3) & ~3
-                offset += (length + 3) & ~3
+            for mtype, seq, start, end in each_message(data):
+                if seq not in pending:
+                    continue
+                vs, family, found = by_seq[seq]
+                if mtype in (NLMSG_DONE, NLMSG_ERROR):
+                    pending.discard(seq)
+                    code = error_code(data, start) if mtype == NLMSG_ERROR else 0
+                    if code == errno_mod.EBUSY:
+                        busy.append(vs)
+                    elif code:
+                        raise NetlinkError(code, f"listing the real servers of {vs}: "
+                                           f"{os.strerror(code)}")
+                    else:
+                        out[vs.key] = found
+                    continue
+                for kind, value, stop in each_attr(data, start + _GENLHDR.size, end):
+                    if kind == CMD_ATTR_DEST:
+                        found.append(_dest_at(data, value, stop, family))
+        return out, busy
 
     def dump(self) -> dict[VirtualServer, list[RealServer]]:
         """Every virtual server with its real servers (one dump per service, as
