@@ -287,13 +287,22 @@ def _parse_dest(payload: bytes, default_family: int) -> RealServer:
 
 
 def _dest_at(data: bytes, pos: int, end: int, family: int) -> RealServer:
-    """A CMD_ATTR_DEST's attributes at data[pos:end], without copying them out."""
+    """A CMD_ATTR_DEST's attributes at data[pos:end], without copying them out.
+    The hottest loop of a full sync's read-back (50,000 real servers x a dozen
+    attributes at 10,000 services), so it walks the attributes inline:
+    through each_attr's generator the read took 20 s instead of 13 s in the
+    VM."""
     address = b""
     port = weight = fwd = active = inactive = persistent = 0
-    u32 = _U32.unpack_from
-    for kind, value, stop in each_attr(data, pos, end):
+    u32, nla = _U32.unpack_from, _NLA.unpack_from
+    while pos + 4 <= end:
+        length, kind = nla(data, pos)
+        if length < 4:
+            break
+        kind &= NLA_TYPE_MASK
+        value = pos + 4
         if kind == DEST_ADDR:
-            address = data[value:stop]
+            address = data[value:pos + length]
         elif kind == DEST_PORT:
             port = _BE16.unpack_from(data, value)[0]
         elif kind == DEST_WEIGHT:
@@ -308,6 +317,7 @@ def _dest_at(data: bytes, pos: int, end: int, family: int) -> RealServer:
             persistent = u32(data, value)[0]
         elif kind == DEST_ADDR_FAMILY:
             family = _U16.unpack_from(data, value)[0]
+        pos += (length + 3) & ~3
     return RealServer(_address(family, address), port, weight, fwd, active, inactive,
                       persistent)
 
