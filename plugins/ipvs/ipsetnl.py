@@ -20,7 +20,20 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .netlink import SEND_CHUNK, each_attr, each_message, error_code, open_socket, send_batch
+from .netlink import (
+    _NLMSGHDR,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    SEND_CHUNK,
+    _attr,
+    each_attr,
+    each_message,
+    error_code,
+    open_socket,
+    send_batch,
+)
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_IPSET = 6
@@ -32,17 +45,9 @@ ATTR_IP, ATTR_PORT, ATTR_PROTO, ATTR_IP2, ATTR_CIDR2 = 1, 4, 7, 20, 21
 ATTR_IPADDR_IPV4, ATTR_IPADDR_IPV6 = 1, 2
 NLA_F_NESTED = 0x8000
 NLA_F_NET_BYTEORDER = 0x4000
-NLM_F_REQUEST = 0x1
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("=BBH")
-_NLA = struct.Struct("=HH")
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = _NLA.size + len(payload)
-    return _NLA.pack(length, kind) + payload + b"\0" * (-length % 4)
 
 
 #: IPSET_ATTR_LINENO (the kernel requires one with IPSET_ATTR_ADT)
@@ -167,8 +172,6 @@ class IpsetNetlink:
 
 CMD_LIST = 7
 ATTR_TYPENAME = 3
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_DUMP = 0x300
 ATTR_CIDR = 3
 PROTO_NAMES = {number: name for name, number in PROTO_NUMBERS.items()}
 

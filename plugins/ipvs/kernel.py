@@ -16,17 +16,29 @@ from typing import TypeVar
 
 from svcproxy.plugins.iptables.kernel import conntrack_delete, in_netns, run_tool
 
-from .netlink import IPVSNetlink, each_attr, each_message, error_code, open_socket, send_batch
+from .netlink import (
+    _NLMSGHDR,
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    IPVSNetlink,
+    _attr,
+    each_attr,
+    each_message,
+    error_code,
+    open_socket,
+    send_batch,
+)
 
 DUMMY = "kube-ipvs0"
 T = TypeVar("T")
 
 NETLINK_ROUTE = 0
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x300, 0x200, 0x400
+NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 IFA_ADDRESS, IFA_LOCAL = 1, 2
-_NLMSGHDR = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")
 #: ifaddrmsg (family, prefix length, flags, scope, index), then IFA_LOCAL and
 #: IFA_ADDRESS with the same address, as `ip address add` sends them
@@ -65,11 +77,6 @@ IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 18, 1
 _IFINFOMSG = struct.Struct("=BxHiII")
 
 
-def _rtattr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
-
-
 def rt_request(sock: socket.socket, mtype: int, flags: int, body: bytes) -> list[bytes]:
     """One rtnetlink request with an ack; the payloads of the replies before it.
     A refusal raises OSError with the kernel's errno."""
@@ -94,7 +101,7 @@ def link_index(sock: socket.socket, name: str) -> int | None:
     """The index of the link called `name`, None when there is none."""
     try:
         replies = rt_request(sock, RTM_GETLINK, 0, _IFINFOMSG.pack(0, 0, 0, 0, 0)
-                             + _rtattr(IFLA_IFNAME, name.encode() + b"\0"))
+                             + _attr(IFLA_IFNAME, name.encode() + b"\0"))
     except OSError as exc:
         if exc.errno in (errno.ENODEV, errno.ENOENT):
             return None
@@ -104,10 +111,10 @@ def link_index(sock: socket.socket, name: str) -> int | None:
 
 def create_dummy(sock: socket.socket, name: str) -> None:
     """`ip link add NAME type dummy` (left down)."""
-    linkinfo = _rtattr(IFLA_INFO_KIND, b"dummy")
+    linkinfo = _attr(IFLA_INFO_KIND, b"dummy")
     rt_request(sock, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
-               _IFINFOMSG.pack(0, 0, 0, 0, 0) + _rtattr(IFLA_IFNAME, name.encode() + b"\0")
-               + _rtattr(IFLA_LINKINFO | 0x8000, linkinfo))
+               _IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+               + _attr(IFLA_LINKINFO | 0x8000, linkinfo))
 
 
 class AddressChanges:
