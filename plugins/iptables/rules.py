@@ -83,8 +83,18 @@ def host_port(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
+_BARE = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
 def comment(text: str) -> str:
-    return f'-m comment --comment "{text}"'
+    """The comment match as iptables-save prints it (libxtables'
+    xtables_save_string): bare when every character is a letter, digit, _ or -,
+    else double-quoted with ", ' and \\ escaped by a backslash. Any other
+    spelling reads back differently and would be rewritten by every full sync."""
+    if text and all(c in _BARE for c in text):
+        return f"-m comment --comment {text}"
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("'", "\\'")
+    return f'-m comment --comment "{escaped}"'
 
 
 @functools.lru_cache(maxsize=4096)

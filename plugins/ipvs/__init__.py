@@ -379,10 +379,12 @@ class IpvsPlugin:
     @hookimpl
     def svcproxy_cleanup_datapath(self) -> list[str]:
         lines: list[str] = []
+        kernel = IpvsKernel(self.netns)
         try:
-            kernel = IpvsKernel(self.netns)
+            kernel.nl  # noqa: B018 -- no IPVS here: nothing of IPVS mode to remove
         except OSError as exc:
             log.debug("IPVS cleanup skipped: %s", exc)
+            kernel.close()
             return lines
         try:
             from svcproxy.plugins.iptables.kernel import detect_backend

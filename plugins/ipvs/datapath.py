@@ -34,6 +34,7 @@ from .helpers import (
     health_check_entries,
     helper_chains,
     ipset_create,
+    net_changes,
     set_name,
     vip_source_rule,
 )
@@ -308,9 +309,9 @@ class IpvsState:
         for fk in scope:
             self.bound_index.set(fk, bound(fk), None, added, removed)
         # an address that moved between frontends in this sync stays bound
-        both = {a for _, a in added} & {a for _, a in removed}
-        add = [a for _, a in added if a not in both]
-        remove = [a for _, a in removed if a not in both]
+        net_added, net_removed = net_changes(added, removed)
+        add = [a for _, a in net_added]
+        remove = [a for _, a in net_removed]
         self.addresses.update(add)
         self.addresses.difference_update(remove)
         return add, remove
@@ -468,6 +469,7 @@ class HelperState:
                 else:
                     self.index.set(fk, *frontend_entries(
                         fe, node, fe.bind_address and not excluded(fe.address)), adds, dels)
+            adds, dels = net_changes(adds, dels)
             self._health_ports(plan, changed, adds, dels)
         self.opts = opts
         assert self.sets is not None and self.chains is not None

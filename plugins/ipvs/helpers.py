@@ -13,6 +13,7 @@ members are diffed one by one and written through netlink (ipsetnl.py).
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from dataclasses import dataclass
 
 from svcproxy.ir import Frontend, FrontendKey, FrontendKind, ServiceMap
@@ -169,13 +170,22 @@ class SetIndex:
             out_filter: tuple[str, str, int] | None,
             added: list[tuple[str, str]], removed: list[tuple[str, str]]) -> None:
         """Replace `key`'s contribution; members that appear or disappear are
-        appended to `added` / `removed`."""
+        appended to `added` / `removed`. Only the net change: a member `key`
+        keeps (or that another frontend still holds) is in neither list, so
+        nothing touches it in the kernel."""
         old = self.contrib.pop(key, ())
         if old == entries:
             if entries:
                 self.contrib[key] = entries
         else:
             refs = self.refs
+            # count the new contribution in before the old one out, so a member
+            # in both never reaches zero on the way
+            for e in entries:
+                n = refs.get(e, 0)
+                refs[e] = n + 1
+                if not n:
+                    added.append(e)
             for e in old:
                 n = refs[e] - 1
                 if n:
@@ -183,11 +193,6 @@ class SetIndex:
                 else:
                     del refs[e]
                     removed.append(e)
-            for e in entries:
-                n = refs.get(e, 0)
-                refs[e] = n + 1
-                if not n:
-                    added.append(e)
             if entries:
                 self.contrib[key] = entries
         if out_filter is None:
@@ -200,6 +205,20 @@ class SetIndex:
         for name, member in self.refs:
             out[name].add(member)
         return out
+
+
+def net_changes(added: list[tuple[str, str]], removed: list[tuple[str, str]]
+                ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """What to add and delete after several SetIndex.set calls in one sync: a
+    member one frontend gave up and another took (or the reverse) stays as it
+    is in the kernel, so it is in neither list."""
+    if not added or not removed:
+        return added, removed
+    count = Counter(added)
+    count.subtract(removed)
+    adds = [e for e in dict.fromkeys(added) if count[e] > 0]
+    dels = [e for e in dict.fromkeys(removed) if count[e] < 0]
+    return adds, dels
 
 
 def set_entries(plan: ServiceMap, bound: set[str], family: int,

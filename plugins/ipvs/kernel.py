@@ -183,11 +183,20 @@ def opened_in(netns: str | None, factory: Callable[[], T]) -> T:
 class IpvsKernel:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
-        self.nl = opened_in(netns, IPVSNetlink)
+        self._nl: IPVSNetlink | None = None
         self._rt: socket.socket | None = None
 
+    @property
+    def nl(self) -> IPVSNetlink:
+        """The IPVS generic-netlink socket, opened on first use (the helper sets
+        and rules need none, and a kernel without IPVS has no family for it)."""
+        if self._nl is None:
+            self._nl = opened_in(self.netns, IPVSNetlink)
+        return self._nl
+
     def close(self) -> None:
-        self.nl.close()
+        if self._nl is not None:
+            self._nl.close()
         if self._rt is not None:
             self._rt.close()
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from factories import endpoint, node, plan_of, service, slice_
+from hypothesis import given
+from hypothesis import strategies as st
 
+from svcproxy.ir import FrontendKey
 from svcproxy.plugins.ipvs.datapath import render_ipvsadm, to_ipvs
 from svcproxy.plugins.ipvs.helpers import (
     HelperOptions,
@@ -11,6 +14,7 @@ from svcproxy.plugins.ipvs.helpers import (
     frontend_entries,
     helper_chains,
     ipset_create,
+    net_changes,
     set_entries,
     set_name,
 )
@@ -196,3 +200,59 @@ def test_reports_reach_sources_once() -> None:
     for _ in range(3):
         host.report_object("Service", "ns", "s", "InvalidIPVSScheduler", "bad")
     assert seen == [("Service", "ns", "s", "InvalidIPVSScheduler")]
+
+
+def test_a_member_a_frontend_keeps_is_neither_added_nor_removed() -> None:
+    """Regression: a member present before and after a frontend's change (its
+    VIP:port when one endpoint goes) was in both lists, and the writer's add
+    then delete left it deleted."""
+    index = SetIndex()
+    key = FrontendKey("10.96.0.10", 80, "TCP")
+    sink: list[tuple[str, str]] = []
+    index.set(key, (("KUBE-CLUSTER-IP", "10.96.0.10,tcp:80"),
+                    ("KUBE-LOOP-BACK", "10.244.1.1,tcp:8080,10.244.1.1")), None, sink, sink)
+    added: list[tuple[str, str]] = []
+    removed: list[tuple[str, str]] = []
+    index.set(key, (("KUBE-CLUSTER-IP", "10.96.0.10,tcp:80"),), None, added, removed)
+    assert added == []
+    assert removed == [("KUBE-LOOP-BACK", "10.244.1.1,tcp:8080,10.244.1.1")]
+
+
+def test_net_changes_keeps_a_member_that_moved_between_frontends() -> None:
+    a, b = FrontendKey("10.96.0.10", 80, "TCP"), FrontendKey("10.96.0.11", 80, "TCP")
+    member = ("KUBE-NODE-PORT-TCP", "30080")
+    for first, second in ((a, b), (b, a)):
+        index = SetIndex()
+        sink: list[tuple[str, str]] = []
+        index.set(first, (member,), None, sink, sink)
+        added: list[tuple[str, str]] = []
+        removed: list[tuple[str, str]] = []
+        index.set(first, (), None, added, removed)  # given up ...
+        index.set(second, (member,), None, added, removed)  # ... and taken
+        assert net_changes(added, removed) == ([], [])
+        assert index.members()["KUBE-NODE-PORT-TCP"] == {"30080"}
+
+
+MEMBERS = st.sampled_from([("KUBE-CLUSTER-IP", f"10.96.0.{i},tcp:80") for i in range(4)]
+                          + [("KUBE-NODE-PORT-TCP", str(30000 + i)) for i in range(3)])
+KEYS = st.sampled_from([FrontendKey(f"10.96.1.{i}", 80, "TCP") for i in range(4)])
+
+
+@given(st.lists(st.lists(st.tuples(KEYS, st.lists(MEMBERS, max_size=4).map(tuple)),
+                         max_size=5), max_size=6))
+def test_net_changes_applied_to_the_kernel_give_the_index(syncs: list) -> None:  # type: ignore[type-arg]
+    """Any sequence of syncs, each changing several frontends: a kernel set that
+    receives only the net adds and deletes always equals the index's members,
+    and no member is both added and deleted in one sync."""
+    index = SetIndex()
+    kernel: set[tuple[str, str]] = set()
+    for sync in syncs:
+        added: list[tuple[str, str]] = []
+        removed: list[tuple[str, str]] = []
+        for key, entries in sync:
+            index.set(key, entries, None, added, removed)
+        adds, dels = net_changes(added, removed)
+        assert not set(adds) & set(dels)
+        assert not set(adds) & kernel and set(dels) <= kernel  # only real changes
+        kernel = (kernel | set(adds)) - set(dels)
+        assert kernel == set(index.refs)

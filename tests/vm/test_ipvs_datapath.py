@@ -245,6 +245,54 @@ def test_helper_sets_and_rules_source_ranges_and_masquerade(topo: Topology,
     assert "KUBE-" not in sh("iptables-save", netns=topo.node).stdout
 
 
+def kernel_sets(topo: Topology) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for line in sh("ipset", "save", netns=topo.node).stdout.splitlines():
+        parts = line.split()
+        if parts[:1] == ["create"]:
+            out.setdefault(parts[1], set())
+        elif parts[:1] == ["add"]:
+            out.setdefault(parts[1], set()).add(parts[2])
+    return out
+
+
+def test_helper_sets_stay_right_through_partial_syncs(topo: Topology, tmp_path: Path) -> None:
+    """Regression: every endpoint change used to empty KUBE-CLUSTER-IP,
+    KUBE-IPVS-IPS and KUBE-LOOP-BACK until the next full sync, and the
+    KUBE-IPVS-FILTER REJECT rule then refused new connections to a VIP's other
+    ports. After each partial sync every helper set equals a from-scratch
+    rendering of the plan, and both ports of the Service answer."""
+    from svcproxy.plugins.ipvs.helpers import SETS, set_entries
+
+    n = IpvsNode(topo, tmp_path)
+    for name, ip in (("a", "10.244.1.11"), ("b", "10.244.1.12"), ("c", "10.244.2.13")):
+        topo.add_pod(name, ip)
+    ports = [HTTP[0], {**HTTP[0], "name": "alt", "port": 81}]
+    slice_ports = [{"name": "http", "port": 8080, "protocol": "TCP"},
+                   {"name": "alt", "port": 8080, "protocol": "TCP"}]
+    n.publish(service("web", cluster_ip="10.96.0.10", type="NodePort",
+                      ports=[{**ports[0], "nodePort": 30080}, {**ports[1], "nodePort": 30081}]))
+    steps = [["10.244.1.11", "10.244.1.12", "10.244.2.13"], ["10.244.1.11", "10.244.2.13"],
+             ["10.244.1.11", "10.244.1.12"], ["10.244.2.13"]]
+    where = {"10.244.1.11": "node-a", "10.244.1.12": "node-a", "10.244.2.13": "node-b"}
+    for i, ips in enumerate(steps):
+        n.publish(slice_("web", endpoints=[endpoint(ip, where[ip]) for ip in ips],
+                         ports=slice_ports), EventType.MODIFIED if i else EventType.ADDED)
+        result = n.sync()
+        assert result.full == (i == 0)
+        plan = n.proxy.applied
+        bound = {fe.address for fe in plan.frontends.values() if fe.bind_address}
+        want, _ = set_entries(plan, bound, 4, NODE_IP)
+        have = kernel_sets(topo)
+        for name in SETS:
+            assert have.get(name) == want[name], (ips, name)
+        pods = {p for p, ip in (("a", "10.244.1.11"), ("b", "10.244.1.12"),
+                                ("c", "10.244.2.13")) if ip in ips}
+        for port in (80, 81):
+            answers = topo.answers("c1", "http", "10.96.0.10", port, 2 * len(pods))
+            assert set(answers) == pods, (ips, port, answers)
+
+
 class Weights:
     """A plugin that weighs backends by their pod (wrr needs weights: Kubernetes
     has none, plugins set them)."""
