@@ -166,14 +166,26 @@ class ProxyHarness:
 
     def __init__(self, config_text: str, datapath: str, node_ips: list[str],
                  node_name: str = "node-a",
-                 extra_plugins: list[tuple[str, Any]] | None = None) -> None:
+                 extra_plugins: list[tuple[str, Any]] | None = None,
+                 start: bool = False) -> None:
+        """`start`: start the plugins as `svcproxy run` does once it chose the
+        datapath (so plugins that change settings follow the datapath's
+        namespace and never the test machine's), without the health and
+        metrics listeners."""
+        from dataclasses import replace
+
         from svcproxy.config import parse_config
         from svcproxy.manager import PluginHost
         from svcproxy.proxy import Proxy
 
         self.config = parse_config(config_text, f"{datapath}-harness.yaml")
+        if start:
+            self.config = replace(self.config, kube_proxy=replace(
+                self.config.kube_proxy, healthz_bind_address="", metrics_bind_address=""))
         self.host = PluginHost(self.config, extra_plugins=extra_plugins or [])
         self.host.configure()
+        if start:
+            self.host.start(datapath, [], node_name)
         self.datapath = datapath
         self.proxy = Proxy(self.config, self.host, node_name, datapath,
                            use_host_addresses=False)

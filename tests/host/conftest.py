@@ -42,7 +42,10 @@ def topo() -> Iterator[Topology]:
 class Node(ProxyHarness):
     """svcproxy's core and iptables datapath running against the node namespace."""
 
-    def __init__(self, topo: Topology, extra_config: str = "", backend: str = "nft") -> None:
+    def __init__(self, topo: Topology, extra_config: str = "", backend: str = "nft",
+                 start: bool = True) -> None:
+        """`start`: start the plugins now, as `svcproxy run` does (False: the
+        test starts them itself, with its own listeners)."""
         extra_config = extra_config.replace("\n", "\n" + " " * 12)  # for dedent below
         text = textwrap.dedent(f"""\
             apiVersion: kubeproxy.config.k8s.io/v1alpha1
@@ -56,8 +59,9 @@ class Node(ProxyHarness):
             datapaths: [iptables]
             datapathOptions:
               iptables: {{netns: {topo.node}, backend: {backend}}}
+              ipvs: {{netns: {topo.node}}}
         """)
-        super().__init__(text, "iptables", [NODE_IP, NODE_IP6])
+        super().__init__(text, "iptables", [NODE_IP, NODE_IP6], start=start)
         self.topo = topo
 
     def restores(self) -> int:

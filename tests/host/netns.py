@@ -30,6 +30,21 @@ HERE = Path(__file__).parent
 _ids = itertools.count()
 
 
+def ipvs_available() -> bool:
+    """Whether this machine's kernel has IPVS (loaded, or a module modprobe can
+    load), found without changing anything: tests that take the datapath this
+    kernel supports assert the IPVS path where it exists and the fallback
+    where it does not."""
+    if os.path.exists("/proc/net/ip_vs"):
+        return True
+    try:
+        proc = subprocess.run(["modprobe", "-n", "-q", "ip_vs"], capture_output=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0
+
+
 def sh(*args: str, netns: str | None = None, check: bool = True,
        stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     cmd = (["ip", "netns", "exec", netns] if netns else []) + list(args)

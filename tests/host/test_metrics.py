@@ -51,7 +51,7 @@ V4 = (("ip_family", "IPv4"),)
 
 def test_metrics_follow_real_syncs(topo: Topology) -> None:
     n = Node(topo, extra_config=f"metricsBindAddress: 127.0.0.1:{free_port()}\n"
-                                f"healthzBindAddress: 127.0.0.1:{free_port()}")
+                                f"healthzBindAddress: 127.0.0.1:{free_port()}", start=False)
     n.host.start("iptables", [("ipvs", "the ip_vs kernel module is not loaded")], "node-a")
     metrics = next(p.plugin for p in n.host.plugins if p.name == "metrics")
     try:
@@ -116,7 +116,7 @@ def test_metrics_follow_real_syncs(topo: Topology) -> None:
 
 def test_health_check_node_port_servers(topo: Topology) -> None:
     port = free_port()
-    n = Node(topo, extra_config=f"healthzBindAddress: 127.0.0.1:{free_port()}")
+    n = Node(topo, extra_config=f"healthzBindAddress: 127.0.0.1:{free_port()}", start=False)
     n.host.start("iptables", [], "node-a")
     try:
         lb = service("lb", cluster_ip="10.96.0.30", type="LoadBalancer",
