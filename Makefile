@@ -24,7 +24,7 @@ lint: venv
 	$(VENV)/bin/ruff check core plugins demo tests examples benchmarks
 
 typecheck: venv
-	$(VENV)/bin/mypy core
+	VENV=$(VENV) scripts/typecheck.sh
 
 unit: venv
 	$(VENV)/bin/pytest tests/unit -q $(PYTEST_ARGS)

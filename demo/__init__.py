@@ -16,6 +16,7 @@ address; the host is not touched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import os
 import secrets
@@ -38,7 +39,7 @@ from svcproxy.errors import SvcProxyError, UsageError
 from svcproxy.ir import FrontendKind, ServiceMap
 from svcproxy.manager import PluginHost
 from svcproxy.model import EndpointSlice, Service
-from svcproxy.plugins.iptables.kernel import in_netns
+from svcproxy.plugins.kernel.netns import in_netns
 from svcproxy.proxy import Proxy
 from svcproxy.sources.manifests import ManifestSource
 
@@ -105,7 +106,7 @@ class Pod:
     def serve(self) -> None:
         for port, proto in sorted(self.ports):
             if proto == "TCP":
-                sock = in_thread(self.ns, lambda p=port: _listen(self.ip, p))
+                sock = in_thread(self.ns, functools.partial(_listen, self.ip, port))
                 server = ThreadingHTTPServer((self.ip, port), _Handler, bind_and_activate=False)
                 server.socket.close()
                 server.socket = sock
@@ -114,7 +115,7 @@ class Pod:
                 threading.Thread(target=server.serve_forever, daemon=True).start()
                 self.servers.append(server)
             elif proto == "UDP":
-                usock = in_thread(self.ns, lambda p=port: _udp(self.ip, p))
+                usock = in_thread(self.ns, functools.partial(_udp, self.ip, port))
                 threading.Thread(target=_echo, args=(usock, self.name), daemon=True).start()
                 self.servers.append(usock)
 

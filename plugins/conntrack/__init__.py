@@ -24,7 +24,7 @@ from svcproxy import hookimpl
 from svcproxy.config import Config
 from svcproxy.datapath import SyncResult
 from svcproxy.errors import PluginError
-from svcproxy.plugins.sysctl import DEFAULT_BACKUP, SysctlStore
+from svcproxy.plugins.kernel.sysctl import DEFAULT_BACKUP, SysctlStore
 
 log = logging.getLogger(__name__)
 

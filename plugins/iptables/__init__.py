@@ -22,9 +22,11 @@ from svcproxy.config import Config
 from svcproxy.datapath import ApplyResult, CheckItem, MetricSample, ProbeResult
 from svcproxy.errors import PluginError
 from svcproxy.ir import PlanDelta, ServiceMap, ip_family
+from svcproxy.plugins.kernel.conntrack import conntrack_samples
+from svcproxy.plugins.kernel.iptables import BACKENDS, IptablesKernel, detect_backend
+from svcproxy.plugins.kernel.tools import KernelError
 
 from .datapath import FamilyState, cleanup_family, render_iptables_save, sync_family
-from .kernel import BACKENDS, IptablesKernel, KernelError, conntrack_samples, detect_backend
 from .rules import RuleOptions
 
 log = logging.getLogger(__name__)

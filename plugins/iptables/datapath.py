@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from svcproxy.ir import Frontend, FrontendKey, ServiceMap
+from svcproxy.plugins.kernel.iptables import TABLES, IptablesKernel, restore_text
 
-from .kernel import IptablesKernel
 from .rules import (
     FILTER_CHAINS,
     JUMPS,
@@ -44,7 +44,6 @@ SPKey = tuple[str, str]  # (service port name, protocol)
 SHARED: tuple[ChainKey, ...] = (("nat", "KUBE-SERVICES"), ("nat", "KUBE-NODEPORTS"),
                                 ("filter", "KUBE-SERVICES"), ("filter", "KUBE-EXTERNAL-SERVICES"),
                                 ("filter", "KUBE-NODEPORTS"), ("filter", "KUBE-PROXY-FIREWALL"))
-TABLES = ("filter", "nat")
 
 
 def group(frontends: Iterable[Frontend]) -> dict[SPKey, list[Frontend]]:
@@ -91,45 +90,16 @@ def desired_ruleset(sp_rules: Mapping[SPKey, ServicePortRules],
                     opts: RuleOptions) -> dict[ChainKey, tuple[str, ...]]:
     """Every chain svcproxy owns, with its rules."""
     out: dict[ChainKey, tuple[str, ...]] = {}
-    for chain in NAT_CHAINS:
-        out[("nat", chain)] = ()
-    for chain in FILTER_CHAINS:
-        out[("filter", chain)] = ()
+    for name in NAT_CHAINS:
+        out[("nat", name)] = ()
+    for name in FILTER_CHAINS:
+        out[("filter", name)] = ()
     out.update(static_chains(opts))
     for chain in SHARED:
         out[chain] = assemble_shared(sp_rules, chain, opts)
     for key in sorted(sp_rules):
         out.update(sp_rules[key].chains)
     return out
-
-
-def restore_text(writes: Mapping[ChainKey, tuple[str, ...]], deletes: Iterable[ChainKey],
-                 jumps: Iterable[tuple[str, str, str]] = (),
-                 unjumps: Iterable[tuple[str, str, str]] = ()) -> str:
-    """iptables-restore --noflush input: declaring a chain flushes it, then its
-    rules; chains to delete are flushed first and removed at the end, after
-    nothing refers to them any more."""
-    deletes = list(deletes)
-    jumps = list(jumps)
-    unjumps = list(unjumps)
-    out: list[str] = []
-    for table in TABLES:
-        w = sorted(c for t, c in writes if t == table)
-        d = sorted(c for t, c in deletes if t == table)
-        j = [(c, body) for t, c, body in jumps if t == table]
-        u = [(c, body) for t, c, body in unjumps if t == table]
-        if not (w or d or j or u):
-            continue
-        out.append(f"*{table}")
-        out.extend(f":{c} - [0:0]" for c in [*w, *d])
-        for c in w:
-            out.extend(writes[(table, c)])
-        out.extend(f"-D {c} {body}" for c, body in u)
-        # inserted at position 1 in reverse, so they end up in JUMPS order
-        out.extend(f"-I {c} 1 {body}" for c, body in reversed(j))
-        out.extend(f"-X {c}" for c in d)
-        out.append("COMMIT")
-    return "\n".join(out) + "\n" if out else ""
 
 
 def render_iptables_save(plan: ServiceMap, opts: RuleOptions) -> str:
@@ -193,11 +163,11 @@ def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[Frontend
         current: dict[ChainKey, tuple[str, ...]] = {}
         builtin: dict[ChainKey, tuple[str, ...]] = {}
         for table in TABLES:
-            for chain, rules in state.kernel.save(table).items():
-                if is_owned(table, chain):
-                    current[(table, chain)] = rules
+            for name, rules in state.kernel.save(table).items():
+                if is_owned(table, name):
+                    current[(table, name)] = rules
                 else:
-                    builtin[(table, chain)] = rules
+                    builtin[(table, name)] = rules
         result.phases["read"] = time.perf_counter() - t1
         writes = {c: r for c, r in desired.items() if current.get(c) != r}
         deletes = [c for c in current if c not in desired]
@@ -267,7 +237,9 @@ def clear_stale_udp(state: FamilyState, old: Mapping[SPKey, ServicePortRules],
         before, after = old.get(key), new.get(key)
         if before == after:
             continue
-        targets = (after or before).udp_targets
+        either = after or before
+        assert either is not None
+        targets = either.udp_targets
         gone = (before.endpoints if before else frozenset()) - \
             (after.endpoints if after else frozenset())
         for address, port in targets:

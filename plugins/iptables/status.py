@@ -13,8 +13,9 @@ import shutil
 from typing import Any
 
 from svcproxy.datapath import CheckItem
-
-from .kernel import IptablesKernel, KernelError, read_proc
+from svcproxy.plugins.kernel.iptables import IptablesKernel
+from svcproxy.plugins.kernel.netns import read_proc
+from svcproxy.plugins.kernel.tools import KernelError
 
 _LINE = re.compile(r"^\[(\d+):(\d+)\] -A (\S+) (.*)$")
 _SUFFIXES = (" cluster IP", " external IP", " loadbalancer IP", " nodePort",

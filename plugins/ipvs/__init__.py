@@ -18,8 +18,6 @@ import ipaddress
 import logging
 import os
 import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -31,13 +29,14 @@ from svcproxy.datapath import ApplyResult, CheckItem, MetricSample, ProbeResult
 from svcproxy.errors import PluginError, SyncError
 from svcproxy.ir import Frontend, PlanDelta, ServiceMap, ip_family
 from svcproxy.plan import PortContext
-from svcproxy.plugins.iptables.kernel import conntrack_samples, read_proc
-from svcproxy.plugins.sysctl import DEFAULT_BACKUP, SysctlStore
+from svcproxy.plugins.kernel.conntrack import conntrack_samples
+from svcproxy.plugins.kernel.ipvs import SCHED_FLAGS, probe_ipvs
+from svcproxy.plugins.kernel.netns import in_netns, opened_in, read_proc
+from svcproxy.plugins.kernel.sysctl import DEFAULT_BACKUP, SysctlStore
 
 from .datapath import HelperState, IpvsOptions, IpvsState, render_ipvsadm, to_ipvs
 from .helpers import HelperOptions
-from .kernel import IpvsKernel, in_netns, opened_in
-from .netlink import SCHED_FLAGS
+from .kernel import IpvsKernel
 
 log = logging.getLogger(__name__)
 
@@ -47,55 +46,6 @@ FLAGS_ANNOTATION = "svcproxy.io/ipvs-scheduler-flags"
 #: every scheduler Linux IPVS offers
 SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh", "fo",
               "ovf", "twos")
-PROBE_ADDRESS = "198.51.100.0"
-PROBE_PORT = 20000
-
-
-def _load_module(name: str) -> str | None:
-    """modprobe `name`; None on success, else why it failed."""
-    if shutil.which("modprobe") is None:
-        return "modprobe not found (install the kmod package)"
-    try:
-        proc = subprocess.run(["modprobe", name], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return str(exc)
-    return None if proc.returncode == 0 else (proc.stderr.strip() or f"exit {proc.returncode}")
-
-
-def probe_ipvs(scheduler: str) -> str | None:
-    """None when IPVS can be programmed with `scheduler` here, else the reason."""
-    from pyroute2 import IPVS, IPVSService
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    try:
-        ipvs = IPVS()
-    except NetlinkError:
-        why = _load_module("ip_vs")
-        try:
-            ipvs = IPVS()
-        except NetlinkError:
-            detail = f" ({why})" if why else ""
-            return f"the ip_vs kernel module is not loaded and cannot be loaded{detail}"
-    try:
-        for svc in ipvs.service("dump"):
-            # restart case: a virtual server already uses this scheduler
-            if svc.get("IPVS_SVC_ATTR_SCHED_NAME") == scheduler:
-                return None
-        service = IPVSService(addr=PROBE_ADDRESS, port=PROBE_PORT, protocol=socket.IPPROTO_TCP,
-                              sched_name=scheduler)
-        try:
-            ipvs.service("add", service=service)
-        except NetlinkError as exc:
-            if exc.code == 2:  # ENOENT: the kernel has no such scheduler module
-                return f"scheduler {scheduler} not available (modprobe ip_vs_{scheduler})"
-            return f"creating a test virtual server failed: {exc}"
-        try:
-            ipvs.service("del", service=service)
-        except NetlinkError as exc:
-            return f"deleting the test virtual server failed: {exc}"
-    finally:
-        ipvs.close()
-    return None
 
 
 #: sysctls the datapath needs (kube-proxy-behaviour.md 1.2)
@@ -239,7 +189,8 @@ class IpvsPlugin:
                                  connections: bool) -> dict[str, Any] | None:
         if name != NAME:
             return None
-        from .netlink import IPVSNetlink
+        from svcproxy.plugins.kernel.ipvs import IPVSNetlink
+
         from .status import ipvs_status
 
         with opened_in(self.netns, IPVSNetlink) as nl:
@@ -350,7 +301,7 @@ class IpvsPlugin:
 
     def _helper(self, family: int) -> HelperState:
         if family not in self.helpers:
-            from svcproxy.plugins.iptables.kernel import detect_backend
+            from svcproxy.plugins.kernel.iptables import detect_backend
 
             backend, why = detect_backend(family, self.netns)
             if family == 4:
@@ -387,7 +338,7 @@ class IpvsPlugin:
             kernel.close()
             return lines
         try:
-            from svcproxy.plugins.iptables.kernel import detect_backend
+            from svcproxy.plugins.kernel.iptables import detect_backend
 
             for family in (4, 6):
                 try:

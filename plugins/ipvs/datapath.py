@@ -23,7 +23,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from svcproxy.ir import Frontend, FrontendKey, ServiceMap
-from svcproxy.plugins.iptables.kernel import IptablesKernel, Table
+from svcproxy.plugins.kernel.ipset import IpsetNetlink
+from svcproxy.plugins.kernel.iptables import IptablesKernel, Table, parse_save, restore_text
+from svcproxy.plugins.kernel.ipvs import (
+    F_PERSISTENT,
+    F_SCHED1,
+    F_SCHED2,
+    SCHED_FLAGS,
+    RealServer,
+    VirtualServer,
+)
+from svcproxy.plugins.kernel.netns import opened_in
 
 from .helpers import (
     JUMPS,
@@ -34,13 +44,12 @@ from .helpers import (
     health_check_entries,
     helper_chains,
     ipset_create,
+    is_owned,
     net_changes,
     set_name,
     vip_source_rule,
 )
-from .ipsetnl import IpsetNetlink
-from .kernel import IpvsKernel, opened_in
-from .netlink import F_PERSISTENT, F_SCHED1, F_SCHED2, SCHED_FLAGS, RealServer, VirtualServer
+from .kernel import IpvsKernel
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +153,12 @@ class IpvsState:
             stale = [k for k in self.services or {} if k not in wanted]
             scope: Iterable[FrontendKey] = keys
         else:
-            assert changed is not None
+            assert changed is not None and self.services is not None
+            have_services = self.services
             scope = list(changed)
             stale = [(k.address, k.port, k.protocol) for k in scope
                      if k not in plan.frontends and
-                     (k.address, k.port, k.protocol) in self.services]
+                     (k.address, k.port, k.protocol) in have_services]
         result.phases["read"] = time.perf_counter() - t0
         assert self.services is not None
         # kube-ipvs0 addresses change in the background while the IPVS batch is
@@ -240,11 +250,11 @@ class IpvsState:
         if full:
             self.services = {k: v for k, v in new_services.items() if v is not None}
         else:
-            for key, vs in new_services.items():
-                if vs is None:
+            for key, new_vs in new_services.items():
+                if new_vs is None:
                     self.services.pop(key, None)
                 else:
-                    self.services[key] = vs
+                    self.services[key] = new_vs
         self.dests = new_dests
         for vs, rs in deletes_udp:
             fam = 6 if ":" in vs.address else 4
@@ -368,10 +378,6 @@ class HelperState:
         self.phases: dict[str, float] = {}
 
     def read(self) -> None:
-        from svcproxy.plugins.iptables.kernel import parse_save
-
-        from .helpers import is_owned
-
         # one iptables-save for both tables (every exec counts on a busy node),
         # and meanwhile the sets through one netlink dump
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -392,8 +398,6 @@ class HelperState:
         previous run, or kube-proxy's) are in KUBE-IPVS-IPS and node traffic from
         them is masqueraded, so the node keeps reaching the API server through
         its VIP while a long first sync runs. Returns whether it wrote."""
-        from svcproxy.plugins.iptables.datapath import restore_text
-
         self.read()
         assert self.sets is not None and self.chains is not None
         fam = self.family
@@ -427,8 +431,6 @@ class HelperState:
              opts: HelperOptions, excluded: Callable[[str], bool]) -> int:
         """Write what differs (`changed` None: full sync); returns the number of
         set members and chains written."""
-        from svcproxy.plugins.iptables.datapath import restore_text
-
         t0 = time.perf_counter()
         fam = self.family
         node = ipaddress.ip_address(opts.node_ip) if opts.node_ip else None
@@ -463,10 +465,11 @@ class HelperState:
             for fk in changed:
                 if (":" in fk.address) != (fam == 6):
                     continue
-                fe = plan.frontends.get(fk)
-                if fe is None:
+                changed_fe = plan.frontends.get(fk)
+                if changed_fe is None:
                     self.index.set(fk, (), None, adds, dels)
                 else:
+                    fe = changed_fe
                     self.index.set(fk, *frontend_entries(
                         fe, node, fe.bind_address and not excluded(fe.address)), adds, dels)
             adds, dels = net_changes(adds, dels)
@@ -517,7 +520,7 @@ class HelperState:
         return self.ipset_nl
 
     def _write_members(self, adds: list[tuple[str, str]], dels: list[tuple[str, str]]) -> None:
-        """Members through batched netlink (ipsetnl.py); a refusal makes the
+        """Members through batched netlink (kernel/ipset.py); a refusal makes the
         next sync re-read the sets."""
         failures = self._ipset().write(adds, dels, self.family)
         if failures:
@@ -552,8 +555,6 @@ class HelperState:
             dels += [("KUBE-HEALTH-CHECK-NODE-PORT", m) for m in sorted(before - after)]
 
     def cleanup(self) -> list[str]:
-        from svcproxy.plugins.iptables.datapath import restore_text
-
         self.read()
         assert self.sets is not None and self.chains is not None
         unjumps = [(t, c, b) for t, c, b in JUMPS

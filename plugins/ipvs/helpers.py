@@ -7,11 +7,12 @@ ranges and the filter that stops a VIP from exposing arbitrary node ports.
 Rules are rendered in iptables-save's canonical text (as the iptables
 datapath's are), so they are compared with the kernel line by line and only
 chains that differ are written. Sets are created with `ipset restore`; their
-members are diffed one by one and written through netlink (ipsetnl.py).
+members are diffed one by one and written through netlink (svcproxy.plugins.kernel.ipset).
 """
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass
@@ -200,8 +201,8 @@ class SetIndex:
         else:
             self.out_filter[key] = out_filter
 
-    def members(self) -> dict[str, set[str]]:
-        out: dict[str, set[str]] = {name: set() for name in SETS}
+    def members(self) -> dict[str, builtins.set[str]]:
+        out: dict[str, builtins.set[str]] = {name: builtins.set() for name in SETS}
         for name, member in self.refs:
             out[name].add(member)
         return out
@@ -376,7 +377,7 @@ def helper_chains(entries: dict[str, set[str]], out_filter: list[tuple[str, str,
 
 def ipset_create(names: list[str], family: int) -> str:
     """`ipset restore` input creating these sets (-exist). Members go through
-    netlink (ipsetnl.py)."""
+    netlink (svcproxy.plugins.kernel.ipset)."""
     lines = []
     fam = "inet" if family == 4 else "inet6"
     for name in names:

@@ -1,190 +1,29 @@
-"""The IPVS datapath's door to the kernel, in the host or in a network
-namespace: the IPVS netlink socket, the kube-ipvs0 dummy link and its addresses
-(rtnetlink, packed and parsed here: pyroute2's generic machinery cost seconds
-under emulation), sysctls, ipset and conntrack."""
+"""The doors the IPVS datapath uses, bundled for one network namespace: the
+IPVS netlink socket, kube-ipvs0 and its addresses, ipset, conntrack and the
+tool runner. Nothing here talks to the kernel itself; each door is from the
+kernel library (svcproxy.plugins.kernel), and tests swap in its fakes.
+"""
 
 from __future__ import annotations
 
-import errno
-import os
-import socket
-import struct
 import subprocess
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
-from svcproxy.plugins.iptables.kernel import conntrack_delete, in_netns, run_tool
+from svcproxy.plugins.kernel.conntrack import Conntrack
+from svcproxy.plugins.kernel.ipvs import IPVSNetlink
+from svcproxy.plugins.kernel.netns import opened_in
+from svcproxy.plugins.kernel.rtnl import DUMMY, AddressChanges, DummyLink
+from svcproxy.plugins.kernel.tools import run_tool
 
-from .netlink import (
-    _NLMSGHDR,
-    NLM_F_ACK,
-    NLM_F_DUMP,
-    NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
-    IPVSNetlink,
-    _attr,
-    each_attr,
-    each_message,
-    error_code,
-    open_socket,
-    send_batch,
-)
-
-DUMMY = "kube-ipvs0"
-T = TypeVar("T")
-
-NETLINK_ROUTE = 0
-RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
-NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
-IFA_ADDRESS, IFA_LOCAL = 1, 2
-_IFADDRMSG = struct.Struct("=BBBBI")
-#: ifaddrmsg (family, prefix length, flags, scope, index), then IFA_LOCAL and
-#: IFA_ADDRESS with the same address, as `ip address add` sends them
-_ADDR4 = struct.Struct("=BBBBI HH4s HH4s")
-_ADDR6 = struct.Struct("=BBBBI HH16s HH16s")
-
-
-def dump_addresses(sock: socket.socket) -> Iterator[tuple[int, str]]:
-    """(interface index, address) of every address in the socket's namespace,
-    from one RTM_GETADDR dump."""
-    seq = int.from_bytes(os.urandom(4), "big") or 1
-    body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETADDR,
-                             NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
-    while True:
-        data = sock.recv(1 << 20)
-        for mtype, mseq, start, end in each_message(data):
-            if mseq != seq:
-                continue
-            if mtype == NLMSG_DONE:
-                return
-            if mtype == NLMSG_ERROR:
-                code = error_code(data, start)
-                raise OSError(code, f"listing addresses: {os.strerror(code)}")
-            if mtype == RTM_NEWADDR:
-                family, _, _, _, index = _IFADDRMSG.unpack_from(data, start)
-                for kind, value, stop in each_attr(data, start + _IFADDRMSG.size, end):
-                    if kind == IFA_ADDRESS:
-                        yield index, socket.inet_ntop(family, data[value:stop])
-                        break
-
-
-RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
-IFLA_IFNAME, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 18, 1
-#: ifinfomsg: family (+ padding), type, index, flags, change
-_IFINFOMSG = struct.Struct("=BxHiII")
-
-
-def rt_request(sock: socket.socket, mtype: int, flags: int, body: bytes) -> list[bytes]:
-    """One rtnetlink request with an ack; the payloads of the replies before it.
-    A refusal raises OSError with the kernel's errno."""
-    seq = int.from_bytes(os.urandom(4), "big") or 1
-    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), mtype,
-                             NLM_F_REQUEST | NLM_F_ACK | flags, seq, 0) + body)
-    replies: list[bytes] = []
-    while True:
-        data = sock.recv(1 << 20)
-        for kind, mseq, start, end in each_message(data):
-            if mseq != seq:
-                continue
-            if kind == NLMSG_ERROR:
-                code = error_code(data, start)
-                if code:
-                    raise OSError(code, os.strerror(code))
-                return replies
-            replies.append(data[start:end])
-
-
-def link_index(sock: socket.socket, name: str) -> int | None:
-    """The index of the link called `name`, None when there is none."""
-    try:
-        replies = rt_request(sock, RTM_GETLINK, 0, _IFINFOMSG.pack(0, 0, 0, 0, 0)
-                             + _attr(IFLA_IFNAME, name.encode() + b"\0"))
-    except OSError as exc:
-        if exc.errno in (errno.ENODEV, errno.ENOENT):
-            return None
-        raise
-    return int(_IFINFOMSG.unpack_from(replies[0])[2]) if replies else None
-
-
-def create_dummy(sock: socket.socket, name: str) -> None:
-    """`ip link add NAME type dummy` (left down)."""
-    linkinfo = _attr(IFLA_INFO_KIND, b"dummy")
-    rt_request(sock, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
-               _IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
-               + _attr(IFLA_LINKINFO | 0x8000, linkinfo))
-
-
-class AddressChanges:
-    """kube-ipvs0 address additions and removals sent by a background thread
-    (the socket calls release the GIL while the kernel works). "Already there"
-    on add and "not there" on delete count as done."""
-
-    def __init__(self, sock: socket.socket, index: int, add: Sequence[str],
-                 remove: Sequence[str]) -> None:
-        self.sock = sock
-        self.index = index
-        self.ops = [*((RTM_NEWADDR, a) for a in add), *((RTM_DELADDR, a) for a in remove)]
-        self.refused: dict[int, int] = {}
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
-
-    def _messages(self) -> Iterator[tuple[int, bytes]]:
-        for seq, (kind, address) in enumerate(self.ops, 1):
-            flags = NLM_F_REQUEST | (NLM_F_CREATE | NLM_F_EXCL if kind == RTM_NEWADDR else 0)
-            if ":" in address:
-                raw = socket.inet_pton(socket.AF_INET6, address)
-                body = _ADDR6.pack(socket.AF_INET6, 128, 0, 0, self.index, 20, IFA_LOCAL, raw,
-                                   20, IFA_ADDRESS, raw)
-            else:
-                raw = socket.inet_pton(socket.AF_INET, address)
-                body = _ADDR4.pack(socket.AF_INET, 32, 0, 0, self.index, 8, IFA_LOCAL, raw,
-                                   8, IFA_ADDRESS, raw)
-            yield seq, _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags, seq, 0) + body
-
-    def _run(self) -> None:
-        try:
-            self.refused = send_batch(self.sock, self._messages())
-        except BaseException as exc:  # reported by finish()
-            self.error = exc
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, name="kube-ipvs0-addresses",
-                                       daemon=True)
-        self.thread.start()
-
-    def finish(self) -> list[str]:
-        if self.thread is not None:
-            self.thread.join()
-            # the thread refers back to this object: no cycle left holding the
-            # socket (and so its network namespace) until a garbage collection
-            self.thread = None
-        if self.error is not None:
-            return [f"kube-ipvs0 addresses: {self.error}"]
-        out = []
-        for seq, code in sorted(self.refused.items()):
-            kind, address = self.ops[seq - 1]
-            if (kind, code) in ((RTM_NEWADDR, errno.EEXIST), (RTM_DELADDR, errno.EADDRNOTAVAIL),
-                                (RTM_DELADDR, errno.ENOENT)):
-                continue
-            verb = "add" if kind == RTM_NEWADDR else "delete"
-            out.append(f"{verb} address {address} on {DUMMY}: {os.strerror(code)} "
-                       f"(errno {code})")
-        return out
-
-
-def opened_in(netns: str | None, factory: Callable[[], T]) -> T:
-    with in_netns(netns):
-        return factory()
+__all__ = ["DUMMY", "IpvsKernel"]
 
 
 class IpvsKernel:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
         self._nl: IPVSNetlink | None = None
-        self._rt: socket.socket | None = None
+        self.link = DummyLink(netns)
+        self.conntrack = Conntrack(netns)
 
     @property
     def nl(self) -> IPVSNetlink:
@@ -197,82 +36,35 @@ class IpvsKernel:
     def close(self) -> None:
         if self._nl is not None:
             self._nl.close()
-        if self._rt is not None:
-            self._rt.close()
+        self.link.close()
 
-    # -- kube-ipvs0 and its addresses (rtnetlink) ------------------------------------------
+    # -- kube-ipvs0 and its addresses ------------------------------------------------------
 
     def dummy_index(self, create: bool = True) -> int | None:
-        sock = self._rt_socket()
-        index = link_index(sock, DUMMY)
-        if index is not None or not create:
-            return index
-        # created DOWN, as kube-proxy does: the addresses are local all the same
-        try:
-            create_dummy(sock, DUMMY)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot create {DUMMY} (a dummy link; is the dummy "
-                                     f"kernel module available?): {os.strerror(exc.errno)}"
-                          ) from None
-        return link_index(sock, DUMMY)
+        return self.link.index(create)
 
     def bound_addresses(self) -> set[str]:
-        """The addresses on kube-ipvs0, from one RTM_GETADDR dump parsed here
-        (pyroute2's generic decoding of 10,000 addresses took seconds)."""
-        index = self.dummy_index(create=False)
-        if index is None:
-            return set()
-        return {a for i, a in dump_addresses(self._rt_socket()) if i == index}
+        return self.link.addresses()
 
     def all_addresses(self) -> list[tuple[int, str]]:
-        """(interface index, address) of every address here."""
-        return list(dump_addresses(self._rt_socket()))
-
-    def _rt_socket(self) -> socket.socket:
-        if self._rt is None:
-            self._rt = opened_in(self.netns, lambda: open_socket(NETLINK_ROUTE))
-        return self._rt
-
+        return self.link.all_addresses()
 
     def start_address_changes(self, add: Sequence[str], remove: Sequence[str]
                               ) -> AddressChanges | None:
-        """Add and remove kube-ipvs0 addresses (full-length prefixes) through
-        batched rtnetlink in a background thread, while the caller goes on (the
-        IPVS batch does not depend on them); `finish_address_changes` waits and
-        returns what the kernel refused. Adding many /32s to one device is
-        quadratic in the kernel (natively 37 ms for 1,000, 1.6 s for 10,000):
-        worth overlapping. (pyroute2's namespace proxy took ~50 ms per request
-        under emulation, and `ip -batch` costs two process starts there.)"""
-        if add:
-            index = self.dummy_index()
-        else:
-            index = self.dummy_index(create=False) if remove else None
-            if index is None:
-                return None
-        assert index is not None
-        changes = AddressChanges(self._rt_socket(), index, add, remove)
-        changes.start()
-        return changes
+        return self.link.start_changes(add, remove)
 
     @staticmethod
     def finish_address_changes(changes: AddressChanges | None) -> list[str]:
-        """Wait for the background address changes; the refused ones, as text."""
-        return changes.finish() if changes is not None else []
+        return DummyLink.finish_changes(changes)
 
     def delete_dummy(self) -> bool:
-        index = self.dummy_index(create=False)
-        if index is None:
-            return False
-        rt_request(self._rt_socket(), RTM_DELLINK, 0, _IFINFOMSG.pack(0, 0, index, 0, 0))
-        return True
+        return self.link.delete()
 
-    # -- tools ----------------------------------------------------------------------------
+    # -- tools and conntrack ---------------------------------------------------------------
 
     def _run(self, args: list[str], check: bool = True,
              stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return run_tool(args, self.netns, stdin=stdin, check=check, timeout=300)
 
-    # -- conntrack -----------------------------------------------------------------------
-
     def conntrack_delete(self, args: list[str], family: int = 4) -> int:
-        return conntrack_delete(args, family, self.netns)
+        return self.conntrack.delete(args, family)

@@ -6,14 +6,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
-import subprocess
 from collections.abc import Mapping
 from typing import Any
 
 from svcproxy.datapath import CheckItem
-from svcproxy.plugins.iptables.kernel import read_proc
-
-from .netlink import F_PERSISTENT, F_SCHED1, F_SCHED2, IPVSNetlink
+from svcproxy.plugins.kernel.ipvs import F_PERSISTENT, F_SCHED1, F_SCHED2, IPVSNetlink
+from svcproxy.plugins.kernel.netns import read_proc
+from svcproxy.plugins.kernel.tools import run_tool
 
 FWD = {0: "Masq", 1: "Local", 2: "Tunnel", 3: "Route", 4: "Bypass"}
 
@@ -123,8 +122,7 @@ def ipvs_checks(scheduler: str, probe_reason: str | None, netns: str | None,
         items.append(CheckItem("ipset", "fail", "ipset not found", "apt-get install ipset",
                                blocks=("ipvs",)))
     else:
-        proc = subprocess.run(["ipset", "version"], capture_output=True, text=True,
-                              check=False)
+        proc = run_tool(["ipset", "version"], check=False, timeout=30)
         items.append(CheckItem("ipset", "ok" if proc.returncode == 0 else "warn",
                                (proc.stdout or proc.stderr).strip().splitlines()[0]
                                if (proc.stdout or proc.stderr).strip() else "ipset"))

@@ -43,8 +43,8 @@ from svcproxy.datapath import SyncResult
 from svcproxy.errors import PluginError
 from svcproxy.ir import FrontendKind, ServiceMap
 from svcproxy.model import IPAddressPool
-from svcproxy.plugins.iptables.kernel import run_tool
-from svcproxy.plugins.sysctl import DEFAULT_BACKUP, SysctlStore
+from svcproxy.plugins.kernel.sysctl import DEFAULT_BACKUP, SysctlStore
+from svcproxy.plugins.kernel.tools import run_tool
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from svcproxy.datapath import MetricSample, SyncResult
 from svcproxy.ir import ServiceMap, ip_family
 from svcproxy.model import EndpointSlice
 
-_disable_created()
+_disable_created()  # type: ignore[no-untyped-call]  # (prometheus_client leaves it untyped)
 
 #: kube-proxy's sync duration buckets: 1 ms doubling up to ~16 s
 SYNC_BUCKETS = tuple(0.001 * 2**k for k in range(15))

@@ -56,7 +56,7 @@ def sh(*args: str, netns: str | None = None, check: bool = True,
 
 def in_namespace(netns: str, fn: Callable[[], T], timeout: float = 120) -> T:
     """Run `fn` on a thread inside `netns` (sockets it opens stay there)."""
-    from svcproxy.plugins.iptables.kernel import in_netns
+    from svcproxy.plugins.kernel.netns import in_netns
 
     out: list[Any] = []
 

@@ -12,16 +12,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from svcproxy.plugins.ipvs.kernel import (
+from svcproxy.plugins.kernel.netlink import open_socket
+from svcproxy.plugins.kernel.netns import opened_in
+from svcproxy.plugins.kernel.rtnl import (
     _IFINFOMSG,
     RTM_DELLINK,
     AddressChanges,
+    DummyLink,
     dump_addresses,
     link_index,
-    opened_in,
     rt_request,
 )
-from svcproxy.plugins.ipvs.netlink import open_socket
 
 NS = "svpaddrs"
 
@@ -95,18 +96,14 @@ def test_kube_ipvs0_is_created_or_the_error_says_why(index: int) -> None:
     """Creating kube-ipvs0 needs the dummy module: where it loads (the VM tier),
     the link appears; where it cannot (this host's kernel), the error names the
     link and the module instead of a bare errno."""
-    from svcproxy.plugins.ipvs.kernel import IpvsKernel
-
-    kernel = IpvsKernel.__new__(IpvsKernel)  # no IPVS here: only the link part
-    kernel.netns, kernel._rt = NS, None
+    link = DummyLink(NS)
     try:
         try:
-            created = kernel.dummy_index()
+            created = link.index()
         except OSError as exc:
             assert "cannot create kube-ipvs0 (a dummy link; is the dummy kernel module " \
                    "available?)" in str(exc)
         else:
-            assert created is not None and created == kernel.dummy_index(create=False)
+            assert created is not None and created == link.index(create=False)
     finally:
-        if kernel._rt is not None:
-            kernel._rt.close()
+        link.close()

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from svcproxy.plugins.ipvs.ipsetnl import IpsetNetlink, member_data
-from svcproxy.plugins.ipvs.kernel import opened_in
+from svcproxy.plugins.kernel.ipset import IpsetNetlink, member_data
+from svcproxy.plugins.kernel.netns import opened_in
 
 SETS = """\
 create PORT hash:ip,port family inet hashsize 1024 maxelem 65536

@@ -15,8 +15,8 @@ from factories import endpoint, node, service, slice_
 from netns import Topology, ipvs_available, sh
 
 from svcproxy.bus import EventType
-from svcproxy.plugins.iptables.kernel import parse_save
 from svcproxy.plugins.iptables.rules import chain_suffix, is_owned
+from svcproxy.plugins.kernel.iptables import parse_save
 
 HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
 ROOT = Path(__file__).parents[2]
@@ -234,7 +234,7 @@ def test_weights_shape_the_spread(topo: Topology, weights: tuple[int, int]) -> N
 
 
 def test_backend_detection(topo: Topology) -> None:
-    from svcproxy.plugins.iptables.kernel import detect_backend
+    from svcproxy.plugins.kernel.iptables import detect_backend
 
     backend, why = detect_backend(4, topo.node)
     assert backend == "nft" and "no rules yet" in why

@@ -19,7 +19,6 @@ import pytest
 from factories import endpoint, node, plan_of, service, slice_
 
 from svcproxy.ir import FrontendKey, ServiceMap
-from svcproxy.plugins.iptables.kernel import parse_save
 from svcproxy.plugins.ipvs.datapath import HelperState
 from svcproxy.plugins.ipvs.helpers import (
     SETS,
@@ -29,6 +28,7 @@ from svcproxy.plugins.ipvs.helpers import (
     set_entries,
 )
 from svcproxy.plugins.ipvs.kernel import IpvsKernel
+from svcproxy.plugins.kernel.iptables import parse_save
 
 NODE_IP = "192.168.1.10"
 OPTS = HelperOptions(family=4, node_ip=NODE_IP, local_detector=("-s", "10.244.0.0/16"))

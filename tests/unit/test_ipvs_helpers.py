@@ -18,7 +18,7 @@ from svcproxy.plugins.ipvs.helpers import (
     set_entries,
     set_name,
 )
-from svcproxy.plugins.ipvs.netlink import F_PERSISTENT, F_SCHED1
+from svcproxy.plugins.kernel.ipvs import F_PERSISTENT, F_SCHED1
 
 HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
 

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from svcproxy.plugins.ipvs import netlink as nl
+from svcproxy.plugins.kernel import ipvs as nl
 
 
 @pytest.mark.parametrize("address", ["10.244.1.5", "fd00:244::5"])

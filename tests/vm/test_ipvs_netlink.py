@@ -8,15 +8,15 @@ import subprocess
 
 import pytest
 
-from svcproxy.plugins.ipvs import probe_ipvs
 from svcproxy.plugins.ipvs.datapath import render_ipvsadm
-from svcproxy.plugins.ipvs.netlink import (
+from svcproxy.plugins.kernel.ipvs import (
     F_PERSISTENT,
     F_SCHED1,
     F_SCHED2,
     IPVSNetlink,
     RealServer,
     VirtualServer,
+    probe_ipvs,
 )
 
 

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from svcproxy.plugins.iptables.kernel import in_netns
+from .netns import in_netns
 
 log = logging.getLogger(__name__)
 

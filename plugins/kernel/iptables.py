@@ -1,5 +1,6 @@
-"""The iptables datapath's only door to the kernel: iptables-save, iptables-restore
-and conntrack, for one IP family, in the host or in a network namespace.
+"""iptables save / restore / parse for both backends (nft and legacy), for one
+IP family, in the host or in a network namespace: the door the iptables
+datapath and the IPVS datapath's helper rules share.
 
 Programming goes through `iptables-restore --noflush` (atomic per table, and the
 only interface that works for both backends). python-iptables is not used: it
@@ -9,73 +10,24 @@ its rules would land in the other world silently.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
-import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from svcproxy.datapath import MetricSample
+from .conntrack import conntrack_delete
+from .tools import KernelError, run_tool
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("nft", "legacy")
 #: kubelet creates this chain in the mangle table of the backend it uses
 HINT_CHAIN = "KUBE-IPTABLES-HINT"
-
-
-CLONE_NEWNET = 0x40000000
-
-
-@contextlib.contextmanager
-def in_netns(netns: str | None) -> Iterator[None]:
-    """Run the block with this thread in network namespace `netns` (sockets
-    created inside stay bound to it)."""
-    if not netns:
-        yield
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open("/proc/thread-self/ns/net") as current, open(f"/run/netns/{netns}") as target:
-        if libc.setns(target.fileno(), CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
-        try:
-            yield
-        finally:
-            libc.setns(current.fileno(), CLONE_NEWNET)
-
-
-def read_proc(path: str, netns: str | None = None) -> str | None:
-    """A /proc file as the network namespace `netns` sees it (use
-    /proc/thread-self/net/..., not /proc/net: that one follows the main thread's
-    namespace); None if it does not exist."""
-    with in_netns(netns):
-        try:
-            with open(path) as f:
-                return f.read()
-        except OSError:
-            return None
-
-
-def conntrack_samples(netns: str | None = None) -> list[MetricSample]:
-    """Connection-tracking table usage: entries and the table's limit."""
-    out = []
-    for name, what in (("nf_conntrack_count", "svcproxy_conntrack_entries"),
-                       ("nf_conntrack_max", "svcproxy_conntrack_max")):
-        text = read_proc(f"/proc/sys/net/netfilter/{name}", netns)
-        if text and text.strip().isdigit():
-            out.append(MetricSample(what, "Connection tracking table " + (
-                "entries" if name.endswith("count") else "limit (nf_conntrack_max)"),
-                float(text.strip())))
-    return out
-
-
-class KernelError(Exception):
-    """An iptables tool failed; the message carries its output."""
+#: the tables svcproxy writes, in the order restore input lists them
+TABLES = ("filter", "nat")
+ChainKey = tuple[str, str]  # (table, chain)
 
 
 @dataclass
@@ -105,6 +57,36 @@ def parse_save(text: str) -> dict[str, Table]:
         elif line == "COMMIT":
             current.chains = {k: tuple(v) for k, v in rules.items()}
     return tables
+
+
+def restore_text(writes: Mapping[ChainKey, tuple[str, ...]], deletes: Iterable[ChainKey],
+                 jumps: Iterable[tuple[str, str, str]] = (),
+                 unjumps: Iterable[tuple[str, str, str]] = ()) -> str:
+    """iptables-restore --noflush input: declaring a chain flushes it, then its
+    rules; chains to delete are flushed first and removed at the end, after
+    nothing refers to them any more. `jumps` / `unjumps`: (table, built-in
+    chain, rule body) to insert at the top / delete."""
+    deletes = list(deletes)
+    jumps = list(jumps)
+    unjumps = list(unjumps)
+    out: list[str] = []
+    for table in TABLES:
+        w = sorted(c for t, c in writes if t == table)
+        d = sorted(c for t, c in deletes if t == table)
+        j = [(c, body) for t, c, body in jumps if t == table]
+        u = [(c, body) for t, c, body in unjumps if t == table]
+        if not (w or d or j or u):
+            continue
+        out.append(f"*{table}")
+        out.extend(f":{c} - [0:0]" for c in [*w, *d])
+        for c in w:
+            out.extend(writes[(table, c)])
+        out.extend(f"-D {c} {body}" for c, body in u)
+        # inserted at position 1 in reverse, so they end up in the given order
+        out.extend(f"-I {c} 1 {body}" for c, body in reversed(j))
+        out.extend(f"-X {c}" for c in d)
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
 
 
 class IptablesKernel:
@@ -159,37 +141,6 @@ class IptablesKernel:
 
     def conntrack_delete(self, args: Sequence[str]) -> int:
         return conntrack_delete(args, self.family, self.netns)
-
-
-def run_tool(args: Sequence[str], netns: str | None = None, *, stdin: str | None = None,
-             check: bool = True, timeout: float = 900.0) -> subprocess.CompletedProcess[str]:
-    """Run a kernel tool (iptables, ipset, conntrack, ip), inside `netns` when
-    given. A missing tool or a timeout is a KernelError naming the tool; so is a
-    non-zero exit with `check`."""
-    cmd = [*(["ip", "netns", "exec", netns] if netns else []), *args]
-    try:
-        proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, "LC_ALL": "C"})
-    except FileNotFoundError:
-        raise KernelError(f"{cmd[0]} not found (install the {_PACKAGES.get(cmd[0], cmd[0])} "
-                          "package)") from None
-    except subprocess.TimeoutExpired:
-        raise KernelError(f"{args[0]} did not finish in {timeout:.0f}s") from None
-    if check and proc.returncode != 0:
-        raise KernelError(f"{' '.join(args[:3])} failed (exit {proc.returncode}): "
-                          f"{proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
-
-
-_PACKAGES = {"ip": "iproute2", "conntrack": "conntrack", "ipset": "ipset"}
-
-
-def conntrack_delete(args: Sequence[str], family: int = 4, netns: str | None = None) -> int:
-    """Delete matching conntrack entries; returns how many were deleted."""
-    fam = ["-f", "ipv6"] if family == 6 else []
-    proc = run_tool(["conntrack", "-D", *fam, *args], netns, check=False)
-    m = re.search(r"(\d+) flow entries have been deleted", proc.stderr)
-    return int(m.group(1)) if m else 0
 
 
 def _explain_restore_failure(stderr: str, text: str) -> str:
