@@ -34,9 +34,10 @@ from svcproxy.plugins.kernel.ipvs import SCHED_FLAGS, probe_ipvs
 from svcproxy.plugins.kernel.netns import in_netns, opened_in, read_proc
 from svcproxy.plugins.kernel.sysctl import DEFAULT_BACKUP, SysctlStore
 
-from .datapath import HelperState, IpvsOptions, IpvsState, render_ipvsadm, to_ipvs
+from .datapath import HelperState
 from .helpers import HelperOptions
 from .kernel import IpvsKernel
+from .servers import NODE_PORT_RANGE, IpvsOptions, IpvsState, render_ipvsadm, to_ipvs
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,34 @@ SYSCTLS = {
 }
 #: where the previous values of changed sysctls are kept for `svcproxy cleanup`
 SYSCTL_BACKUP = DEFAULT_BACKUP
+
+
+def _flag(options: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = options.get(name, default)
+    if not isinstance(value, bool):
+        raise PluginError(f"ipvs: {name} must be true or false (got {value!r})")
+    return value
+
+
+def _seconds(options: Mapping[str, Any], name: str) -> float:
+    value = options.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise PluginError(f"ipvs: {name} must be a number of seconds >= 0 (got {value!r})")
+    return float(value)
+
+
+def _port_range(value: object) -> tuple[int, int]:
+    """nodePortRange "30000-32767" (kube-apiserver's --service-node-port-range)."""
+    if value is None:
+        return NODE_PORT_RANGE
+    parts = str(value).split("-")
+    try:
+        low, high = (int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
+    except ValueError:
+        low = high = -1
+    if not 0 < low <= high <= 65535:
+        raise PluginError(f"ipvs: nodePortRange must look like 30000-32767 (got {value!r})")
+    return low, high
 
 
 def _flags_for(scheduler: str) -> list[str]:
@@ -81,24 +110,29 @@ class IpvsPlugin:
         self.options = IpvsOptions()
         self.backup_path = SYSCTL_BACKUP
         self.state: IpvsState | None = None
+        self.kernel: IpvsKernel | None = None
 
     @hookimpl
     def svcproxy_configure_plugin(self, config: Config, options: Mapping[str, Any]) -> None:
         self.config = config
-        known = {"netns", "drainSeconds", "drainIgnoresInactive", "sysctlBackup"}
+        known = {"netns", "gracefulTermination", "drainTimeout", "drainIgnoresInactive",
+                 "nodePortRange", "sysctlBackup"}
+        if "drainSeconds" in options:
+            raise PluginError("ipvs: option 'drainSeconds' is gone: draining real servers "
+                              "now stay until their connections end, as with kube-proxy; "
+                              "set 'drainTimeout' (seconds) to bound that")
         unknown = sorted(set(options) - known)
         if unknown:
             raise PluginError(f"ipvs: unknown option {unknown[0]!r} (options: "
                               f"{', '.join(sorted(known))})")
         self.netns = options.get("netns")
         self.backup_path = str(options.get("sysctlBackup", SYSCTL_BACKUP))
-        drain = options.get("drainSeconds", 30)
-        if isinstance(drain, bool) or not isinstance(drain, int | float) or drain < 0:
-            raise PluginError(f"ipvs: drainSeconds must be a number >= 0 (got {drain!r})")
-        self.options = IpvsOptions(exclude_cidrs=config.kube_proxy.ipvs.exclude_cidrs,
-                                   drain_seconds=float(drain),
-                                   drain_ignores_inactive=bool(
-                                       options.get("drainIgnoresInactive", True)))
+        self.options = IpvsOptions(
+            exclude_cidrs=config.kube_proxy.ipvs.exclude_cidrs,
+            graceful_termination=_flag(options, "gracefulTermination", True),
+            drain_timeout=_seconds(options, "drainTimeout"),
+            drain_ignores_inactive=_flag(options, "drainIgnoresInactive", False),
+            node_port_range=_port_range(options.get("nodePortRange")))
 
     @hookimpl
     def svcproxy_adjust_frontend(self, frontend: Frontend, port: PortContext) -> Frontend | None:
@@ -151,7 +185,7 @@ class IpvsPlugin:
         if not self.active:
             return None
         try:
-            kernel = self._state().kernel
+            kernel = self._kernel()
             skip = kernel.dummy_index(create=False)
             out = []
             for index, address in kernel.all_addresses():
@@ -180,7 +214,7 @@ class IpvsPlugin:
         if self.state is not None:
             out.append(MetricSample("svcproxy_ipvs_virtual_servers",
                                     "IPVS virtual servers svcproxy programmed",
-                                    float(len(self.state.services or {}))))
+                                    float(self.state.programmed())))
         return out
 
     @hookimpl
@@ -227,7 +261,7 @@ class IpvsPlugin:
 
     def _state(self) -> IpvsState:
         if self.state is None:
-            kernel = IpvsKernel(self.netns)
+            kernel = self._kernel()
             self._ensure_sysctls(kernel)
             kp = self.config.kube_proxy.ipvs
             if kp.tcp_timeout or kp.tcp_fin_timeout or kp.udp_timeout:
@@ -235,6 +269,11 @@ class IpvsPlugin:
                                        int(kp.udp_timeout))
             self.state = IpvsState(kernel, self.options)
         return self.state
+
+    def _kernel(self) -> IpvsKernel:
+        if self.kernel is None:
+            self.kernel = IpvsKernel(self.netns)
+        return self.kernel
 
     def _ensure_sysctls(self, kernel: IpvsKernel) -> None:
         """Set what the datapath needs, recording each previous value once (the
@@ -267,7 +306,7 @@ class IpvsPlugin:
         for family in sorted(families):
             helper = self._helper(family)
             helper_changes += helper.sync(plan, None if full else delta.changed,
-                                          self._helper_options(family, plan), state.excluded)
+                                          self._helper_options(family, plan))
             for step, seconds in helper.phases.items():
                 steps[f"helpers.{step}"] = steps.get(f"helpers.{step}", 0.0) + seconds
         # in the order they ran, each step after the step it belongs to
@@ -292,7 +331,7 @@ class IpvsPlugin:
 
     def _early_masquerade(self, plan: ServiceMap) -> None:
         """The first thing written at start-up (HelperState.early)."""
-        bound = self._state().kernel.bound_addresses()
+        bound = self._kernel().bound_addresses()
         for family in sorted({4} | {ip_family(a) for a in bound}):
             if self._helper(family).early(bound, self._helper_options(family, plan)):
                 log.info("IPv%d: masquerading node traffic from %d service VIPs already "
@@ -306,7 +345,7 @@ class IpvsPlugin:
             backend, why = detect_backend(family, self.netns)
             if family == 4:
                 log.info("iptables backend for the IPVS helper rules: %s (%s)", backend, why)
-            self.helpers[family] = HelperState(self._state().kernel, family, backend)
+            self.helpers[family] = HelperState(self._kernel(), family, backend)
         return self.helpers[family]
 
     def _helper_options(self, family: int, plan: ServiceMap) -> HelperOptions:
@@ -327,6 +366,28 @@ class IpvsPlugin:
             table[vs] = list(rss.values())
         return render_ipvsadm(table)
 
+    def _remove_virtual_servers(self, kernel: IpvsKernel) -> list[str]:
+        """Delete the virtual servers svcproxy owns (servers.py's rule: on
+        kube-ipvs0, or NodePort-shaped), never those in excludeCIDRs or anybody
+        else's (kube-proxy's cleanup flushes the whole table)."""
+        state = IpvsState(kernel, self.options)
+        bound, nodes = kernel.bound_addresses(), state.node_addresses()
+        found = kernel.nl.services()
+        owned = [vs for vs in found
+                 if state.owns(vs, bound, nodes) and not state.excluded(vs.address)]
+        batch = kernel.nl.batch()
+        for vs in owned:
+            batch.delete_service(vs)
+        failures = batch.commit()
+        lines = []
+        if owned:
+            lines.append(f"ipvs: removed {len(owned) - len(failures)} virtual servers")
+        if len(found) > len(owned):
+            lines.append(f"ipvs: kept {len(found) - len(owned)} virtual servers that are not "
+                         "svcproxy's (not on kube-ipvs0, not NodePorts, or in excludeCIDRs)")
+        lines += [f"ipvs: {f}" for f in failures]
+        return lines
+
     @hookimpl
     def svcproxy_cleanup_datapath(self) -> list[str]:
         lines: list[str] = []
@@ -346,10 +407,7 @@ class IpvsPlugin:
                     lines += helper.cleanup()
                 except Exception as exc:  # IPv6 tools may be missing
                     log.debug("IPv%d helper cleanup skipped: %s", family, exc)
-            n = len(kernel.nl.services())
-            kernel.nl.flush()
-            if n:
-                lines.append(f"ipvs: removed {n} virtual servers")
+            lines += self._remove_virtual_servers(kernel)
             if kernel.delete_dummy():
                 lines.append("ipvs: removed kube-ipvs0")
             lines += SysctlStore(self.backup_path, self.netns).restore(

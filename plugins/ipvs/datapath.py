@@ -1,16 +1,6 @@
-"""Reconciling the kernel's IPVS table and kube-ipvs0 with the plan.
-
-- One virtual server per frontend; real servers in masquerade mode with the
-  plan's weights. A Local-policy frontend without local endpoints uses the
-  cluster endpoints, as kube-proxy's IPVS mode does.
-- `mh` always gets mh-fallback, so weight-0 real servers never black-hole.
-- Partial syncs diff the changed frontends against an index of what was
-  programmed; full syncs dump the kernel (one batched read) and repair drift.
-  Virtual servers inside excludeCIDRs are never touched.
-- Graceful termination: a TCP real server that goes away gets weight 0 and is
-  deleted once it has no active connections (inactive ones too, unless
-  configured otherwise) or its drain limit passed. UDP and SCTP real servers
-  are deleted at once and their conntrack entries flushed.
+"""Reconciling kube-proxy IPVS mode's helper ipsets and iptables rules (one
+IP family each) with the plan. The virtual servers, real servers and
+kube-ipvs0 addresses are servers.py's.
 """
 
 from __future__ import annotations
@@ -18,21 +8,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-from svcproxy.ir import Frontend, FrontendKey, ServiceMap
+from svcproxy.ir import FrontendKey, ServiceMap
 from svcproxy.plugins.kernel.ipset import IpsetNetlink
 from svcproxy.plugins.kernel.iptables import IptablesKernel, Table, parse_save, restore_text
-from svcproxy.plugins.kernel.ipvs import (
-    F_PERSISTENT,
-    F_SCHED1,
-    F_SCHED2,
-    SCHED_FLAGS,
-    RealServer,
-    VirtualServer,
-)
 from svcproxy.plugins.kernel.netns import opened_in
 
 from .helpers import (
@@ -52,303 +33,6 @@ from .helpers import (
 from .kernel import IpvsKernel
 
 log = logging.getLogger(__name__)
-
-VSKey = tuple[str, int, str]
-RSKey = tuple[str, int]
-
-
-def to_ipvs(fe: Frontend) -> tuple[VirtualServer, dict[RSKey, RealServer]]:
-    backends = fe.backends
-    if fe.traffic_policy == "Local" and not backends:
-        backends = fe.cluster_backends  # kube-proxy's IPVS fallback (PR #97081)
-    flags = 0
-    for name in fe.scheduler_flags:
-        flags |= SCHED_FLAGS[name]
-    if fe.scheduler == "mh":
-        flags |= F_SCHED1  # mh-fallback: skip weight-0 real servers
-    timeout = 0
-    if fe.persistence_timeout:
-        flags |= F_PERSISTENT
-        timeout = fe.persistence_timeout
-    vs = VirtualServer(fe.address, fe.port, fe.protocol, fe.scheduler, flags, timeout)
-    return vs, {(b.address, b.port): RealServer(b.address, b.port, b.weight) for b in backends}
-
-
-@dataclass
-class Drain:
-    vs: VirtualServer
-    rs: RealServer
-    deadline: float
-
-
-@dataclass
-class IpvsOptions:
-    exclude_cidrs: tuple[str, ...] = ()
-    drain_seconds: float = 30.0
-    drain_ignores_inactive: bool = True
-
-
-@dataclass
-class IpvsResult:
-    batch_ops: int = 0
-    failures: list[str] = field(default_factory=list)
-    bound: int = 0
-    unbound: int = 0
-    drained: int = 0
-    phases: dict[str, float] = field(default_factory=dict)
-
-
-class IpvsState:
-    def __init__(self, kernel: IpvsKernel, options: IpvsOptions) -> None:
-        self.kernel = kernel
-        self.options = options
-        self.clock = time.monotonic
-        #: what svcproxy believes the kernel holds (None: unknown, read it)
-        self.services: dict[VSKey, VirtualServer] | None = None
-        self.dests: dict[VSKey, dict[RSKey, RealServer]] = {}
-        self.draining: dict[tuple[VSKey, RSKey], Drain] = {}
-        self.addresses: set[str] | None = None
-        #: the kube-ipvs0 address each frontend needs, counted per address
-        self.bound_index = SetIndex()
-        self._excluded = [ipaddress.ip_network(c) for c in options.exclude_cidrs]
-
-    def excluded(self, address: str) -> bool:
-        if not self._excluded:
-            return False
-        ip = ipaddress.ip_address(address)
-        return any(ip in n for n in self._excluded if n.version == ip.version)
-
-    def read_kernel(self) -> None:
-        # the previous index goes first: at 10,000 services two of them at once
-        # were ~10 MB of peak memory
-        self.services, self.dests = None, {}
-        # kube-ipvs0 exists from the first sync on, services or not, as with
-        # kube-proxy (EnsureDummyDevice on every sync); registering a device is
-        # slow work in the kernel that the first sync with services need not wait
-        # for
-        self.kernel.dummy_index()
-        services: dict[VSKey, VirtualServer] = {}
-        dests: dict[VSKey, dict[RSKey, RealServer]] = {}
-        nl = self.kernel.nl
-        # (not /proc/net/ip_vs: the kernel walks every namespace's virtual
-        # servers while listing one namespace's, and a listing read in several
-        # calls skipped and mixed entries once two namespaces had IPVS tables)
-        for vs in nl.services():
-            if not self.excluded(vs.address):
-                services[vs.key] = vs
-        for key, found in nl.dests_of(list(services.values())).items():
-            dests[key] = {(rs.address, rs.port): rs for rs in found}
-        self.services, self.dests = services, dests
-        self.addresses = self.kernel.bound_addresses()
-
-    def sync(self, plan: ServiceMap, changed: Iterable[FrontendKey] | None) -> IpvsResult:
-        """Bring the kernel to `plan`; `changed` None = full sync."""
-        result = IpvsResult()
-        t0 = time.perf_counter()
-        full = changed is None or self.services is None
-        if full:
-            self.read_kernel()
-            keys = set(plan.frontends)
-            wanted = {(fk.address, fk.port, fk.protocol) for fk in keys}
-            stale = [k for k in self.services or {} if k not in wanted]
-            scope: Iterable[FrontendKey] = keys
-        else:
-            assert changed is not None and self.services is not None
-            have_services = self.services
-            scope = list(changed)
-            stale = [(k.address, k.port, k.protocol) for k in scope
-                     if k not in plan.frontends and
-                     (k.address, k.port, k.protocol) in have_services]
-        result.phases["read"] = time.perf_counter() - t0
-        assert self.services is not None
-        # kube-ipvs0 addresses change in the background while the IPVS batch is
-        # built and sent (they do not depend on each other)
-        t_addr = time.perf_counter()
-        add, remove = self._plan_addresses(plan, None if full else scope)
-        result.bound, result.unbound = len(add), len(remove)
-        binding = self.kernel.start_address_changes(add, remove)
-        result.phases["addresses.start"] = time.perf_counter() - t_addr
-        batch = self.kernel.nl.batch()
-        now = self.clock()
-        # what self.services becomes once the kernel took the batch (a partial
-        # sync records only its changes: copying 10,000 entries per sync was a
-        # third of a one-endpoint change)
-        # (a full sync visits every frontend of the plan and every stale virtual
-        # server, so it builds both maps from nothing rather than copying)
-        new_services: dict[VSKey, VirtualServer | None] = {}
-        new_dests = {} if full else self.dests
-        deletes_udp: list[tuple[VirtualServer, RealServer]] = []
-        for fk in scope:
-            fe = plan.frontends.get(fk)
-            if fe is None or self.excluded(fe.address):
-                continue
-            vs, want = to_ipvs(fe)
-            vkey = vs.key
-            have_vs = self.services.get(vkey)
-            if have_vs is None:
-                batch.add_service(vs)
-                have: dict[RSKey, RealServer] = {}
-            else:
-                have = dict(self.dests.get(vkey, {}))
-                if have_vs != vs:
-                    batch.update_service(vs)
-            new_services[vkey] = vs
-            draining = self.draining
-            for rk, rs in want.items():
-                if draining:
-                    draining.pop((vkey, rk), None)
-                cur = have.get(rk)
-                if cur is None:
-                    batch.add_dest(vs, rs)
-                elif cur.weight != rs.weight or cur.fwd_method != rs.fwd_method:
-                    batch.update_dest(vs, rs)
-            for rk, rs in have.items():
-                if rk in want:
-                    continue
-                if vs.protocol == "TCP" and self.options.drain_seconds > 0:
-                    if (vs.key, rk) not in self.draining:
-                        if rs.weight != 0:
-                            batch.update_dest(vs, RealServer(rs.address, rs.port, 0))
-                        self.draining[(vs.key, rk)] = Drain(
-                            vs, rs, now + self.options.drain_seconds)
-                    want_keep = RealServer(rs.address, rs.port, 0)
-                    want = {**want, rk: want_keep}
-                else:
-                    batch.delete_dest(vs, rs)
-                    deletes_udp.append((vs, rs))
-            new_dests[vs.key] = want
-        for key in stale:
-            old = self.services.get(key)
-            if old is None or self.excluded(old.address):
-                continue
-            batch.delete_service(old)
-            new_services[key] = None
-            new_dests.pop(key, None)
-            for dk in [d for d in self.draining if d[0] == key]:
-                del self.draining[dk]
-            if old.protocol != "TCP":
-                deletes_udp += [(old, rs) for rs in self.dests.get(key, {}).values()]
-        result.drained = self._reap_drained(batch, new_dests, now)
-        t1 = time.perf_counter()
-        result.batch_ops = len(batch)
-        address_failures: list[str] = []
-        try:
-            failures = batch.commit()
-        finally:
-            result.phases["ipvs"] = time.perf_counter() - t1
-            t2 = time.perf_counter()
-            address_failures = self.kernel.finish_address_changes(binding)
-            # only the part that did not overlap with the IPVS work
-            result.phases["addresses"] = time.perf_counter() - t2
-        if address_failures:
-            self.addresses = None  # unknown now: read kube-ipvs0 back next time
-            result.failures = address_failures
-        if failures:
-            self.services = None  # unknown now: the next (full) sync reads it back
-            result.failures = [str(f) for f in failures] + address_failures
-            return result
-        if full:
-            self.services = {k: v for k, v in new_services.items() if v is not None}
-        else:
-            for key, new_vs in new_services.items():
-                if new_vs is None:
-                    self.services.pop(key, None)
-                else:
-                    self.services[key] = new_vs
-        self.dests = new_dests
-        for vs, rs in deletes_udp:
-            fam = 6 if ":" in vs.address else 4
-            self.kernel.conntrack_delete(["-p", vs.protocol.lower(), "--orig-dst", vs.address,
-                                          "--orig-port-dst", str(vs.port), "--dst-nat",
-                                          rs.address], fam)
-        return result
-
-    def _reap_drained(self, batch: object, dests: dict[VSKey, dict[RSKey, RealServer]],
-                      now: float) -> int:
-        """Delete draining real servers whose connections are gone or whose drain
-        limit passed."""
-        if not self.draining:
-            return 0
-        reaped = 0
-        by_vs: dict[VSKey, list[tuple[RSKey, Drain]]] = {}
-        for (vk, rk), d in self.draining.items():
-            by_vs.setdefault(vk, []).append((rk, d))
-        for vk, items in by_vs.items():
-            live = {rs.key: rs for rs in self.kernel.nl.dests(items[0][1].vs)}
-            for rk, d in items:
-                cur = live.get(rk)
-                busy = cur is not None and (cur.active > 0 or (
-                    cur.inactive > 0 and not self.options.drain_ignores_inactive))
-                if cur is not None and busy and now < d.deadline:
-                    continue
-                if cur is not None:
-                    batch.delete_dest(d.vs, d.rs)  # type: ignore[attr-defined]
-                dests.get(vk, {}).pop(rk, None)
-                del self.draining[(vk, rk)]
-                reaped += 1
-        return reaped
-
-    def table(self) -> dict[VirtualServer, list[RealServer]]:
-        """What svcproxy programmed (for rendering and tests)."""
-        return {vs: sorted(self.dests.get(k, {}).values())
-                for k, vs in (self.services or {}).items()}
-
-    def _plan_addresses(self, plan: ServiceMap, scope: Iterable[FrontendKey] | None
-                        ) -> tuple[list[str], list[str]]:
-        """The kube-ipvs0 addresses to add and remove: every address a frontend
-        binds; a full sync compares with the kernel, a partial one follows the
-        changed frontends' counts."""
-        added: list[tuple[str, str]] = []
-        removed: list[tuple[str, str]] = []
-
-        def bound(fk: FrontendKey) -> tuple[tuple[str, str], ...]:
-            fe = plan.frontends.get(fk)
-            if fe is None or not fe.bind_address or self.excluded(fe.address):
-                return ()
-            return (("kube-ipvs0", fe.address),)
-
-        if scope is None or self.addresses is None:
-            self.bound_index = SetIndex()
-            for fk in plan.frontends:
-                self.bound_index.set(fk, bound(fk), None, added, removed)
-            want = {a for _, a in self.bound_index.refs}
-            have = self.addresses if self.addresses is not None else \
-                self.kernel.bound_addresses()
-            self.addresses = want
-            return sorted(want - have), sorted(have - want)
-        for fk in scope:
-            self.bound_index.set(fk, bound(fk), None, added, removed)
-        # an address that moved between frontends in this sync stays bound
-        net_added, net_removed = net_changes(added, removed)
-        add = [a for _, a in net_added]
-        remove = [a for _, a in net_removed]
-        self.addresses.update(add)
-        self.addresses.difference_update(remove)
-        return add, remove
-
-
-def render_ipvsadm(table: dict[VirtualServer, list[RealServer]]) -> str:
-    """The table in `ipvsadm -S -n` format (masquerade real servers)."""
-    lines = []
-    for vs in sorted(table, key=lambda v: (":" in v.address, v.protocol, v.address, v.port)):
-        proto = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}[vs.protocol]
-        host = f"[{vs.address}]" if ":" in vs.address else vs.address
-        head = f"-A {proto} {host}:{vs.port} -s {vs.scheduler}"
-        names = []
-        prefix = vs.scheduler if vs.scheduler in ("sh", "mh") else ""
-        if vs.flags & F_SCHED1:
-            names.append(f"{prefix}-fallback" if prefix else "flag-1")
-        if vs.flags & F_SCHED2:
-            names.append(f"{prefix}-port" if prefix else "flag-2")
-        if names:
-            head += " -b " + ",".join(names)
-        if vs.flags & F_PERSISTENT:
-            head += f" -p {vs.timeout}"
-        lines.append(head)
-        for rs in sorted(table[vs]):
-            rhost = f"[{rs.address}]" if ":" in rs.address else rs.address
-            lines.append(f"-a {proto} {host}:{vs.port} -r {rhost}:{rs.port} -m -w {rs.weight}")
-    return "\n".join(lines) + ("\n" if lines else "")
 
 
 class HelperState:
@@ -428,7 +112,7 @@ class HelperState:
         return wrote
 
     def sync(self, plan: ServiceMap, changed: Iterable[FrontendKey] | None,
-             opts: HelperOptions, excluded: Callable[[str], bool]) -> int:
+             opts: HelperOptions) -> int:
         """Write what differs (`changed` None: full sync); returns the number of
         set members and chains written."""
         t0 = time.perf_counter()
@@ -450,7 +134,7 @@ class HelperState:
             for fe in plan.frontends.values():
                 if fe.family == fam:
                     self.index.set(fe.key, *frontend_entries(
-                        fe, node, fe.bind_address and not excluded(fe.address)), sink, sink)
+                        fe, node, fe.bind_address), sink, sink)
             desired = self.index.members()
             desired["KUBE-HEALTH-CHECK-NODE-PORT"] = health_check_entries(plan)
             self.service_of = {fe.key: fe.service_key for fe in plan.frontends.values()}
@@ -471,7 +155,7 @@ class HelperState:
                 else:
                     fe = changed_fe
                     self.index.set(fk, *frontend_entries(
-                        fe, node, fe.bind_address and not excluded(fe.address)), adds, dels)
+                        fe, node, fe.bind_address), adds, dels)
             adds, dels = net_changes(adds, dels)
             self._health_ports(plan, changed, adds, dels)
         self.opts = opts

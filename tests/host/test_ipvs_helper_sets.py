@@ -181,7 +181,7 @@ def test_every_helper_set_is_right_after_partial_syncs_of_every_kind(ns: str) ->
         helper = HelperState(kernel, 4, "nft")
         over: dict[str, Any] = {}
         plan = plan_of(cluster())
-        helper.sync(plan, None, OPTS, lambda a: False)
+        helper.sync(plan, None, OPTS)
         assert_kernel_matches(ns, helper, plan, "full sync")
         assert kernel_sets(ns)["KUBE-CLUSTER-IP"] >= {"10.96.0.10,tcp:80", "10.96.0.10,udp:53"}
         for step, change in STEPS:
@@ -189,11 +189,11 @@ def test_every_helper_set_is_right_after_partial_syncs_of_every_kind(ns: str) ->
             new = plan_of(cluster(**over))
             changed = changed_keys(plan, new)
             assert changed, step
-            helper.sync(new, changed, OPTS, lambda a: False)
+            helper.sync(new, changed, OPTS)
             assert_kernel_matches(ns, helper, new, step)
             plan = new
         # and a full sync after all of it finds nothing to repair
-        assert helper.sync(plan, None, OPTS, lambda a: False) == 0
+        assert helper.sync(plan, None, OPTS) == 0
     finally:
         kernel.close()
 
@@ -205,7 +205,7 @@ def test_a_member_kept_across_a_change_is_not_written(ns: str) -> None:
     try:
         helper = HelperState(kernel, 4, "nft")
         plan = plan_of(cluster())
-        helper.sync(plan, None, OPTS, lambda a: False)
+        helper.sync(plan, None, OPTS)
         sent: list[tuple[list[tuple[str, str]], list[tuple[str, str]]]] = []
         real = helper._write_members
 
@@ -217,7 +217,7 @@ def test_a_member_kept_across_a_change_is_not_written(ns: str) -> None:
         new = plan_of(cluster(**{"web-eps": slice_("web", endpoints=[
             endpoint("10.244.1.11", "node-a"), endpoint("10.244.1.14", "node-a")],
             ports=WEB_PORTS)}))
-        helper.sync(new, changed_keys(plan, new), OPTS, lambda a: False)
+        helper.sync(new, changed_keys(plan, new), OPTS)
         assert [(sorted(a), d) for a, d in sent] == [(
             [("KUBE-LOOP-BACK", "10.244.1.14,tcp:8080,10.244.1.14"),
              ("KUBE-LOOP-BACK", "10.244.1.14,udp:5353,10.244.1.14")], [])], sent

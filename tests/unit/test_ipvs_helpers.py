@@ -7,7 +7,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from svcproxy.ir import FrontendKey
-from svcproxy.plugins.ipvs.datapath import render_ipvsadm, to_ipvs
 from svcproxy.plugins.ipvs.helpers import (
     HelperOptions,
     SetIndex,
@@ -18,6 +17,7 @@ from svcproxy.plugins.ipvs.helpers import (
     set_entries,
     set_name,
 )
+from svcproxy.plugins.ipvs.servers import render_ipvsadm, to_ipvs
 from svcproxy.plugins.kernel.ipvs import F_PERSISTENT, F_SCHED1
 
 HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]

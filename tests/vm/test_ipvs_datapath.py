@@ -43,7 +43,7 @@ def topo() -> Iterator[Topology]:
 
 class IpvsNode(ProxyHarness):
     def __init__(self, topo: Topology, tmp: Path, scheduler: str = "rr",
-                 drain: float = 30, extra_plugins: list | None = None) -> None:  # type: ignore[type-arg]
+                 drain_timeout: float = 0, extra_plugins: list | None = None) -> None:  # type: ignore[type-arg]
         text = textwrap.dedent(f"""\
             apiVersion: kubeproxy.config.k8s.io/v1alpha1
             kind: KubeProxyConfiguration
@@ -54,7 +54,7 @@ class IpvsNode(ProxyHarness):
             kind: SvcProxyConfiguration
             datapaths: [ipvs]
             datapathOptions:
-              ipvs: {{netns: {topo.node}, drainSeconds: {drain},
+              ipvs: {{netns: {topo.node}, drainTimeout: {drain_timeout},
                      sysctlBackup: {tmp / 'sysctl.json'}}}
         """)
         super().__init__(text, "ipvs", [NODE_IP], extra_plugins=extra_plugins)

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from svcproxy.plugins.ipvs.datapath import render_ipvsadm
+from svcproxy.plugins.ipvs.servers import render_ipvsadm
 from svcproxy.plugins.kernel.ipvs import (
     F_PERSISTENT,
     F_SCHED1,

@@ -1,0 +1,224 @@
+"""In-memory fakes of the kernel doors, for unit tests of the reconcilers.
+
+They keep state as the kernel does and answer as it does where the
+reconcilers care: adding what exists is EEXIST, deleting or updating what does
+not is ESRCH/ENOENT, a batch applies the operations it can and reports the
+others. Tests can make the fake refuse chosen operations (`refuse`), give
+real servers connections (`connections`), and count what was written
+(`writes`). The VM and host tiers check the real doors against the real
+kernel; these check the logic on top, in milliseconds and without root.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from .ipvs import RealServer, VirtualServer
+from .netlink import Failure
+
+VSKey = tuple[str, int, str]
+RSKey = tuple[str, int]
+#: (op, virtual server, real server or None) -> errno to refuse with, or None
+Refusal = Callable[[str, VirtualServer, RealServer | None], int | None]
+
+
+@dataclass
+class FakeIpvs:
+    """A namespace's IPVS table."""
+
+    services_: dict[VSKey, VirtualServer] = field(default_factory=dict)
+    dests_: dict[VSKey, dict[RSKey, RealServer]] = field(default_factory=dict)
+    #: (active, inactive) connections of a real server
+    connections: dict[tuple[VSKey, RSKey], tuple[int, int]] = field(default_factory=dict)
+    refuse: Refusal | None = None
+    #: every operation the kernel took, in order: (op, vs key, rs key or None)
+    writes: list[tuple[str, VSKey, RSKey | None]] = field(default_factory=list)
+    reads: int = 0
+
+    # -- as ipvsadm would set things up (tests) --------------------------------------
+
+    def add(self, vs: VirtualServer, *rss: RealServer) -> None:
+        self.services_[vs.key] = vs
+        self.dests_.setdefault(vs.key, {}).update({rs.key: rs for rs in rss})
+
+    def table(self) -> dict[VSKey, dict[RSKey, int]]:
+        """{virtual server: {real server: weight}}: what `ipvsadm -S -n` shows."""
+        return {k: {rk: rs.weight for rk, rs in self.dests_.get(k, {}).items()}
+                for k in self.services_}
+
+    # -- the door ----------------------------------------------------------------
+
+    def services(self) -> list[VirtualServer]:
+        self.reads += 1
+        return list(self.services_.values())
+
+    def _with_counters(self, key: VSKey, rs: RealServer) -> RealServer:
+        active, inactive = self.connections.get((key, rs.key), (0, 0))
+        return replace(rs, active=active, inactive=inactive)
+
+    def dests(self, vs: VirtualServer) -> list[RealServer]:
+        self.reads += 1
+        if vs.key not in self.services_:
+            raise OSError(errno.ESRCH, f"no virtual server {vs}")
+        return [self._with_counters(vs.key, rs) for rs in self.dests_.get(vs.key, {}).values()]
+
+    def dests_of(self, services: Sequence[VirtualServer]) -> dict[VSKey, list[RealServer]]:
+        return {vs.key: self.dests(vs) for vs in services}
+
+    def batch(self) -> FakeBatch:
+        return FakeBatch(self)
+
+    def apply(self, op: str, vs: VirtualServer, rs: RealServer | None) -> int:
+        """One operation; 0 or the errno the kernel would answer."""
+        if self.refuse is not None:
+            code = self.refuse(op, vs, rs)
+            if code:
+                return code
+        key = vs.key
+        exists = key in self.services_
+        if op == "add service":
+            if exists:
+                return errno.EEXIST
+            self.services_[key], self.dests_[key] = vs, {}
+        elif not exists:
+            return errno.ESRCH
+        elif op == "update service":
+            self.services_[key] = vs
+        elif op == "delete service":
+            del self.services_[key]
+            self.dests_.pop(key, None)
+        else:
+            code = self._apply_dest(op, key, rs)
+            if code:
+                return code
+        self.writes.append((op, key, rs.key if rs is not None else None))
+        return 0
+
+    def _apply_dest(self, op: str, key: VSKey, rs: RealServer | None) -> int:
+        assert rs is not None
+        dests = self.dests_.setdefault(key, {})
+        if op == "add real server":
+            if rs.key in dests:
+                return errno.EEXIST
+            dests[rs.key] = rs
+        elif rs.key not in dests:
+            return errno.ENOENT
+        elif op == "update real server":
+            dests[rs.key] = rs
+        else:
+            del dests[rs.key]
+            self.connections.pop((key, rs.key), None)
+        return 0
+
+
+@dataclass
+class FakeBatch:
+    ipvs: FakeIpvs
+    ops: list[tuple[str, VirtualServer, RealServer | None]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def add_service(self, vs: VirtualServer) -> None:
+        self.ops.append(("add service", vs, None))
+
+    def update_service(self, vs: VirtualServer) -> None:
+        self.ops.append(("update service", vs, None))
+
+    def delete_service(self, vs: VirtualServer) -> None:
+        self.ops.append(("delete service", vs, None))
+
+    def add_dest(self, vs: VirtualServer, rs: RealServer) -> None:
+        self.ops.append(("add real server", vs, rs))
+
+    def update_dest(self, vs: VirtualServer, rs: RealServer) -> None:
+        self.ops.append(("update real server", vs, rs))
+
+    def delete_dest(self, vs: VirtualServer, rs: RealServer) -> None:
+        self.ops.append(("delete real server", vs, rs))
+
+    def commit(self) -> list[Failure]:
+        failures = []
+        for op, vs, rs in self.ops:
+            code = self.ipvs.apply(op, vs, rs)
+            if code:
+                target = str(vs) if rs is None else f"{vs} -> {rs.address}:{rs.port}"
+                failures.append(Failure(op, target, code))
+        self.ops = []
+        return failures
+
+
+@dataclass
+class FakeLink:
+    """kube-ipvs0 and the node's other addresses."""
+
+    exists: bool = False
+    bound: set[str] = field(default_factory=set)
+    #: the node's own addresses, on other links
+    node_addresses: list[str] = field(default_factory=list)
+    #: addresses the kernel refuses to add
+    refuse: set[str] = field(default_factory=set)
+    changes: list[tuple[str, str]] = field(default_factory=list)  # ("add"|"del", address)
+
+    INDEX = 7
+
+    def index(self, create: bool = True) -> int | None:
+        if not self.exists and create:
+            self.exists = True
+        return self.INDEX if self.exists else None
+
+    def addresses(self) -> set[str]:
+        return set(self.bound) if self.exists else set()
+
+    def all_addresses(self) -> list[tuple[int, str]]:
+        return [(2, a) for a in self.node_addresses] + [(self.INDEX, a) for a in self.bound]
+
+    def start_changes(self, add: Sequence[str], remove: Sequence[str]
+                      ) -> tuple[list[str], list[str]] | None:
+        if add:
+            self.index()
+        elif not remove or not self.exists:
+            return None
+        return list(add), list(remove)
+
+    def finish_changes(self, changes: tuple[list[str], list[str]] | None) -> list[str]:
+        if changes is None:
+            return []
+        out = []
+        add, remove = changes
+        for address in add:
+            if address in self.refuse:
+                out.append(f"add address {address} on kube-ipvs0: refused")
+                continue
+            self.bound.add(address)
+            self.changes.append(("add", address))
+        for address in remove:
+            self.bound.discard(address)
+            self.changes.append(("del", address))
+        return out
+
+    def delete(self) -> bool:
+        existed, self.exists = self.exists, False
+        self.bound.clear()
+        return existed
+
+
+@dataclass
+class FakeConntrack:
+    deleted: list[tuple[tuple[str, ...], int]] = field(default_factory=list)
+
+    def delete(self, args: Sequence[str], family: int = 4) -> int:
+        self.deleted.append((tuple(args), family))
+        return 1
+
+
+@dataclass
+class FakeIpvsKernel:
+    """The IPVS datapath's doors (IpvsKernel's shape), all fakes."""
+
+    nl: FakeIpvs = field(default_factory=FakeIpvs)
+    link: FakeLink = field(default_factory=FakeLink)
+    conntrack: FakeConntrack = field(default_factory=FakeConntrack)
+    netns: str | None = None
