@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 results=${1:-/tmp}
 export SVCPROXY_IN_VM=1 PYTHONDONTWRITEBYTECODE=1
 modprobe ip_vs 2>/dev/null
-timeout 900 .venv/bin/pytest tests/vm -q -p no:cacheprovider -o addopts="" \
+timeout 1200 .venv/bin/pytest tests/vm -q -p no:cacheprovider -o addopts="" \
     --junitxml="$results/vm-junit.xml" "${@:2}"

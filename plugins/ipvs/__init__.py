@@ -30,11 +30,13 @@ from svcproxy.errors import PluginError, SyncError
 from svcproxy.ir import Frontend, PlanDelta, ServiceMap, ip_family
 from svcproxy.plan import PortContext
 from svcproxy.plugins.kernel.conntrack import conntrack_samples
+from svcproxy.plugins.kernel.ipset import Ipset
+from svcproxy.plugins.kernel.iptables import IptablesKernel
 from svcproxy.plugins.kernel.ipvs import SCHED_FLAGS, probe_ipvs
 from svcproxy.plugins.kernel.netns import in_netns, opened_in, read_proc
 from svcproxy.plugins.kernel.sysctl import DEFAULT_BACKUP, SysctlStore
 
-from .datapath import HelperState
+from .helper_state import HelperState
 from .helpers import HelperOptions
 from .kernel import IpvsKernel
 from .servers import NODE_PORT_RANGE, IpvsOptions, IpvsState, render_ipvsadm, to_ipvs
@@ -345,7 +347,9 @@ class IpvsPlugin:
             backend, why = detect_backend(family, self.netns)
             if family == 4:
                 log.info("iptables backend for the IPVS helper rules: %s (%s)", backend, why)
-            self.helpers[family] = HelperState(self._kernel(), family, backend)
+            self.helpers[family] = HelperState(Ipset(self.netns),
+                                               IptablesKernel(family, backend, self.netns),
+                                               family)
         return self.helpers[family]
 
     def _helper_options(self, family: int, plan: ServiceMap) -> HelperOptions:
@@ -403,7 +407,9 @@ class IpvsPlugin:
 
             for family in (4, 6):
                 try:
-                    helper = HelperState(kernel, family, detect_backend(family, self.netns)[0])
+                    backend = detect_backend(family, self.netns)[0]
+                    helper = HelperState(Ipset(self.netns),
+                                         IptablesKernel(family, backend, self.netns), family)
                     lines += helper.cleanup()
                 except Exception as exc:  # IPv6 tools may be missing
                     log.debug("IPv%d helper cleanup skipped: %s", family, exc)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import builtins
 import ipaddress
 from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from svcproxy.ir import Frontend, FrontendKey, FrontendKind, ServiceMap
@@ -248,10 +249,12 @@ def vip_source_rule(family: int) -> str:
         f"-m set --match-set {set_name('KUBE-IPVS-IPS', family)} src"], target="MASQUERADE")
 
 
-def helper_chains(entries: dict[str, set[str]], out_filter: list[tuple[str, str, int]],
+def helper_chains(entries: Mapping[str, Collection[str] | int],
+                  out_filter: list[tuple[str, str, int]],
                   opts: HelperOptions) -> dict[ChainKey, tuple[str, ...]]:
     """kube-proxy IPVS mode's chains; rules that use a set only when it is not
-    empty, as kube-proxy writes them."""
+    empty, as kube-proxy writes them. `entries`: each set's members (or just
+    how many), by the family's set name."""
     fam = opts.family
 
     def s(name: str) -> str:

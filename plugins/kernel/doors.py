@@ -5,7 +5,7 @@ proxiers the same way, against fakes of pkg/util/{ipvs,ipset,iptables})."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from .ipvs import RealServer, VirtualServer
@@ -50,6 +50,29 @@ class LinkDoor(Protocol):
         ...
     def finish_changes(self, changes: Any) -> list[str]: ...
     def delete(self) -> bool: ...
+
+
+class IpsetDoor(Protocol):
+    """The ipsets of one namespace, members in kube-proxy's text form."""
+
+    def read(self, wanted: Callable[[str], bool]) -> dict[str, set[str]]: ...
+    def write(self, adds: Sequence[tuple[str, str]], dels: Sequence[tuple[str, str]],
+              family: int) -> Sequence[object]:
+        """Add and delete (set, member) pairs; what the kernel refused."""
+        ...
+    def restore(self, text: str) -> None:
+        """`ipset restore` input (set creation)."""
+        ...
+    def destroy(self, name: str) -> None: ...
+
+
+class IptablesDoor(Protocol):
+    """One IP family's iptables, in one backend."""
+
+    def save_all(self) -> dict[tuple[str, str], tuple[str, ...]]: ...
+    def restore(self, text: str) -> None:
+        """iptables-restore --noflush; raises when refused (nothing changed)."""
+        ...
 
 
 class ConntrackDoor(Protocol):

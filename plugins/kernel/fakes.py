@@ -222,3 +222,91 @@ class FakeIpvsKernel:
     link: FakeLink = field(default_factory=FakeLink)
     conntrack: FakeConntrack = field(default_factory=FakeConntrack)
     netns: str | None = None
+
+
+@dataclass
+class FakeIpset:
+    """The ipsets of one namespace: {name: members in kube-proxy's text}."""
+
+    sets: dict[str, set[str]] = field(default_factory=dict)
+    #: (set, member) pairs the kernel refuses to add (a set at maxelem, say)
+    refuse: set[tuple[str, str]] = field(default_factory=set)
+    writes: list[tuple[str, str, str]] = field(default_factory=list)  # (op, set, member)
+
+    def read(self, wanted: Callable[[str], bool]) -> dict[str, set[str]]:
+        return {name: set(members) for name, members in self.sets.items() if wanted(name)}
+
+    def write(self, adds: Sequence[tuple[str, str]], dels: Sequence[tuple[str, str]],
+              family: int) -> list[str]:
+        failures = []
+        for op, pairs in (("add", adds), ("del", dels)):
+            for name, member in pairs:
+                if name not in self.sets:
+                    failures.append(f"{op} {name} {member}: no such set")
+                elif op == "add" and (name, member) in self.refuse:
+                    failures.append(f"add {name} {member}: set is full")
+                else:
+                    (self.sets[name].add if op == "add" else self.sets[name].discard)(member)
+                    self.writes.append((op, name, member))
+        return failures
+
+    def restore(self, text: str) -> None:
+        for line in text.splitlines():
+            parts = line.split()
+            if parts[:1] == ["create"]:
+                self.sets.setdefault(parts[1], set())
+
+    def destroy(self, name: str) -> None:
+        self.sets.pop(name, None)
+
+
+BUILTIN_CHAINS: dict[tuple[str, str], tuple[str, ...]] = {
+    **{("nat", c): () for c in ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")},
+    **{("filter", c): () for c in ("INPUT", "FORWARD", "OUTPUT")}}
+
+
+@dataclass
+class FakeIptables:
+    """One family's iptables: {(table, chain): rules}, with iptables-restore
+    --noflush semantics for the input svcproxy writes."""
+
+    chains: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=lambda: dict(
+        BUILTIN_CHAINS))
+    restores: int = 0
+    fail_next: str | None = None
+
+    def save_all(self) -> dict[tuple[str, str], tuple[str, ...]]:
+        return dict(self.chains)
+
+    def restore(self, text: str) -> None:
+        self.restores += 1
+        if self.fail_next is not None:
+            message, self.fail_next = self.fail_next, None
+            raise OSError(message)
+        chains = dict(self.chains)
+        table = ""
+        for line in text.splitlines():
+            table = self._apply_line(chains, table, line)
+        self.chains = chains
+
+    @staticmethod
+    def _apply_line(chains: dict[tuple[str, str], tuple[str, ...]], table: str,
+                    line: str) -> str:
+        if line.startswith("*"):
+            return line[1:]
+        if line.startswith(":"):
+            chains[(table, line[1:].split()[0])] = ()
+        elif line.startswith("-A "):
+            name = line.split()[1]
+            chains[(table, name)] = (*chains[(table, name)], line)
+        elif line.startswith("-I "):
+            _, name, _, body = line.split(" ", 3)
+            chains[(table, name)] = (f"-A {name} {body}", *chains[(table, name)])
+        elif line.startswith("-D "):
+            _, name, body = line.split(" ", 2)
+            rules = list(chains[(table, name)])
+            rules.remove(f"-A {name} {body}")
+            chains[(table, name)] = tuple(rules)
+        elif line.startswith("-X "):
+            del chains[(table, line.split()[1])]
+        return table

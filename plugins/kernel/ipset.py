@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .netlink import (
@@ -34,6 +34,8 @@ from .netlink import (
     open_socket,
     send_batch,
 )
+from .netns import opened_in
+from .tools import KernelError, run_tool
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_IPSET = 6
@@ -253,3 +255,40 @@ class IpsetReader:
                 if ATTR_ADT in top and parse(name):
                     for _, value, stop in each_attr(data, *top[ATTR_ADT]):
                         members.add(member_text(data, value, stop))
+
+
+class Ipset:
+    """The ipset door of one network namespace: members read and written
+    through netlink (IpsetNetlink, opened there on first use), sets created
+    from `ipset restore` input and destroyed with the tool."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self._nl: IpsetNetlink | None = None
+
+    def _netlink(self) -> IpsetNetlink:
+        if self._nl is None:
+            self._nl = opened_in(self.netns, IpsetNetlink)
+        return self._nl
+
+    def close(self) -> None:
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
+
+    def read(self, wanted: Callable[[str], bool]) -> dict[str, set[str]]:
+        """The sets `wanted` accepts, with their members."""
+        return {k: v for k, v in self._netlink().read(wanted).items() if wanted(k)}
+
+    def write(self, adds: Sequence[tuple[str, str]], dels: Sequence[tuple[str, str]],
+              family: int) -> list[IpsetFailure]:
+        return self._netlink().write(adds, dels, family)
+
+    def restore(self, text: str) -> None:
+        """`ipset restore` (creating sets: rare, the first sync)."""
+        proc = run_tool(["ipset", "restore"], self.netns, stdin=text, check=False, timeout=300)
+        if proc.returncode != 0:
+            raise KernelError(f"ipset restore failed: {proc.stderr.strip()}")
+
+    def destroy(self, name: str) -> None:
+        run_tool(["ipset", "destroy", name], self.netns, check=False, timeout=60)

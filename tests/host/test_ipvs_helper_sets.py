@@ -19,7 +19,7 @@ import pytest
 from factories import endpoint, node, plan_of, service, slice_
 
 from svcproxy.ir import FrontendKey, ServiceMap
-from svcproxy.plugins.ipvs.datapath import HelperState
+from svcproxy.plugins.ipvs.helper_state import HelperState
 from svcproxy.plugins.ipvs.helpers import (
     SETS,
     HelperOptions,
@@ -27,8 +27,8 @@ from svcproxy.plugins.ipvs.helpers import (
     is_owned,
     set_entries,
 )
-from svcproxy.plugins.ipvs.kernel import IpvsKernel
-from svcproxy.plugins.kernel.iptables import parse_save
+from svcproxy.plugins.kernel.ipset import Ipset
+from svcproxy.plugins.kernel.iptables import IptablesKernel, parse_save
 
 NODE_IP = "192.168.1.10"
 OPTS = HelperOptions(family=4, node_ip=NODE_IP, local_detector=("-s", "10.244.0.0/16"))
@@ -176,9 +176,9 @@ def assert_kernel_matches(ns: str, helper: HelperState, plan: ServiceMap, step: 
 
 
 def test_every_helper_set_is_right_after_partial_syncs_of_every_kind(ns: str) -> None:
-    kernel = IpvsKernel(ns)
+    ipset = Ipset(ns)
     try:
-        helper = HelperState(kernel, 4, "nft")
+        helper = HelperState(ipset, IptablesKernel(4, "nft", ns), 4)
         over: dict[str, Any] = {}
         plan = plan_of(cluster())
         helper.sync(plan, None, OPTS)
@@ -195,15 +195,15 @@ def test_every_helper_set_is_right_after_partial_syncs_of_every_kind(ns: str) ->
         # and a full sync after all of it finds nothing to repair
         assert helper.sync(plan, None, OPTS) == 0
     finally:
-        kernel.close()
+        ipset.close()
 
 
 def test_a_member_kept_across_a_change_is_not_written(ns: str) -> None:
     """The writer sees only the net difference: an endpoint removal sends the
     one KUBE-LOOP-BACK deletion, not a delete and add of the VIP's entries."""
-    kernel = IpvsKernel(ns)
+    ipset = Ipset(ns)
     try:
-        helper = HelperState(kernel, 4, "nft")
+        helper = HelperState(ipset, IptablesKernel(4, "nft", ns), 4)
         plan = plan_of(cluster())
         helper.sync(plan, None, OPTS)
         sent: list[tuple[list[tuple[str, str]], list[tuple[str, str]]]] = []
@@ -223,4 +223,4 @@ def test_a_member_kept_across_a_change_is_not_written(ns: str) -> None:
              ("KUBE-LOOP-BACK", "10.244.1.14,udp:5353,10.244.1.14")], [])], sent
         assert_kernel_matches(ns, helper, new, "endpoint replaced")
     finally:
-        kernel.close()
+        ipset.close()

@@ -1,0 +1,303 @@
+"""Reconciling kube-proxy IPVS mode's helper ipsets and iptables rules (one IP
+family each) with the plan, by diff.
+
+Two diff stores: set members, keyed (set, member), and svcproxy's chains,
+keyed (table, chain). The members' desired state is counted per frontend
+(SetIndex), so a partial sync compares only the members the changed frontends
+gave up or took — the net difference, never a member that stays — and a full
+sync compares every member with an ipset dump. The chains are rendered from
+which sets are empty (helpers.helper_chains) and compared whole: there are
+eleven of them.
+
+The doors are `IpsetDoor` and `IptablesDoor` (svcproxy.plugins.kernel.doors),
+so unit tests run this against the fakes; tests/host runs it against the host
+kernel's ipset and iptables.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+from svcproxy.diffstore import Diff, DiffStore
+from svcproxy.ir import FrontendKey, ServiceMap
+from svcproxy.plugins.kernel.doors import IpsetDoor, IptablesDoor
+from svcproxy.plugins.kernel.iptables import ChainKey, restore_text
+
+from .helpers import (
+    JUMPS,
+    SETS,
+    HelperOptions,
+    SetIndex,
+    frontend_entries,
+    helper_chains,
+    ipset_create,
+    is_owned,
+    net_changes,
+    set_name,
+    vip_source_rule,
+)
+
+Member = tuple[str, str]  # (set name as in the kernel, member text)
+HEALTH = "KUBE-HEALTH-CHECK-NODE-PORT"
+
+
+class HelperState:
+    def __init__(self, ipset: IpsetDoor, ipt: IptablesDoor, family: int) -> None:
+        self.ipset = ipset
+        self.ipt = ipt
+        self.family = family
+        self.names = {base: set_name(base, family) for base in SETS}
+        self.members: DiffStore[Member, bool] = DiffStore()
+        self.chains: DiffStore[ChainKey, tuple[str, ...]] = DiffStore()
+        #: members per set, kept with the store (the rules depend on which sets
+        #: are empty; counting 20,000 members per partial sync would not be O(change))
+        self.sizes: Counter[str] = Counter()
+        self.existing: set[str] = set()
+        self.builtin: dict[ChainKey, tuple[str, ...]] = {}
+        self.index = SetIndex()
+        #: the Service of each frontend, and each Service's health check node port
+        self.service_of: dict[FrontendKey, str] = {}
+        self.health_port: dict[str, str] = {}
+        self.opts: HelperOptions | None = None
+        #: early() read the kernel and nothing else wrote since
+        self.just_read = False
+        self.phases: dict[str, float] = {}
+
+    @property
+    def sets(self) -> dict[str, set[str]]:
+        """What the sets hold as far as svcproxy knows (tests, status)."""
+        out: dict[str, set[str]] = {name: set() for name in self.existing}
+        for name, member in self.members.have:
+            out.setdefault(name, set()).add(member)
+        return out
+
+    # -- reading ---------------------------------------------------------------------
+
+    def read(self) -> None:
+        """One iptables-save for both tables and, meanwhile, one ipset dump."""
+        ours = set(self.names.values())
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            saving = pool.submit(self.ipt.save_all)
+            found = self.ipset.read(ours.__contains__)
+            chains = saving.result()
+        self.existing = set(found) & ours
+        self.members.load({(name, m): True for name, members in found.items()
+                           for m in members})
+        self.sizes = Counter({name: len(members) for name, members in found.items()})
+        self.chains.load({k: v for k, v in chains.items() if is_owned(*k)})
+        self.builtin = {k: v for k, v in chains.items() if not is_owned(*k)}
+
+    def _missing_jumps(self) -> list[tuple[str, str, str]]:
+        return [(t, c, b) for t, c, b in JUMPS if f"-A {c} {b}" not in self.builtin.get((t, c), ())]
+
+    # -- before the first sync ------------------------------------------------------------
+
+    def early(self, bound: Iterable[str], opts: HelperOptions) -> bool:
+        """Before the first sync: addresses already on kube-ipvs0 (a previous run,
+        or kube-proxy's) are in KUBE-IPVS-IPS and node traffic from them is
+        masqueraded, so the node keeps reaching the API server through its VIP
+        while a long first sync runs. Returns whether it wrote."""
+        self.read()
+        fam = self.family
+        name = self.names["KUBE-IPVS-IPS"]
+        wanted = {(name, a): True for a in bound if (":" in a) == (fam == 6)}
+        diff = self.members.diff(wanted, wanted)
+        wrote = False
+        if name not in self.existing:
+            self._create([name])
+            wrote = True
+        if diff.created:
+            self._write(diff)
+            wrote = True
+        key = ("nat", "KUBE-POSTROUTING")
+        have = self.chains.get(key)
+        first = vip_source_rule(fam)
+        jumps = [j for j in self._missing_jumps() if j[1] == "POSTROUTING"]
+        if have is None or first not in have or jumps:
+            rules = (first, *(r for r in have or () if r != first))
+            self.ipt.restore(restore_text({key: rules}, [], jumps))
+            self.chains.set(key, rules)
+            for t, c, b in jumps:
+                self.builtin[(t, c)] = (*self.builtin.get((t, c), ()), f"-A {c} {b}")
+            wrote = True
+        self.just_read = True
+        return wrote
+
+    # -- sync ------------------------------------------------------------------------
+
+    def sync(self, plan: ServiceMap, changed: Iterable[FrontendKey] | None,
+             opts: HelperOptions) -> int:
+        """Write what differs (`changed` None: full sync); returns the number of
+        set members and chains written."""
+        t0 = time.perf_counter()
+        full = (changed is None or not self.members.known or not self.chains.known
+                or opts != self.opts)
+        t_read = 0.0
+        if full and not self.just_read:  # early() read the kernel moments ago
+            self.read()
+            t_read = time.perf_counter() - t0
+        self.just_read = False
+        self.opts = opts
+        if full or changed is None:
+            diff = self._members_full(plan, opts)
+        else:
+            diff = self._members_partial(plan, list(changed), opts)
+        t1 = time.perf_counter()
+        missing = [n for n in self.names.values() if n not in self.existing]
+        if missing:
+            self._create(missing)
+        if diff:
+            self._write(diff)
+        t2 = time.perf_counter()
+        written = self._write_chains(opts, self._missing_jumps() if full else [])
+        t3 = time.perf_counter()
+        self.phases = {"read": t_read, "sets": t1 - t0 - t_read, "ipset": t2 - t1,
+                       "rules": t3 - t2}
+        return len(diff) + written
+
+    def _entries(self, plan: ServiceMap, fk: FrontendKey, node: object
+                 ) -> tuple[tuple[tuple[str, str], ...], tuple[str, str, int] | None]:
+        fe = plan.frontends.get(fk)
+        if fe is None:
+            return (), None
+        return frontend_entries(fe, node, fe.bind_address)  # type: ignore[arg-type]
+
+    def _node(self, opts: HelperOptions) -> object:
+        return ipaddress.ip_address(opts.node_ip) if opts.node_ip else None
+
+    def _members_full(self, plan: ServiceMap, opts: HelperOptions) -> Diff[Member, bool]:
+        node = self._node(opts)
+        fam = self.family
+        self.index = SetIndex()
+        sink: list[tuple[str, str]] = []
+        for fe in plan.frontends.values():
+            if fe.family == fam:
+                self.index.set(fe.key, *self._entries(plan, fe.key, node), sink, sink)
+        self.service_of = {fe.key: fe.service_key for fe in plan.frontends.values()}
+        self.health_port = {k: str(s.health_check_node_port)
+                            for k, s in plan.services.items() if s.health_check_node_port}
+        names = self.names
+        desired = {(names[base], m): True for base, m in self.index.refs}
+        desired.update({(names[HEALTH], p): True for p in set(self.health_port.values())})
+        return self.members.diff(desired)
+
+    def _members_partial(self, plan: ServiceMap, changed: list[FrontendKey],
+                         opts: HelperOptions) -> Diff[Member, bool]:
+        node = self._node(opts)
+        fam = self.family
+        adds: list[tuple[str, str]] = []
+        dels: list[tuple[str, str]] = []
+        for fk in changed:
+            if (":" in fk.address) == (fam == 6):
+                self.index.set(fk, *self._entries(plan, fk, node), adds, dels)
+        adds, dels = net_changes(adds, dels)
+        health_add, health_del = self._health_ports(plan, changed)
+        names = self.names
+        touched = [(names[b], m) for b, m in (*adds, *dels)]
+        touched += [(names[HEALTH], p) for p in (*health_add, *health_del)]
+        refs = self.index.refs
+        ports = set(self.health_port.values())
+        want = {k: True for k in touched
+                if (k[0] == names[HEALTH] and k[1] in ports)
+                or (k[0] != names[HEALTH] and (self._base(k[0]), k[1]) in refs)}
+        return self.members.diff(want, touched)
+
+    def _base(self, name: str) -> str:
+        return name if self.family == 4 else "KUBE-" + name[len("KUBE-6-"):]
+
+    def _health_ports(self, plan: ServiceMap, changed: Iterable[FrontendKey]
+                      ) -> tuple[list[str], list[str]]:
+        """KUBE-HEALTH-CHECK-NODE-PORT for the Services owning the changed
+        frontends only (a port two Services share stays while one has it)."""
+        touched: set[str] = set()
+        for fk in changed:
+            old = self.service_of.pop(fk, None)
+            if old is not None:
+                touched.add(old)
+            fe = plan.frontends.get(fk)
+            if fe is not None:
+                self.service_of[fk] = fe.service_key
+                touched.add(fe.service_key)
+        before = set(self.health_port.values())
+        for key in touched:
+            summary = plan.services.get(key)
+            if summary is not None and summary.health_check_node_port:
+                self.health_port[key] = str(summary.health_check_node_port)
+            else:
+                self.health_port.pop(key, None)
+        after = set(self.health_port.values())
+        return sorted(after - before), sorted(before - after)
+
+    # -- writing ---------------------------------------------------------------------
+
+    def _create(self, names: list[str]) -> None:
+        """Create sets (rare: the first sync) with `ipset restore`."""
+        try:
+            self.ipset.restore(ipset_create(names, self.family))
+        except Exception:
+            self.members.forget()
+            raise
+        self.existing.update(names)
+
+    def _write(self, diff: Diff[Member, bool]) -> None:
+        self._write_members(list(diff.created), list(diff.deleted))
+        self.members.applied(diff)
+        for name, _ in diff.created:
+            self.sizes[name] += 1
+        for name, _ in diff.deleted:
+            self.sizes[name] -= 1
+
+    def _write_members(self, adds: list[Member], dels: list[Member]) -> None:
+        """Members through batched netlink; a refusal makes the members this
+        write touched unknown, and the next sync reads the sets back."""
+        failures = self.ipset.write(adds, dels, self.family)
+        if failures:
+            self.members.forget([*adds, *dels])
+            shown = "; ".join(str(f) for f in failures[:5])
+            raise OSError(f"the kernel refused {len(failures)} of {len(adds) + len(dels)} "
+                          f"ipset changes: {shown}")
+
+    def _write_chains(self, opts: HelperOptions, jumps: list[tuple[str, str, str]]) -> int:
+        sizes: Mapping[str, int] = self.sizes
+        out_filter = sorted(set(self.index.out_filter.values()))
+        desired = helper_chains(sizes, out_filter, opts)
+        diff = self.chains.diff(desired)
+        writes = {**diff.created, **{k: new for k, (_, new) in diff.updated.items()}}
+        text = restore_text(writes, list(diff.deleted), jumps)
+        if not text:
+            return 0
+        try:
+            self.ipt.restore(text)
+        except Exception:
+            self.chains.forget()
+            raise
+        self.chains.applied(diff)
+        for t, c, b in jumps:
+            self.builtin[(t, c)] = (f"-A {c} {b}", *self.builtin.get((t, c), ()))
+        return len(diff) + len(jumps)
+
+    # -- cleanup ---------------------------------------------------------------------
+
+    def cleanup(self) -> list[str]:
+        self.read()
+        unjumps = [(t, c, b) for t, c, b in JUMPS
+                   if f"-A {c} {b}" in self.builtin.get((t, c), ())]
+        owned = list(self.chains.have)
+        text = restore_text({}, owned, unjumps=unjumps)
+        lines = []
+        if text:
+            self.ipt.restore(text)
+            lines.append(f"ipvs: removed {len(unjumps)} jump rules and {len(owned)} "
+                         f"chains (IPv{self.family})")
+        ours = sorted(self.existing & set(self.names.values()))
+        for name in ours:
+            self.ipset.destroy(name)
+        if ours:
+            lines.append(f"ipvs: removed {len(ours)} ipsets (IPv{self.family})")
+        self.members.reset()
+        self.chains.reset()
+        return lines
