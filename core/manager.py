@@ -127,6 +127,23 @@ class PluginHost:
 
     def _load(self, extra: list[tuple[str, Any]]) -> None:
         eps = _entry_points()
+        loaded, problems = self._configured_plugins(eps)
+        loaded += [LoadedPlugin(name, _instantiate(obj), "registered by caller")
+                   for name, obj in extra]
+        enabled = {p.name for p in loaded}
+        problems += self._unknown_datapaths(eps, enabled)
+        if problems:
+            raise ConfigError(self.config.source, problems)
+        loaded += self._datapath_plugins(eps, enabled)
+        self._register(loaded)
+        self.plugins = loaded
+        datapath_impls = self.pm.hook.svcproxy_list_datapaths.get_hookimpls()
+        for lp in loaded:
+            lp.datapath = lp.datapath or any(impl.plugin is lp.plugin for impl in datapath_impls)
+
+    def _configured_plugins(self, eps: dict[str, Any]
+                            ) -> tuple[list[LoadedPlugin], list[ConfigProblem]]:
+        """The essential plugins, then the config's list, in order."""
         specs = list(self.config.svcproxy.plugins)
         names = [s.name for s in specs]
         problems: list[ConfigProblem] = []
@@ -145,18 +162,23 @@ class PluginHost:
             loaded.append(LoadedPlugin(spec.name, obj, origin,
                                        essential=spec.name in ESSENTIAL_PLUGINS,
                                        options=spec.options, config_path=spec.path))
-        for name, obj in extra:
-            loaded.append(LoadedPlugin(name, _instantiate(obj), "registered by caller"))
-        enabled = {p.name for p in loaded}
-        known_datapaths = {*BUILTIN_PLUGINS, *eps}
+        return loaded, problems
+
+    def _unknown_datapaths(self, eps: dict[str, Any], enabled: set[str]) -> list[ConfigProblem]:
+        known = {*BUILTIN_PLUGINS, *eps}
+        problems = []
         for i, dp in enumerate(self.config.svcproxy.datapaths):
-            if dp not in known_datapaths and dp not in enabled:
-                match = nearest_name(dp, sorted(known_datapaths))
+            if dp not in known and dp not in enabled:
+                match = nearest_name(dp, sorted(known))
                 hint = f"; did you mean {match}?" if match else ""
                 problems.append(ConfigProblem(f"datapaths[{i}]",
                                               f"unknown datapath {dp!r}{hint}"))
-        if problems:
-            raise ConfigError(self.config.source, problems)
+        return problems
+
+    def _datapath_plugins(self, eps: dict[str, Any], enabled: set[str]) -> list[LoadedPlugin]:
+        """The datapaths of the fallback order not already enabled as plugins;
+        one that cannot be loaded is remembered with the reason."""
+        out = []
         for dp in self.config.datapath_order():
             if dp in enabled:
                 continue
@@ -165,10 +187,13 @@ class PluginHost:
             except PluginError as exc:
                 self.missing_datapaths[dp] = str(exc)
                 continue
-            loaded.append(LoadedPlugin(dp, obj, origin, datapath=True,
-                                       options=self.config.svcproxy.datapath_options.get(dp),
-                                       config_path=f"datapathOptions.{dp}"))
+            out.append(LoadedPlugin(dp, obj, origin, datapath=True,
+                                    options=self.config.svcproxy.datapath_options.get(dp),
+                                    config_path=f"datapathOptions.{dp}"))
             enabled.add(dp)
+        return out
+
+    def _register(self, loaded: list[LoadedPlugin]) -> None:
         # pluggy calls the most recently registered implementation first, so
         # registering in reverse makes the config order the call order.
         for lp in reversed(loaded):
@@ -181,10 +206,6 @@ class PluginHost:
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"plugin {exc.plugin!r} implements an unknown hook: {exc}. "
                               f"Known hooks: {', '.join(self.hook_names())}") from None
-        self.plugins = loaded
-        for lp in loaded:
-            names_ = self.pm.hook.svcproxy_list_datapaths.get_hookimpls()
-            lp.datapath = lp.datapath or any(impl.plugin is lp.plugin for impl in names_)
 
     def hook_names(self) -> list[str]:
         return sorted(n for n in dir(hookspecs) if n.startswith("svcproxy_"))

@@ -210,7 +210,35 @@ def parse_service(obj: Any) -> Service:
     svc_type = r.string(spec, "type", "spec.type", "ClusterIP")
     if svc_type not in SERVICE_TYPES:
         raise r.error("spec.type", svc_type, f"must be one of {', '.join(SERVICE_TYPES)}")
+    cluster_ips, headless = _cluster_ips(r, spec)
+    external_ips = tuple(r.ip(ip, f"spec.externalIPs[{i}]")
+                         for i, ip in enumerate(r.seq(spec, "externalIPs", "spec.externalIPs")))
+    affinity, timeout = _affinity(r, spec)
+    etp = r.string(spec, "externalTrafficPolicy", "spec.externalTrafficPolicy", "Cluster")
+    # "Global" is the pre-1.19 spelling of Cluster; the API server still accepts it.
+    etp = "Cluster" if etp == "Global" else etp
+    if etp not in TRAFFIC_POLICIES:
+        raise r.error("spec.externalTrafficPolicy", etp, "must be Cluster or Local")
+    itp = r.string(spec, "internalTrafficPolicy", "spec.internalTrafficPolicy", "Cluster")
+    if itp not in TRAFFIC_POLICIES:
+        raise r.error("spec.internalTrafficPolicy", itp, "must be Cluster or Local")
+    hc = r.integer(spec, "healthCheckNodePort", "spec.healthCheckNodePort", 0, 65535, 0) or 0
 
+    return Service(
+        namespace=r.namespace, name=r.name, type=svc_type,
+        cluster_ips=cluster_ips, headless=headless, ports=_service_ports(r, spec),
+        external_ips=external_ips, load_balancer_ingress=_ingress(r, status),
+        load_balancer_source_ranges=_source_ranges(r, spec), session_affinity=affinity,
+        affinity_timeout=timeout, external_traffic_policy=etp, internal_traffic_policy=itp,
+        health_check_node_port=hc, external_name=r.string(spec, "externalName",
+                                                          "spec.externalName"),
+        traffic_distribution=r.string(spec, "trafficDistribution", "spec.trafficDistribution"),
+        labels=_frozen_map(r.labels("labels")), annotations=_frozen_map(r.labels("annotations")),
+        resource_version=str(r.meta.get("resourceVersion") or ""),
+    )
+
+
+def _cluster_ips(r: _Reader, spec: Mapping[str, Any]) -> tuple[tuple[str, ...], bool]:
     cluster_ips: list[str] = []
     headless = False
     raw_ips = r.seq(spec, "clusterIPs", "spec.clusterIPs")
@@ -227,39 +255,46 @@ def parse_service(obj: Any) -> Service:
     families = {ipaddress.ip_address(ip).version for ip in cluster_ips}
     if len(cluster_ips) > 2 or len(cluster_ips) != len(families):
         raise r.error("spec.clusterIPs", raw_ips, "at most one IPv4 and one IPv6 address")
+    return tuple(cluster_ips), headless
 
+
+def _service_ports(r: _Reader, spec: Mapping[str, Any]) -> tuple[ServicePort, ...]:
     ports: list[ServicePort] = []
     seen: set[tuple[str, int]] = set()
     raw_ports = r.seq(spec, "ports", "spec.ports")
     for i, p in enumerate(raw_ports):
-        path = f"spec.ports[{i}]"
-        if not isinstance(p, Mapping):
-            raise r.error(path, p, "must be a mapping")
-        name = r.string(p, "name", f"{path}.name")
-        if len(raw_ports) > 1 and not name:
-            raise r.error(f"{path}.name", name, "every port needs a name when there are several")
-        protocol = r.string(p, "protocol", f"{path}.protocol", "TCP")
-        if protocol not in PROTOCOLS:
-            raise r.error(f"{path}.protocol", protocol, "must be TCP, UDP or SCTP")
-        port = r.integer(p, "port", f"{path}.port", 1, 65535)
-        if port is None:
-            raise r.error(f"{path}.port", None, "a port number is required")
-        target = p.get("targetPort", port)
-        if isinstance(target, bool) or not isinstance(target, int | str):
-            raise r.error(f"{path}.targetPort", target, "must be a port number or a port name")
-        if isinstance(target, int) and not 1 <= target <= 65535:
-            raise r.error(f"{path}.targetPort", target, "must be between 1 and 65535")
-        node_port = r.integer(p, "nodePort", f"{path}.nodePort", 0, 65535, 0) or 0
-        if (protocol, port) in seen:
-            raise r.error(f"{path}.port", port, f"duplicate {protocol} port")
-        seen.add((protocol, port))
-        ports.append(ServicePort(name=name, protocol=protocol,  # type: ignore[arg-type]
-                                 port=port, target_port=target, node_port=node_port,
-                                 app_protocol=r.string(p, "appProtocol", f"{path}.appProtocol")))
+        port = _service_port(r, p, f"spec.ports[{i}]", len(raw_ports) > 1)
+        if (port.protocol, port.port) in seen:
+            raise r.error(f"spec.ports[{i}].port", port.port, f"duplicate {port.protocol} port")
+        seen.add((port.protocol, port.port))
+        ports.append(port)
+    return tuple(ports)
 
-    external_ips = tuple(r.ip(ip, f"spec.externalIPs[{i}]")
-                         for i, ip in enumerate(r.seq(spec, "externalIPs", "spec.externalIPs")))
 
+def _service_port(r: _Reader, p: Any, path: str, several: bool) -> ServicePort:
+    if not isinstance(p, Mapping):
+        raise r.error(path, p, "must be a mapping")
+    name = r.string(p, "name", f"{path}.name")
+    if several and not name:
+        raise r.error(f"{path}.name", name, "every port needs a name when there are several")
+    protocol = r.string(p, "protocol", f"{path}.protocol", "TCP")
+    if protocol not in PROTOCOLS:
+        raise r.error(f"{path}.protocol", protocol, "must be TCP, UDP or SCTP")
+    port = r.integer(p, "port", f"{path}.port", 1, 65535)
+    if port is None:
+        raise r.error(f"{path}.port", None, "a port number is required")
+    target = p.get("targetPort", port)
+    if isinstance(target, bool) or not isinstance(target, int | str):
+        raise r.error(f"{path}.targetPort", target, "must be a port number or a port name")
+    if isinstance(target, int) and not 1 <= target <= 65535:
+        raise r.error(f"{path}.targetPort", target, "must be between 1 and 65535")
+    node_port = r.integer(p, "nodePort", f"{path}.nodePort", 0, 65535, 0) or 0
+    return ServicePort(name=name, protocol=protocol,  # type: ignore[arg-type]
+                       port=port, target_port=target, node_port=node_port,
+                       app_protocol=r.string(p, "appProtocol", f"{path}.appProtocol"))
+
+
+def _ingress(r: _Reader, status: Mapping[str, Any]) -> tuple[LoadBalancerIngress, ...]:
     lb = r.mapping(status, "loadBalancer", "status.loadBalancer")
     ingress: list[LoadBalancerIngress] = []
     for i, ing in enumerate(r.seq(lb, "ingress", "status.loadBalancer.ingress")):
@@ -273,7 +308,10 @@ def parse_service(obj: Any) -> Service:
         ingress.append(LoadBalancerIngress(ip=ip, hostname=r.string(ing, "hostname",
                                                                        f"{path}.hostname"),
                                            ip_mode=ip_mode))
+    return tuple(ingress)
 
+
+def _source_ranges(r: _Reader, spec: Mapping[str, Any]) -> tuple[str, ...]:
     ranges: list[str] = []
     for i, cidr in enumerate(r.seq(spec, "loadBalancerSourceRanges",
                                    "spec.loadBalancerSourceRanges")):
@@ -282,7 +320,10 @@ def parse_service(obj: Any) -> Service:
             ranges.append(str(ipaddress.ip_network(str(cidr).strip(), strict=False)))
         except ValueError:
             raise r.error(path, cidr, "not a valid CIDR") from None
+    return tuple(ranges)
 
+
+def _affinity(r: _Reader, spec: Mapping[str, Any]) -> tuple[str, int]:
     affinity = r.string(spec, "sessionAffinity", "spec.sessionAffinity", "None")
     if affinity not in ("None", "ClientIP"):
         raise r.error("spec.sessionAffinity", affinity, "must be None or ClientIP")
@@ -293,29 +334,7 @@ def parse_service(obj: Any) -> Service:
         timeout = r.integer(cfg, "timeoutSeconds",
                             "spec.sessionAffinityConfig.clientIP.timeoutSeconds", 1, 86400,
                             DEFAULT_AFFINITY_TIMEOUT) or DEFAULT_AFFINITY_TIMEOUT
-
-    etp = r.string(spec, "externalTrafficPolicy", "spec.externalTrafficPolicy", "Cluster")
-    # "Global" is the pre-1.19 spelling of Cluster; the API server still accepts it.
-    etp = "Cluster" if etp == "Global" else etp
-    if etp not in TRAFFIC_POLICIES:
-        raise r.error("spec.externalTrafficPolicy", etp, "must be Cluster or Local")
-    itp = r.string(spec, "internalTrafficPolicy", "spec.internalTrafficPolicy", "Cluster")
-    if itp not in TRAFFIC_POLICIES:
-        raise r.error("spec.internalTrafficPolicy", itp, "must be Cluster or Local")
-    hc = r.integer(spec, "healthCheckNodePort", "spec.healthCheckNodePort", 0, 65535, 0) or 0
-
-    return Service(
-        namespace=r.namespace, name=r.name, type=svc_type,
-        cluster_ips=tuple(cluster_ips), headless=headless, ports=tuple(ports),
-        external_ips=external_ips, load_balancer_ingress=tuple(ingress),
-        load_balancer_source_ranges=tuple(ranges), session_affinity=affinity,
-        affinity_timeout=timeout, external_traffic_policy=etp, internal_traffic_policy=itp,
-        health_check_node_port=hc, external_name=r.string(spec, "externalName",
-                                                          "spec.externalName"),
-        traffic_distribution=r.string(spec, "trafficDistribution", "spec.trafficDistribution"),
-        labels=_frozen_map(r.labels("labels")), annotations=_frozen_map(r.labels("annotations")),
-        resource_version=str(r.meta.get("resourceVersion") or ""),
-    )
+    return affinity, timeout
 
 
 # ---- EndpointSlice -------------------------------------------------------------

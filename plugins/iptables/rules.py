@@ -286,22 +286,44 @@ def _endpoint_rules(chain: str, spn: str, proto: str, backends: Sequence[Backend
     return out
 
 
-def service_port_rules(frontends: Sequence[Frontend], health_check_node_port: int,
-                       opts: RuleOptions) -> ServicePortRules:
-    """kube-proxy's per-service-port block of syncProxyRules, for the frontends of
-    one service port in one family."""
-    first = frontends[0]
-    spn = first.service
-    proto = first.protocol.lower()
-    suffix = chain_suffix(spn, proto)
-    svc, svl, ext, fw = (f"KUBE-{k}-{suffix}" for k in ("SVC", "SVL", "EXT", "FW"))
+@dataclass
+class _PortPlan:
+    """What one service port's frontends mean for its rules (kube-proxy's
+    per-service-port variables in syncProxyRules)."""
 
-    cluster_ip = next((f for f in frontends if f.kind == FrontendKind.CLUSTER_IP), None)
-    external = [f for f in frontends if f.kind != FrontendKind.CLUSTER_IP]
-    node_ports = [f for f in external if f.kind == FrontendKind.NODE_PORT]
-    ext_ips = [f for f in external if f.kind == FrontendKind.EXTERNAL_IP]
-    lbs = [f for f in external if f.kind == FrontendKind.LOAD_BALANCER]
+    spn: str
+    proto: str
+    svc: str
+    svl: str
+    ext: str
+    fw: str
+    cluster_ip: Frontend | None
+    external: list[Frontend]
+    node_ports: list[Frontend]
+    ext_ips: list[Frontend]
+    lbs: list[Frontend]
+    cluster_eps: tuple[Backend, ...]
+    local_eps: tuple[Backend, ...]
+    reachable: dict[tuple[str, int], Backend]
+    has_endpoints: bool
+    has_internal: bool
+    has_external: bool
+    uses_svc: bool
+    uses_svl: bool
+    internal_chain: str
+    external_local: bool
+    uses_ext: bool
+    sources: list[str]
+    uses_fw: bool
+    affinity: int
+    #: where traffic without a usable endpoint goes, and the comment saying why
+    filter_target: str
+    filter_comment: str
 
+
+def _endpoints_by_policy(frontends: Sequence[Frontend]
+                         ) -> tuple[tuple[Backend, ...], tuple[Backend, ...], bool, bool]:
+    """(cluster endpoints, local endpoints, cluster chain used, local chain used)."""
     cluster_eps: tuple[Backend, ...] = ()
     local_eps: tuple[Backend, ...] = ()
     uses_cluster = uses_local = False
@@ -315,145 +337,85 @@ def service_port_rules(frontends: Sequence[Frontend], health_check_node_port: in
         else:
             uses_cluster = True
             cluster_eps = cluster_eps or _live(f.backends)
+    return cluster_eps, local_eps, uses_cluster, uses_local
+
+
+def _port_plan(frontends: Sequence[Frontend], opts: RuleOptions) -> _PortPlan:
+    first = frontends[0]
+    spn = first.service
+    proto = first.protocol.lower()
+    suffix = chain_suffix(spn, proto)
+    svc, svl, ext, fw = (f"KUBE-{k}-{suffix}" for k in ("SVC", "SVL", "EXT", "FW"))
+    cluster_ip = next((f for f in frontends if f.kind == FrontendKind.CLUSTER_IP), None)
+    external = [f for f in frontends if f.kind != FrontendKind.CLUSTER_IP]
+    lbs = [f for f in external if f.kind == FrontendKind.LOAD_BALANCER]
+    cluster_eps, local_eps, uses_cluster, uses_local = _endpoints_by_policy(frontends)
     internal_local = cluster_ip is not None and cluster_ip.traffic_policy == "Local"
     external_local = any(f.traffic_policy == "Local" for f in external)
     reachable = {(b.address, b.port): b for b in (*cluster_eps, *local_eps)}
     has_endpoints = bool(reachable) or any(f.any_endpoints for f in frontends)
-    has_internal = bool(local_eps) if internal_local else has_endpoints
-    has_external = bool(local_eps) if external_local else has_endpoints
-    uses_svc = bool(cluster_eps) and uses_cluster
-    uses_svl = bool(local_eps) and uses_local
-    internal_chain = svl if internal_local else svc
-    external_policy_chain = svl if external_local else svc
-    uses_ext = has_endpoints and bool(external)
     sources = [r for f in lbs for r in f.source_ranges]
-    uses_fw = has_endpoints and bool(lbs) and bool(sources)
-    affinity = first.persistence_timeout
-
-    if not has_endpoints:
-        filter_target, filter_comment = opts.reject(), f"{spn} has no endpoints"
-        ext_target, ext_comment = filter_target, filter_comment
-    else:
+    if has_endpoints:
         filter_target, filter_comment = "DROP", f"{spn} has no local endpoints"
-        ext_target, ext_comment = filter_target, filter_comment
+    else:
+        filter_target, filter_comment = opts.reject(), f"{spn} has no endpoints"
+    return _PortPlan(
+        spn=spn, proto=proto, svc=svc, svl=svl, ext=ext, fw=fw, cluster_ip=cluster_ip,
+        external=external, node_ports=[f for f in external if f.kind == FrontendKind.NODE_PORT],
+        ext_ips=[f for f in external if f.kind == FrontendKind.EXTERNAL_IP], lbs=lbs,
+        cluster_eps=cluster_eps, local_eps=local_eps, reachable=reachable,
+        has_endpoints=has_endpoints,
+        has_internal=bool(local_eps) if internal_local else has_endpoints,
+        has_external=bool(local_eps) if external_local else has_endpoints,
+        uses_svc=bool(cluster_eps) and uses_cluster, uses_svl=bool(local_eps) and uses_local,
+        internal_chain=svl if internal_local else svc, external_local=external_local,
+        uses_ext=has_endpoints and bool(external), sources=sources,
+        uses_fw=has_endpoints and bool(lbs) and bool(sources),
+        affinity=first.persistence_timeout, filter_target=filter_target,
+        filter_comment=filter_comment)
 
+
+def _reject_external(pp: _PortPlan, f: Frontend) -> str:
+    return rule("KUBE-EXTERNAL-SERVICES", dst=host(f.address), proto=pp.proto,
+                matches=[comment(pp.filter_comment), port_match(pp.proto, f.port)],
+                target=pp.filter_target)
+
+
+def _fragments(pp: _PortPlan, health_check_node_port: int) -> dict[ChainKey, tuple[str, ...]]:
+    """The service port's rules in the shared top-level chains."""
+    proto, spn, pm = pp.proto, pp.spn, port_match
     nat_svc: list[str] = []
-    nat_np: list[str] = []
     f_svc: list[str] = []
     f_ext: list[str] = []
-    f_np: list[str] = []
     f_fw: list[str] = []
-    chains: dict[ChainKey, list[str]] = {}
-    pm = port_match
-
-    if cluster_ip is not None:
-        args = dict(dst=host(cluster_ip.address), proto=proto)
-        if has_internal:
+    if pp.cluster_ip is not None:
+        args = dict(dst=host(pp.cluster_ip.address), proto=proto)
+        if pp.has_internal:
             nat_svc.append(rule("KUBE-SERVICES", **args, matches=[
-                comment(f"{spn} cluster IP"), pm(proto, cluster_ip.port)], target=internal_chain))
+                comment(f"{spn} cluster IP"), pm(proto, pp.cluster_ip.port)],
+                target=pp.internal_chain))
         else:
             f_svc.append(rule("KUBE-SERVICES", **args, matches=[
-                comment(filter_comment), pm(proto, cluster_ip.port)], target=filter_target))
-    for f in ext_ips:
-        if has_endpoints:
+                comment(pp.filter_comment), pm(proto, pp.cluster_ip.port)],
+                target=pp.filter_target))
+    for f in pp.ext_ips:
+        if pp.has_endpoints:
             nat_svc.append(rule("KUBE-SERVICES", dst=host(f.address), proto=proto, matches=[
-                comment(f"{spn} external IP"), pm(proto, f.port)], target=ext))
-        if not has_external:
-            f_ext.append(rule("KUBE-EXTERNAL-SERVICES", dst=host(f.address), proto=proto,
-                              matches=[comment(ext_comment), pm(proto, f.port)],
-                              target=ext_target))
-    for f in lbs:
-        if has_endpoints:
+                comment(f"{spn} external IP"), pm(proto, f.port)], target=pp.ext))
+        if not pp.has_external:
+            f_ext.append(_reject_external(pp, f))
+    for f in pp.lbs:
+        if pp.has_endpoints:
             nat_svc.append(rule("KUBE-SERVICES", dst=host(f.address), proto=proto, matches=[
                 comment(f"{spn} loadbalancer IP"), pm(proto, f.port)],
-                target=fw if uses_fw else ext))
-        if uses_fw:
+                target=pp.fw if pp.uses_fw else pp.ext))
+        if pp.uses_fw:
             f_fw.append(rule("KUBE-PROXY-FIREWALL", dst=host(f.address), proto=proto, matches=[
-                comment(f"{spn} traffic not accepted by {fw}"), pm(proto, f.port)],
+                comment(f"{spn} traffic not accepted by {pp.fw}"), pm(proto, f.port)],
                 target="DROP"))
-    if not has_external:
-        for f in lbs:
-            f_ext.append(rule("KUBE-EXTERNAL-SERVICES", dst=host(f.address), proto=proto,
-                              matches=[comment(ext_comment), pm(proto, f.port)],
-                              target=ext_target))
-    node_port = node_ports[0].port if node_ports else 0
-    if node_port:
-        if has_endpoints:
-            nat_np.append(rule("KUBE-NODEPORTS", proto=proto, matches=[
-                comment(spn), pm(proto, node_port)], target=ext))
-        if not has_external:
-            f_ext.append(rule("KUBE-EXTERNAL-SERVICES", proto=proto, matches=[
-                comment(ext_comment), "-m addrtype --dst-type LOCAL", pm(proto, node_port)],
-                target=ext_target))
-    if health_check_node_port:
-        f_np.append(rule("KUBE-NODEPORTS", proto="tcp", matches=[
-            comment(f"{spn} health check node port"), pm("tcp", health_check_node_port)],
-            target="ACCEPT"))
-
-    if uses_ext:
-        rules: list[str] = []
-        if not external_local:
-            rules.append(rule(ext, matches=[
-                comment(f"masquerade traffic for {spn} external destinations")],
-                target="KUBE-MARK-MASQ"))
-        elif uses_svc:
-            # Pods and the node itself may use any endpoint; only traffic from
-            # outside is restricted to local endpoints (and keeps its source IP).
-            if opts.local_detector is not None:
-                rules.append(rule(ext, **opts.if_local(), matches=[
-                    comment(f"pod traffic for {spn} external destinations")], target=svc))
-            rules.append(rule(ext, matches=[
-                comment(f"masquerade LOCAL traffic for {spn} external destinations"),
-                "-m addrtype --src-type LOCAL"], target="KUBE-MARK-MASQ"))
-            rules.append(rule(ext, matches=[
-                comment(f"route LOCAL traffic for {spn} external destinations"),
-                "-m addrtype --src-type LOCAL"], target=svc))
-        if has_external:
-            rules.append(rule(ext, target=external_policy_chain))
-        chains[("nat", ext)] = rules
-
-    if uses_fw:
-        rules = []
-        for cidr in sources:
-            rules.append(rule(fw, src=str(ipaddress.ip_network(cidr)),
-                              matches=[comment(f"{spn} loadbalancer IP")], target=ext))
-        node_ip = opts.node_ip
-        if node_ip and any(ipaddress.ip_address(node_ip) in ipaddress.ip_network(c)
-                           for c in sources):
-            for f in lbs:
-                rules.append(rule(fw, src=host(f.address),
-                                  matches=[comment(f"{spn} loadbalancer IP")], target=ext))
-        rules.append(rule(fw, matches=[
-            comment(f"other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL")]))
-        chains[("nat", fw)] = rules
-
-    if uses_svc:
-        rules = []
-        if cluster_ip is not None:
-            args = dict(dst=host(cluster_ip.address), proto=proto)
-            masq = [comment(f"{spn} cluster IP"), pm(proto, cluster_ip.port)]
-            if opts.masquerade_all:
-                rules.append(rule(svc, **args, matches=masq, target="KUBE-MARK-MASQ"))
-            elif opts.local_detector is not None:
-                rules.append(rule(svc, **opts.if_not_local(), **args, matches=masq,
-                                  target="KUBE-MARK-MASQ"))
-        rules += _endpoint_rules(svc, spn, proto, cluster_eps, affinity, opts)
-        chains[("nat", svc)] = rules
-    if uses_svl:
-        chains[("nat", svl)] = _endpoint_rules(svl, spn, proto, local_eps, affinity, opts)
-
-    for b in reachable.values():
-        ep = host_port(b.address, b.port)
-        sep = endpoint_chain(spn, proto, ep)
-        dnat = [comment(spn)]
-        if affinity:
-            dnat.append(f"-m recent --set --name {sep} --mask {opts.recent_mask()} --rsource")
-        dnat.append(f"-m {proto}")
-        chains[("nat", sep)] = [
-            rule(sep, src=host(b.address), matches=[comment(spn)], target="KUBE-MARK-MASQ"),
-            rule(sep, proto=proto, matches=dnat, target=f"DNAT --to-destination {ep}"),
-        ]
-
+    if not pp.has_external:
+        f_ext += [_reject_external(pp, f) for f in pp.lbs]
+    nat_np, f_np = _node_port_fragments(pp, health_check_node_port, f_ext)
     fragments = {
         ("nat", "KUBE-SERVICES"): tuple(nat_svc),
         ("nat", "KUBE-NODEPORTS"): tuple(nat_np),
@@ -462,11 +424,122 @@ def service_port_rules(frontends: Sequence[Frontend], health_check_node_port: in
         ("filter", "KUBE-NODEPORTS"): tuple(f_np),
         ("filter", "KUBE-PROXY-FIREWALL"): tuple(f_fw),
     }
-    udp = tuple((f.address, f.port) for f in frontends) if proto == "udp" else ()
+    return {k: v for k, v in fragments.items() if v}
+
+
+def _node_port_fragments(pp: _PortPlan, health_check_node_port: int, f_ext: list[str]
+                         ) -> tuple[list[str], list[str]]:
+    """nat and filter KUBE-NODEPORTS rules (a refused NodePort joins `f_ext`)."""
+    proto, spn, pm = pp.proto, pp.spn, port_match
+    nat_np: list[str] = []
+    f_np: list[str] = []
+    node_port = pp.node_ports[0].port if pp.node_ports else 0
+    if node_port:
+        if pp.has_endpoints:
+            nat_np.append(rule("KUBE-NODEPORTS", proto=proto, matches=[
+                comment(spn), pm(proto, node_port)], target=pp.ext))
+        if not pp.has_external:
+            f_ext.append(rule("KUBE-EXTERNAL-SERVICES", proto=proto, matches=[
+                comment(pp.filter_comment), "-m addrtype --dst-type LOCAL",
+                pm(proto, node_port)], target=pp.filter_target))
+    if health_check_node_port:
+        f_np.append(rule("KUBE-NODEPORTS", proto="tcp", matches=[
+            comment(f"{spn} health check node port"), pm("tcp", health_check_node_port)],
+            target="ACCEPT"))
+    return nat_np, f_np
+
+
+def _ext_chain(pp: _PortPlan, opts: RuleOptions) -> list[str]:
+    spn, ext, svc = pp.spn, pp.ext, pp.svc
+    rules: list[str] = []
+    if not pp.external_local:
+        rules.append(rule(ext, matches=[
+            comment(f"masquerade traffic for {spn} external destinations")],
+            target="KUBE-MARK-MASQ"))
+    elif pp.uses_svc:
+        # Pods and the node itself may use any endpoint; only traffic from
+        # outside is restricted to local endpoints (and keeps its source IP).
+        if opts.local_detector is not None:
+            rules.append(rule(ext, **opts.if_local(), matches=[
+                comment(f"pod traffic for {spn} external destinations")], target=svc))
+        rules.append(rule(ext, matches=[
+            comment(f"masquerade LOCAL traffic for {spn} external destinations"),
+            "-m addrtype --src-type LOCAL"], target="KUBE-MARK-MASQ"))
+        rules.append(rule(ext, matches=[
+            comment(f"route LOCAL traffic for {spn} external destinations"),
+            "-m addrtype --src-type LOCAL"], target=svc))
+    if pp.has_external:
+        rules.append(rule(ext, target=pp.svl if pp.external_local else svc))
+    return rules
+
+
+def _fw_chain(pp: _PortPlan, opts: RuleOptions) -> list[str]:
+    spn, fw = pp.spn, pp.fw
+    rules = [rule(fw, src=str(ipaddress.ip_network(cidr)),
+                  matches=[comment(f"{spn} loadbalancer IP")], target=pp.ext)
+             for cidr in pp.sources]
+    node_ip = opts.node_ip
+    if node_ip and any(ipaddress.ip_address(node_ip) in ipaddress.ip_network(c)
+                       for c in pp.sources):
+        for f in pp.lbs:
+            rules.append(rule(fw, src=host(f.address),
+                              matches=[comment(f"{spn} loadbalancer IP")], target=pp.ext))
+    rules.append(rule(fw, matches=[
+        comment(f"other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL")]))
+    return rules
+
+
+def _svc_chain(pp: _PortPlan, opts: RuleOptions) -> list[str]:
+    rules: list[str] = []
+    if pp.cluster_ip is not None:
+        args = dict(dst=host(pp.cluster_ip.address), proto=pp.proto)
+        masq = [comment(f"{pp.spn} cluster IP"), port_match(pp.proto, pp.cluster_ip.port)]
+        if opts.masquerade_all:
+            rules.append(rule(pp.svc, **args, matches=masq, target="KUBE-MARK-MASQ"))
+        elif opts.local_detector is not None:
+            rules.append(rule(pp.svc, **opts.if_not_local(), **args, matches=masq,
+                              target="KUBE-MARK-MASQ"))
+    return rules + _endpoint_rules(pp.svc, pp.spn, pp.proto, pp.cluster_eps, pp.affinity, opts)
+
+
+def _endpoint_chains(pp: _PortPlan, opts: RuleOptions) -> dict[ChainKey, list[str]]:
+    chains: dict[ChainKey, list[str]] = {}
+    proto, spn = pp.proto, pp.spn
+    for b in pp.reachable.values():
+        ep = host_port(b.address, b.port)
+        sep = endpoint_chain(spn, proto, ep)
+        dnat = [comment(spn)]
+        if pp.affinity:
+            dnat.append(f"-m recent --set --name {sep} --mask {opts.recent_mask()} --rsource")
+        dnat.append(f"-m {proto}")
+        chains[("nat", sep)] = [
+            rule(sep, src=host(b.address), matches=[comment(spn)], target="KUBE-MARK-MASQ"),
+            rule(sep, proto=proto, matches=dnat, target=f"DNAT --to-destination {ep}"),
+        ]
+    return chains
+
+
+def service_port_rules(frontends: Sequence[Frontend], health_check_node_port: int,
+                       opts: RuleOptions) -> ServicePortRules:
+    """kube-proxy's per-service-port block of syncProxyRules, for the frontends of
+    one service port in one family."""
+    pp = _port_plan(frontends, opts)
+    chains: dict[ChainKey, list[str]] = {}
+    if pp.uses_ext:
+        chains[("nat", pp.ext)] = _ext_chain(pp, opts)
+    if pp.uses_fw:
+        chains[("nat", pp.fw)] = _fw_chain(pp, opts)
+    if pp.uses_svc:
+        chains[("nat", pp.svc)] = _svc_chain(pp, opts)
+    if pp.uses_svl:
+        chains[("nat", pp.svl)] = _endpoint_rules(pp.svl, pp.spn, pp.proto, pp.local_eps,
+                                                  pp.affinity, opts)
+    chains.update(_endpoint_chains(pp, opts))
+    udp = tuple((f.address, f.port) for f in frontends) if pp.proto == "udp" else ()
     return ServicePortRules(chains={k: tuple(v) for k, v in chains.items()},
-                            fragments={k: v for k, v in fragments.items() if v},
+                            fragments=_fragments(pp, health_check_node_port),
                             udp_targets=udp,
-                            endpoints=frozenset(b.address for b in reachable.values()))
+                            endpoints=frozenset(b.address for b in pp.reachable.values()))
 
 
 def nodeports_jump(opts: RuleOptions) -> tuple[str, ...]:

@@ -249,6 +249,125 @@ def vip_source_rule(family: int) -> str:
         f"-m set --match-set {set_name('KUBE-IPVS-IPS', family)} src"], target="MASQUERADE")
 
 
+class _Sets:
+    """Which of the family's sets are empty, and their match rules."""
+
+    def __init__(self, entries: Mapping[str, Collection[str] | int], family: int) -> None:
+        self.entries = entries
+        self.family = family
+
+    def name(self, base: str) -> str:
+        return set_name(base, self.family)
+
+    def has(self, base: str) -> bool:
+        return bool(self.entries.get(self.name(base)))
+
+    def match(self, base: str, flags: str) -> list[str]:
+        return [comment(SETS[base][1]), f"-m set --match-set {self.name(base)} {flags}"]
+
+
+def _cluster_ip_masquerade(sets: _Sets, opts: HelperOptions) -> list[str]:
+    if not sets.has("KUBE-CLUSTER-IP"):
+        return []
+    if opts.masquerade_all:
+        return [rule("KUBE-SERVICES", matches=sets.match("KUBE-CLUSTER-IP", "dst,dst"),
+                     target="KUBE-MARK-MASQ")]
+    if opts.local_detector is not None:
+        kind, value = opts.local_detector
+        args = {"not_src": value} if kind == "-s" else {"not_iface": value}
+        return [rule("KUBE-SERVICES", **args, matches=sets.match("KUBE-CLUSTER-IP", "dst,dst"),
+                     target="KUBE-MARK-MASQ")]
+    return [rule("KUBE-SERVICES", matches=sets.match("KUBE-CLUSTER-IP", "src,dst"),
+                 target="KUBE-MARK-MASQ")]
+
+
+def _nat_services(sets: _Sets, opts: HelperOptions) -> tuple[str, ...]:
+    out = [rule("KUBE-SERVICES", src="127.0.0.0/8" if opts.family == 4 else "::1/128",
+                target="RETURN")]
+    if sets.has("KUBE-LOAD-BALANCER"):
+        out.append(rule("KUBE-SERVICES", matches=sets.match("KUBE-LOAD-BALANCER", "dst,dst"),
+                        target="KUBE-LOAD-BALANCER"))
+    out += _cluster_ip_masquerade(sets, opts)
+    for name, masq in (("KUBE-EXTERNAL-IP", True), ("KUBE-EXTERNAL-IP-LOCAL", False)):
+        if not sets.has(name):
+            continue
+        if masq:
+            out.append(rule("KUBE-SERVICES", matches=sets.match(name, "dst,dst"),
+                            target="KUBE-MARK-MASQ"))
+        out.append(rule("KUBE-SERVICES", matches=[
+            *sets.match(name, "dst,dst"), "-m physdev ! --physdev-is-in",
+            "-m addrtype ! --src-type LOCAL"], target="ACCEPT"))
+        out.append(rule("KUBE-SERVICES", matches=[
+            *sets.match(name, "dst,dst"), "-m addrtype --dst-type LOCAL"], target="ACCEPT"))
+    out.append(rule("KUBE-SERVICES", matches=["-m addrtype --dst-type LOCAL"],
+                    target="KUBE-NODE-PORT"))
+    for name in ("KUBE-CLUSTER-IP", "KUBE-LOAD-BALANCER"):
+        if sets.has(name):
+            out.append(rule("KUBE-SERVICES", matches=sets.match(name, "dst,dst"),
+                            target="ACCEPT"))
+    return tuple(out)
+
+
+def _nat_node_port(sets: _Sets) -> tuple[str, ...]:
+    out = []
+    for proto in ("tcp", "udp"):
+        up = proto.upper()
+        if sets.has(f"KUBE-NODE-PORT-LOCAL-{up}"):
+            out.append(rule("KUBE-NODE-PORT", proto=proto,
+                            matches=sets.match(f"KUBE-NODE-PORT-LOCAL-{up}", "dst"),
+                            target="RETURN"))
+        if sets.has(f"KUBE-NODE-PORT-{up}"):
+            out.append(rule("KUBE-NODE-PORT", proto=proto,
+                            matches=sets.match(f"KUBE-NODE-PORT-{up}", "dst"),
+                            target="KUBE-MARK-MASQ"))
+    if sets.has("KUBE-NODE-PORT-LOCAL-SCTP-HASH"):
+        out.append(rule("KUBE-NODE-PORT", proto="sctp",
+                        matches=sets.match("KUBE-NODE-PORT-LOCAL-SCTP-HASH", "dst,dst"),
+                        target="RETURN"))
+    if sets.has("KUBE-NODE-PORT-SCTP-HASH"):
+        out.append(rule("KUBE-NODE-PORT", proto="sctp",
+                        matches=sets.match("KUBE-NODE-PORT-SCTP-HASH", "dst,dst"),
+                        target="KUBE-MARK-MASQ"))
+    return tuple(out)
+
+
+def _filter_chains(sets: _Sets, out_filter: list[tuple[str, str, int]], family: int
+                   ) -> dict[ChainKey, tuple[str, ...]]:
+    f_np = [rule("KUBE-NODE-PORT", matches=sets.match("KUBE-HEALTH-CHECK-NODE-PORT", "dst"),
+                 target="ACCEPT")]
+    f_fw = []
+    if sets.has("KUBE-LOAD-BALANCER-FW"):
+        f_fw.append(rule("KUBE-PROXY-FIREWALL",
+                         matches=sets.match("KUBE-LOAD-BALANCER-FW", "dst,dst"),
+                         target="KUBE-SOURCE-RANGES-FIREWALL"))
+    f_src = [rule("KUBE-SOURCE-RANGES-FIREWALL", matches=sets.match(name, "dst,dst,src"),
+                  target="RETURN")
+             for name in ("KUBE-LOAD-BALANCER-SOURCE-CIDR", "KUBE-LOAD-BALANCER-SOURCE-IP")
+             if sets.has(name)]
+    f_src.append(rule("KUBE-SOURCE-RANGES-FIREWALL", target="DROP"))
+    f_ipvs = [rule("KUBE-IPVS-FILTER", matches=sets.match(name, "dst,dst"), target="RETURN")
+              for name in ("KUBE-LOAD-BALANCER", "KUBE-CLUSTER-IP", "KUBE-EXTERNAL-IP",
+                           "KUBE-EXTERNAL-IP-LOCAL")]
+    f_ipvs.append(rule("KUBE-IPVS-FILTER",
+                       matches=sets.match("KUBE-HEALTH-CHECK-NODE-PORT", "dst"),
+                       target="RETURN"))
+    reject = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
+    f_ipvs.append(rule("KUBE-IPVS-FILTER", matches=[
+        "-m conntrack --ctstate NEW",
+        f"-m set --match-set {sets.name('KUBE-IPVS-IPS')} dst"],
+        target=f"REJECT --reject-with {reject}"))
+    f_out = [rule("KUBE-IPVS-OUT-FILTER", src=host(ip), matches=[
+        f"-m ipvs --vaddr {host(ip)} --vproto {proto} --vport {port}"], target="DROP")
+        for ip, proto, port in out_filter]
+    return {
+        ("filter", "KUBE-NODE-PORT"): tuple(f_np),
+        ("filter", "KUBE-PROXY-FIREWALL"): tuple(f_fw),
+        ("filter", "KUBE-SOURCE-RANGES-FIREWALL"): tuple(f_src),
+        ("filter", "KUBE-IPVS-FILTER"): tuple(f_ipvs),
+        ("filter", "KUBE-IPVS-OUT-FILTER"): tuple(f_out),
+    }
+
+
 def helper_chains(entries: Mapping[str, Collection[str] | int],
                   out_filter: list[tuple[str, str, int]],
                   opts: HelperOptions) -> dict[ChainKey, tuple[str, ...]]:
@@ -256,125 +375,31 @@ def helper_chains(entries: Mapping[str, Collection[str] | int],
     empty, as kube-proxy writes them. `entries`: each set's members (or just
     how many), by the family's set name."""
     fam = opts.family
-
-    def s(name: str) -> str:
-        return set_name(name, fam)
-
-    def has(name: str) -> bool:
-        return bool(entries.get(s(name)))
-
-    def match(name: str, flags: str) -> list[str]:
-        return [comment(SETS[name][1]), f"-m set --match-set {s(name)} {flags}"]
-
-    nat_svc = [rule("KUBE-SERVICES", src="127.0.0.0/8" if fam == 4 else "::1/128",
-                    target="RETURN")]
-    if has("KUBE-LOAD-BALANCER"):
-        nat_svc.append(rule("KUBE-SERVICES", matches=match("KUBE-LOAD-BALANCER", "dst,dst"),
-                            target="KUBE-LOAD-BALANCER"))
-    if has("KUBE-CLUSTER-IP"):
-        if opts.masquerade_all:
-            nat_svc.append(rule("KUBE-SERVICES", matches=match("KUBE-CLUSTER-IP", "dst,dst"),
-                                target="KUBE-MARK-MASQ"))
-        elif opts.local_detector is not None:
-            kind, value = opts.local_detector
-            args = {"not_src": value} if kind == "-s" else {"not_iface": value}
-            nat_svc.append(rule("KUBE-SERVICES", **args,
-                                matches=match("KUBE-CLUSTER-IP", "dst,dst"),
-                                target="KUBE-MARK-MASQ"))
-        else:
-            nat_svc.append(rule("KUBE-SERVICES", matches=match("KUBE-CLUSTER-IP", "src,dst"),
-                                target="KUBE-MARK-MASQ"))
-    for name, masq in (("KUBE-EXTERNAL-IP", True), ("KUBE-EXTERNAL-IP-LOCAL", False)):
-        if not has(name):
-            continue
-        if masq:
-            nat_svc.append(rule("KUBE-SERVICES", matches=match(name, "dst,dst"),
-                                target="KUBE-MARK-MASQ"))
-        nat_svc.append(rule("KUBE-SERVICES", matches=[
-            *match(name, "dst,dst"), "-m physdev ! --physdev-is-in",
-            "-m addrtype ! --src-type LOCAL"], target="ACCEPT"))
-        nat_svc.append(rule("KUBE-SERVICES", matches=[
-            *match(name, "dst,dst"), "-m addrtype --dst-type LOCAL"], target="ACCEPT"))
-    nat_svc.append(rule("KUBE-SERVICES", matches=["-m addrtype --dst-type LOCAL"],
-                        target="KUBE-NODE-PORT"))
-    for name in ("KUBE-CLUSTER-IP", "KUBE-LOAD-BALANCER"):
-        if has(name):
-            nat_svc.append(rule("KUBE-SERVICES", matches=match(name, "dst,dst"),
-                                target="ACCEPT"))
-
+    sets = _Sets(entries, fam)
     nat_lb = []
-    if has("KUBE-LOAD-BALANCER-LOCAL"):
+    if sets.has("KUBE-LOAD-BALANCER-LOCAL"):
         nat_lb.append(rule("KUBE-LOAD-BALANCER",
-                           matches=match("KUBE-LOAD-BALANCER-LOCAL", "dst,dst"), target="RETURN"))
-    nat_lb.append(rule("KUBE-LOAD-BALANCER", target="KUBE-MARK-MASQ"))
-
-    nat_np = []
-    for proto in ("tcp", "udp"):
-        up = proto.upper()
-        if has(f"KUBE-NODE-PORT-LOCAL-{up}"):
-            nat_np.append(rule("KUBE-NODE-PORT", proto=proto,
-                               matches=match(f"KUBE-NODE-PORT-LOCAL-{up}", "dst"),
-                               target="RETURN"))
-        if has(f"KUBE-NODE-PORT-{up}"):
-            nat_np.append(rule("KUBE-NODE-PORT", proto=proto,
-                               matches=match(f"KUBE-NODE-PORT-{up}", "dst"),
-                               target="KUBE-MARK-MASQ"))
-    if has("KUBE-NODE-PORT-LOCAL-SCTP-HASH"):
-        nat_np.append(rule("KUBE-NODE-PORT", proto="sctp",
-                           matches=match("KUBE-NODE-PORT-LOCAL-SCTP-HASH", "dst,dst"),
+                           matches=sets.match("KUBE-LOAD-BALANCER-LOCAL", "dst,dst"),
                            target="RETURN"))
-    if has("KUBE-NODE-PORT-SCTP-HASH"):
-        nat_np.append(rule("KUBE-NODE-PORT", proto="sctp",
-                           matches=match("KUBE-NODE-PORT-SCTP-HASH", "dst,dst"),
-                           target="KUBE-MARK-MASQ"))
-
+    nat_lb.append(rule("KUBE-LOAD-BALANCER", target="KUBE-MARK-MASQ"))
     # the mark and masquerade chains are the iptables datapath's; IPVS mode's
     # KUBE-FORWARD has no conntrack-INVALID drop (as with tcpBeLiberal)
     static = static_chains(RuleOptions(family=fam, masquerade_bit=opts.masquerade_bit,
                                        tcp_be_liberal=True))
     post = [vip_source_rule(fam)]
-    if has("KUBE-LOOP-BACK"):
-        post.append(rule("KUBE-POSTROUTING", matches=match("KUBE-LOOP-BACK", "dst,dst,src"),
+    if sets.has("KUBE-LOOP-BACK"):
+        post.append(rule("KUBE-POSTROUTING", matches=sets.match("KUBE-LOOP-BACK",
+                                                                "dst,dst,src"),
                          target="MASQUERADE"))
     post += static[("nat", "KUBE-POSTROUTING")]
-    f_np = [rule("KUBE-NODE-PORT", matches=match("KUBE-HEALTH-CHECK-NODE-PORT", "dst"),
-                 target="ACCEPT")]
-    f_fw = []
-    if has("KUBE-LOAD-BALANCER-FW"):
-        f_fw.append(rule("KUBE-PROXY-FIREWALL", matches=match("KUBE-LOAD-BALANCER-FW",
-                                                               "dst,dst"),
-                         target="KUBE-SOURCE-RANGES-FIREWALL"))
-    f_src = []
-    for name in ("KUBE-LOAD-BALANCER-SOURCE-CIDR", "KUBE-LOAD-BALANCER-SOURCE-IP"):
-        if has(name):
-            f_src.append(rule("KUBE-SOURCE-RANGES-FIREWALL", matches=match(name, "dst,dst,src"),
-                              target="RETURN"))
-    f_src.append(rule("KUBE-SOURCE-RANGES-FIREWALL", target="DROP"))
-    f_ipvs = [rule("KUBE-IPVS-FILTER", matches=match(name, "dst,dst"), target="RETURN")
-              for name in ("KUBE-LOAD-BALANCER", "KUBE-CLUSTER-IP", "KUBE-EXTERNAL-IP",
-                           "KUBE-EXTERNAL-IP-LOCAL")]
-    f_ipvs.append(rule("KUBE-IPVS-FILTER", matches=match("KUBE-HEALTH-CHECK-NODE-PORT", "dst"),
-                       target="RETURN"))
-    reject = "icmp-port-unreachable" if fam == 4 else "icmp6-port-unreachable"
-    f_ipvs.append(rule("KUBE-IPVS-FILTER", matches=[
-        "-m conntrack --ctstate NEW", f"-m set --match-set {s('KUBE-IPVS-IPS')} dst"],
-        target=f"REJECT --reject-with {reject}"))
-    f_out = [rule("KUBE-IPVS-OUT-FILTER", src=host(ip), matches=[
-        f"-m ipvs --vaddr {host(ip)} --vproto {proto} --vport {port}"], target="DROP")
-        for ip, proto, port in out_filter]
-
     return {
-        ("nat", "KUBE-SERVICES"): tuple(nat_svc),
+        ("nat", "KUBE-SERVICES"): _nat_services(sets, opts),
         ("nat", "KUBE-POSTROUTING"): tuple(post),
-        ("nat", "KUBE-NODE-PORT"): tuple(nat_np),
+        ("nat", "KUBE-NODE-PORT"): _nat_node_port(sets),
         ("nat", "KUBE-LOAD-BALANCER"): tuple(nat_lb),
         ("nat", "KUBE-MARK-MASQ"): static[("nat", "KUBE-MARK-MASQ")],
         ("filter", "KUBE-FORWARD"): static[("filter", "KUBE-FORWARD")],
-        ("filter", "KUBE-NODE-PORT"): tuple(f_np),
-        ("filter", "KUBE-PROXY-FIREWALL"): tuple(f_fw),
-        ("filter", "KUBE-SOURCE-RANGES-FIREWALL"): tuple(f_src),
-        ("filter", "KUBE-IPVS-FILTER"): tuple(f_ipvs),
-        ("filter", "KUBE-IPVS-OUT-FILTER"): tuple(f_out),
+        **_filter_chains(sets, out_filter, fam),
     }
 
 
