@@ -255,11 +255,16 @@ class IPTables:
     snat_node_internal_ip: Any = _opt("snatNodeInternalIP", _any, None)
 
 
+#: every scheduler Linux IPVS offers ("" = rr); kube-proxy validates the same way
+IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh",
+                   "fo", "ovf", "twos")
+
+
 @dataclass(frozen=True)
 class IPVS:
     sync_period: float = _opt("syncPeriod", _duration(), 30.0, default_if_zero=True)
     min_sync_period: float = _opt("minSyncPeriod", _duration(), 0.0)
-    scheduler: str = _opt("scheduler", _str, "")
+    scheduler: str = _opt("scheduler", _enum("", *IPVS_SCHEDULERS), "")
     exclude_cidrs: tuple[str, ...] = _opt("excludeCIDRs", _cidr_list, ())
     strict_arp: bool = _opt("strictARP", _bool, False)
     tcp_timeout: float = _opt("tcpTimeout", _duration(), 0.0)

@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 from svcproxy import hookimpl
-from svcproxy.config import Config
+from svcproxy.config import IPVS_SCHEDULERS, Config
 from svcproxy.datapath import ApplyResult, CheckItem, MetricSample, ProbeResult
 from svcproxy.errors import PluginError, SyncError
 from svcproxy.ir import Frontend, PlanDelta, ServiceMap, ip_family
@@ -46,9 +46,7 @@ log = logging.getLogger(__name__)
 NAME = "ipvs"
 SCHEDULER_ANNOTATION = "svcproxy.io/ipvs-scheduler"
 FLAGS_ANNOTATION = "svcproxy.io/ipvs-scheduler-flags"
-#: every scheduler Linux IPVS offers
-SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh", "fo",
-              "ovf", "twos")
+SCHEDULERS = IPVS_SCHEDULERS
 
 
 #: sysctls the datapath needs (kube-proxy-behaviour.md 1.2)

@@ -94,6 +94,9 @@ def bad_input_cases(tmp: Path) -> list[tuple[list[str], str]]:
     duration = tmp / "duration.yaml"
     duration.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
                         "kind: KubeProxyConfiguration\niptables:\n  syncPeriod: 30 seconds\n")
+    scheduler = tmp / "scheduler.yaml"
+    scheduler.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+                         "kind: KubeProxyConfiguration\nmode: ipvs\nipvs:\n  scheduler: bogus\n")
     ex = str(EXAMPLE)
     return [
         (["plan", "--manifests", str(broken)], f"{broken / 'bad.yaml'}:4: invalid YAML"),
@@ -105,6 +108,10 @@ def bad_input_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["plan", "--manifests", ex, "--config", str(duration)],
          f"{duration}: line 4: iptables.syncPeriod: invalid duration '30 seconds'"),
         (["config", "check", str(typo)], "unknown field ipvs.schedular"),
+        (["config", "check", str(scheduler)],
+         f"{scheduler}: line 5: ipvs.scheduler: must be one of '', 'rr', 'wrr'"),
+        (["run", "--once", "--manifests", ex, "--config", str(scheduler)],
+         "ipvs.scheduler: must be one of"),
         (["plan", "--manifests", str(tmp / "nope")], "not a directory"),
         (["plan", "--manifests", ex, "--config", str(tmp / "missing.yaml")], "cannot read"),
         (["plan"], "the following arguments are required: --manifests"),

@@ -159,6 +159,11 @@ def test_typo_suggests_the_nearest_field() -> None:
     ("featureGates: {Foo: maybe}", "featureGates: Foo: must be true or false"),
     ("ipvs: [1, 2]", "ipvs: must be a mapping"),
     ("logging: {format: xml}", "logging.format: must be one of 'text', 'json' (got 'xml')"),
+    # kube-proxy validates the scheduler; svcproxy once passed it and fell back at run time
+    ("ipvs: {scheduler: bogus}", "ipvs.scheduler: must be one of '', 'rr', 'wrr', 'lc', "
+                                 "'wlc', 'lblc', 'lblcr', 'dh', 'sh', 'sed', 'nq', 'mh', 'fo', "
+                                 "'ovf', 'twos' (got 'bogus')"),
+    ("ipvs: {scheduler: wrrr}", "did you mean wrr?"),
 ])
 def test_validation_errors_name_field_and_value(body: str, expected: str) -> None:
     found = problems(body + "\n")
@@ -214,7 +219,7 @@ def test_configmap_errors_name_the_embedded_document(tmp_path) -> None:  # type:
     with pytest.raises(ConfigError) as exc:
         load_config(cm)
     assert "cm.yaml (data.config.conf)" in str(exc.value)
-    assert "ipvs.scheduler: must be a string (got 5)" in str(exc.value)
+    assert "ipvs.scheduler: must be one of" in str(exc.value) and "(got 5)" in str(exc.value)
 
 
 def test_missing_file_is_a_config_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
