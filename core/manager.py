@@ -401,9 +401,23 @@ class PluginHost:
                       reason=reason, message=message)
 
     def _observe(self, hook: str, **kwargs: Any) -> None:
-        # An observer's bug must not stop the proxy: log it and go on.
-        try:
-            getattr(self.pm.hook, hook)(**kwargs)
-        except Exception:
-            log.exception("a plugin failed in %s", hook)
+        """Call every observer on its own: one that raises is logged (with its
+        name) and the others still run — pluggy would stop the call at the
+        first exception, so a metrics bug would silence tracing and the status
+        file. Observer hooks take no wrappers; a wrapper would need pluggy's
+        call, so with one the whole hook goes through pluggy as before."""
+        caller = getattr(self.pm.hook, hook)
+        impls = caller.get_hookimpls()
+        if any(impl.hookwrapper or impl.wrapper for impl in impls):
+            try:
+                caller(**kwargs)
+            except Exception:
+                log.exception("a plugin failed in %s", hook)
+            return
+        for impl in reversed(impls):  # pluggy's order: the config's
+            try:
+                impl.function(*[kwargs[name] for name in impl.argnames])
+            except Exception:
+                log.exception("plugin %r failed in %s; the other observers still ran",
+                              impl.plugin_name, hook)
 

@@ -207,3 +207,30 @@ def test_datapath_followup_is_called_without_changes() -> None:
     clock.t += 1
     proxy.sync()  # no follow-up asked: nothing to do
     assert len(dp.calls) == 2
+
+
+class Broken:
+    @hookimpl
+    def svcproxy_observe_sync(self, result: SyncResult) -> None:
+        raise RuntimeError("a metrics bug")
+
+    @hookimpl
+    def svcproxy_observe_event(self, event: Event) -> None:
+        raise KeyError("another bug")
+
+
+def test_an_observer_that_raises_does_not_silence_the_others(caplog: Any) -> None:
+    """Observers run isolated: the broken one (registered first, so called
+    first) is logged by name, the next still sees every event and sync."""
+    dp, obs = RecordingDatapath(), Observer()
+    config = parse_config(CFG.replace("mode: ipvs", "mode: ''"), "cfg.yaml")
+    host = PluginHost(config, extra_plugins=[("recording", dp), ("broken", Broken()),
+                                             ("observer", obs)])
+    host.configure()
+    proxy = Proxy(config, host, "node-a", "recording", clock=Clock(), use_host_addresses=False)
+    populate(proxy)
+    r = proxy.sync()
+    assert r.ok and obs.results == [r]
+    assert len(obs.events) == 5
+    failures = [rec for rec in caplog.records if "plugin 'broken' failed" in rec.getMessage()]
+    assert {("svcproxy_observe_sync" in f.getMessage()) for f in failures} == {True, False}
