@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from . import hookspecs
-from .config import Config, nearest_name
+from .config import MODES, Config, nearest_name
 from .datapath import ApplyResult, CheckItem, MetricSample, ProbeResult, SyncResult
 from .errors import ConfigError, ConfigProblem, PluginError
 from .ir import Frontend, PlanDelta, ServiceMap
@@ -45,7 +45,6 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "metallb": "svcproxy.plugins.metallb:MetallbPlugin",
     "ipvs": "svcproxy.plugins.ipvs:IpvsPlugin",
     "iptables": "svcproxy.plugins.iptables:IptablesPlugin",
-    "nftables": "svcproxy.plugins.nftables:NftablesPlugin",
 }
 
 #: Plugins that are always enabled: without them no Service is reachable at all.
@@ -165,7 +164,7 @@ class PluginHost:
         return loaded, problems
 
     def _unknown_datapaths(self, eps: dict[str, Any], enabled: set[str]) -> list[ConfigProblem]:
-        known = {*BUILTIN_PLUGINS, *eps}
+        known = {*BUILTIN_PLUGINS, *eps, *(m for m in MODES if m)}
         problems = []
         for i, dp in enumerate(self.config.svcproxy.datapaths):
             if dp not in known and dp not in enabled:
@@ -181,6 +180,13 @@ class PluginHost:
         out = []
         for dp in self.config.datapath_order():
             if dp in enabled:
+                continue
+            if dp not in BUILTIN_PLUGINS and dp not in eps and dp in MODES:
+                # a kube-proxy mode svcproxy has no datapath for (nftables, for now)
+                self.missing_datapaths[dp] = (
+                    f"no {dp} datapath in this svcproxy version (built in: "
+                    f"{', '.join(d for d in MODES if d in BUILTIN_PLUGINS)}), and no "
+                    f"installed package provides one")
                 continue
             try:
                 obj, origin = self._resolve(dp, eps)

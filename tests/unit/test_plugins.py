@@ -230,7 +230,9 @@ def test_no_fallback_when_list_is_empty() -> None:
 def test_missing_builtin_datapath_reason() -> None:
     host = host_for("datapaths: []\n", kube_proxy="mode: nftables\n")
     result = host.probe("nftables")
-    assert not result.usable and "not part of this svcproxy version" in result.reason
+    assert not result.usable
+    assert result.reason == ("no nftables datapath in this svcproxy version (built in: ipvs, "
+                             "iptables), and no installed package provides one")
 
 
 def test_probe_crash_is_a_reason_not_a_crash() -> None:
