@@ -157,10 +157,20 @@ def svcproxy_datapath_status(name: str, frontends: Mapping[tuple[str, int, str],
                                                            Mapping[str, Any]],
                              connections: bool) -> Mapping[str, Any] | None:
     """`svcproxy status`: the live kernel view of datapath `name` as JSON-able
-    data (docs/status-format.md), each kernel object labelled from `frontends`
-    (plan frontends in their JSON form, by (address, port, protocol); empty when
-    unknown). `connections`: include the connection table. The plugin that
-    implements `name` answers; others return None."""
+    data (`svcproxy status -o json`; docs/observability.md), each kernel object
+    labelled from `frontends` (plan frontends in their JSON form, by (address,
+    port, protocol); empty when unknown). `connections`: include the
+    connection table. The plugin that implements `name` answers; others return
+    None."""
+
+
+@hookspec(firstresult=True)
+def svcproxy_render_status(name: str, view: Mapping[str, Any], stats: bool, rate: bool,
+                           connections: bool) -> str | None:
+    """`svcproxy status` as text: datapath `name`'s view (what its
+    svcproxy_datapath_status returned) rendered for a terminal, with counters
+    (`stats`), rates (`rate`) or the connection table (`connections`). The
+    plugin that implements `name` answers; the first answer wins."""
 
 
 @hookspec

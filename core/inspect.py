@@ -52,76 +52,11 @@ def frontends_from_daemon(config: Config, timeout: float = 2.0
         return None, f"{url}: {exc}"
 
 
-# ---- status rendering ------------------------------------------------------------------
-
-def _hp(address: str, port: Any) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
-def render_ipvs(view: Mapping[str, Any], stats: bool, rate: bool, conns: bool) -> str:
-    lines = ["IP Virtual Server (svcproxy view: services from the plan, draining marked)"]
-    if stats:
-        lines.append(f"{'Prot LocalAddress:Port':<33} {'Conns':>8} {'InPkts':>9} "
-                     f"{'OutPkts':>9} {'InBytes':>10} {'OutBytes':>10}  Service")
-        lines.append(f"{'  -> RemoteAddress:Port':<33}")
-    elif rate:
-        lines.append(f"{'Prot LocalAddress:Port':<33} {'CPS':>8} {'InPPS':>9} {'OutPPS':>9} "
-                     f"{'InBPS':>10} {'OutBPS':>10}  Service")
-        lines.append(f"{'  -> RemoteAddress:Port':<33}")
-    else:
-        lines.append("Prot LocalAddress:Port Scheduler Flags            Service")
-        lines.append("  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn")
-    for fe in view["frontends"]:
-        label = fe["service"] or "(not svcproxy's, or names unknown)"
-        if fe.get("kind"):
-            label += f" ({fe['kind']})"
-        head = f"{fe['protocol']:<4} {_hp(fe['address'], fe['port'])}"
-        if stats or rate:
-            keys = (("conns", "inpkts", "outpkts", "inbytes", "outbytes") if stats else
-                    ("cps", "inpps", "outpps", "inbps", "outbps"))
-            s = fe["stats"]
-            lines.append(f"{head:<33} {s[keys[0]]:>8} {s[keys[1]]:>9} {s[keys[2]]:>9} "
-                         f"{s[keys[3]]:>10} {s[keys[4]]:>10}  {label}")
-        else:
-            sched = f"{fe['scheduler']} {fe['flags']}".strip()
-            lines.append(f"{head} {sched:<27}{label}" if len(head) < 22 else
-                         f"{head} {sched}  {label}")
-        for b in fe["backends"]:
-            mark = "" if b["state"] in ("ok", "") else f"  {b['state']}"
-            rh = f"  -> {_hp(b['address'], b['port'])}"
-            if stats or rate:
-                s = b["stats"]
-                lines.append(f"{rh:<33} {s[keys[0]]:>8} {s[keys[1]]:>9} {s[keys[2]]:>9} "
-                             f"{s[keys[3]]:>10} {s[keys[4]]:>10}{mark}")
-            else:
-                lines.append(f"{rh:<33} {b['forward']:<7} {b['weight']:<6} {b['active']:<10} "
-                             f"{b['inactive']:<9}{mark}")
-        if conns:
-            for c in fe.get("connections", []):
-                lines.append(f"       {c['protocol']} {_hp(c['client'], c['client_port'])} -> "
-                             f"{_hp(c['backend'], c['backend_port'])} {c['state']} "
-                             f"expires {c['expires']}s")
-    return "\n".join(lines) + "\n"
-
-
-def render_iptables(view: Mapping[str, Any]) -> str:
-    lines = ["iptables (nat rules count new connections: packets = connections)",
-             f"{'Prot Destination':<34} {'Conns':>8} {'Bytes':>10}  Service",
-             "  -> Endpoint"]
-    for fe in view["frontends"]:
-        port = fe["port"] if fe["port"] is not None else "*"
-        head = f"{fe['protocol'] or '*':<4} {_hp(fe['address'], port)}"
-        label = fe["service"] + (f" ({fe['kind']})" if fe["kind"] else "")
-        lines.append(f"{head:<34} {fe['packets']:>8} {fe['bytes']:>10}  {label}")
-        for b in fe["backends"]:
-            lines.append(f"{'  -> ' + b['endpoint']:<34} {b['packets']:>8} {b['bytes']:>10}")
-    return "\n".join(lines) + "\n"
-
-
-def status_text(view: Mapping[str, Any], stats: bool, rate: bool, conns: bool) -> str:
-    if view.get("datapath") == "ipvs":
-        return render_ipvs(view, stats, rate, conns)
-    return render_iptables(view)
+def status_text(host: PluginHost, view: Mapping[str, Any], stats: bool, rate: bool,
+                conns: bool) -> str:
+    """The datapath renders its own view; one that does not gets it as JSON."""
+    text = host.render_status(str(view.get("datapath", "")), view, stats, rate, conns)
+    return text if text is not None else json.dumps(view, indent=2, default=str) + "\n"
 
 
 def run_status(host: PluginHost, datapath: str, frontends: FrontendIndex, output: str,
@@ -132,7 +67,7 @@ def run_status(host: PluginHost, datapath: str, frontends: FrontendIndex, output
         if output == "json":
             text = json.dumps(view, indent=2) + "\n"
         else:
-            text = status_text(view, stats, rate, conns) + (f"({note})\n" if note else "")
+            text = status_text(host, view, stats, rate, conns) + (f"({note})\n" if note else "")
         if watch is None:
             sys.stdout.write(text)
             return 0

@@ -363,6 +363,12 @@ class PluginHost:
             raise PluginError(f"datapath {name!r} cannot show its kernel state")
         return answer  # type: ignore[no-any-return]
 
+    def render_status(self, name: str, view: Mapping[str, Any], stats: bool = False,
+                      rate: bool = False, connections: bool = False) -> str | None:
+        answer = self.pm.hook.svcproxy_render_status(name=name, view=view, stats=stats,
+                                                     rate=rate, connections=connections)
+        return answer if isinstance(answer, str) else None
+
     def checks(self) -> list[CheckItem]:
         items: list[CheckItem] = []
         for answer in self.pm.hook.svcproxy_check(config=self.config):

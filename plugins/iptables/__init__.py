@@ -128,6 +128,15 @@ class IptablesPlugin:
         return iptables_status(kernels)
 
     @hookimpl
+    def svcproxy_render_status(self, name: str, view: Mapping[str, Any]) -> str | None:
+        """New connections per service and per endpoint, from the rule counters."""
+        if name != NAME:
+            return None
+        from .status import render_iptables
+
+        return render_iptables(view)
+
+    @hookimpl
     def svcproxy_check(self) -> list[CheckItem]:
         from .status import conntrack_checks, safe_checks
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 from svcproxy.datapath import CheckItem
@@ -139,3 +140,22 @@ def safe_checks(kernel: IptablesKernel, why: str, netns: str | None) -> list[Che
     except KernelError as exc:
         return [CheckItem(f"iptables (IPv{kernel.family})", "fail", str(exc),
                           "apt-get install iptables", blocks=("iptables", "ipvs"))]
+
+
+def _hp(address: str, port: Any) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def render_iptables(view: Mapping[str, Any]) -> str:
+    lines = ["iptables (nat rules count new connections: packets = connections)",
+             f"{'Prot Destination':<34} {'Conns':>8} {'Bytes':>10}  Service",
+             "  -> Endpoint"]
+    for fe in view["frontends"]:
+        port = fe["port"] if fe["port"] is not None else "*"
+        head = f"{fe['protocol'] or '*':<4} {_hp(fe['address'], port)}"
+        label = fe["service"] + (f" ({fe['kind']})" if fe["kind"] else "")
+        lines.append(f"{head:<34} {fe['packets']:>8} {fe['bytes']:>10}  {label}")
+        for b in fe["backends"]:
+            lines.append(f"{'  -> ' + b['endpoint']:<34} {b['packets']:>8} {b['bytes']:>10}")
+    return "\n".join(lines) + "\n"
+

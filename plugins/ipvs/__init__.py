@@ -231,6 +231,16 @@ class IpvsPlugin:
             return ipvs_status(nl, self.netns, frontends, connections)
 
     @hookimpl
+    def svcproxy_render_status(self, name: str, view: Mapping[str, Any], stats: bool,
+                               rate: bool, connections: bool) -> str | None:
+        """Like `ipvsadm -L -n` (`--stats`, `--rate`, `--connection`)."""
+        if name != NAME:
+            return None
+        from .status import render_ipvs
+
+        return render_ipvs(view, stats, rate, connections)
+
+    @hookimpl
     def svcproxy_check(self, config: Config) -> list[CheckItem]:
         from .status import ipvs_checks
 

@@ -163,3 +163,53 @@ def ipvs_checks(scheduler: str, probe_reason: str | None, netns: str | None,
         items.append(CheckItem("privileges", "warn", "not running as root: some checks "
                                "could not read the kernel", "sudo svcproxy check"))
     return items
+
+
+def _hp(address: str, port: Any) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def render_ipvs(view: Mapping[str, Any], stats: bool, rate: bool, conns: bool) -> str:
+    lines = ["IP Virtual Server (svcproxy view: services from the plan, draining marked)"]
+    if stats:
+        lines.append(f"{'Prot LocalAddress:Port':<33} {'Conns':>8} {'InPkts':>9} "
+                     f"{'OutPkts':>9} {'InBytes':>10} {'OutBytes':>10}  Service")
+        lines.append(f"{'  -> RemoteAddress:Port':<33}")
+    elif rate:
+        lines.append(f"{'Prot LocalAddress:Port':<33} {'CPS':>8} {'InPPS':>9} {'OutPPS':>9} "
+                     f"{'InBPS':>10} {'OutBPS':>10}  Service")
+        lines.append(f"{'  -> RemoteAddress:Port':<33}")
+    else:
+        lines.append("Prot LocalAddress:Port Scheduler Flags            Service")
+        lines.append("  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn")
+    for fe in view["frontends"]:
+        label = fe["service"] or "(not svcproxy's, or names unknown)"
+        if fe.get("kind"):
+            label += f" ({fe['kind']})"
+        head = f"{fe['protocol']:<4} {_hp(fe['address'], fe['port'])}"
+        if stats or rate:
+            keys = (("conns", "inpkts", "outpkts", "inbytes", "outbytes") if stats else
+                    ("cps", "inpps", "outpps", "inbps", "outbps"))
+            s = fe["stats"]
+            lines.append(f"{head:<33} {s[keys[0]]:>8} {s[keys[1]]:>9} {s[keys[2]]:>9} "
+                         f"{s[keys[3]]:>10} {s[keys[4]]:>10}  {label}")
+        else:
+            sched = f"{fe['scheduler']} {fe['flags']}".strip()
+            lines.append(f"{head} {sched:<27}{label}" if len(head) < 22 else
+                         f"{head} {sched}  {label}")
+        for b in fe["backends"]:
+            mark = "" if b["state"] in ("ok", "") else f"  {b['state']}"
+            rh = f"  -> {_hp(b['address'], b['port'])}"
+            if stats or rate:
+                s = b["stats"]
+                lines.append(f"{rh:<33} {s[keys[0]]:>8} {s[keys[1]]:>9} {s[keys[2]]:>9} "
+                             f"{s[keys[3]]:>10} {s[keys[4]]:>10}{mark}")
+            else:
+                lines.append(f"{rh:<33} {b['forward']:<7} {b['weight']:<6} {b['active']:<10} "
+                             f"{b['inactive']:<9}{mark}")
+        if conns:
+            for c in fe.get("connections", []):
+                lines.append(f"       {c['protocol']} {_hp(c['client'], c['client_port'])} -> "
+                             f"{_hp(c['backend'], c['backend_port'])} {c['state']} "
+                             f"expires {c['expires']}s")
+    return "\n".join(lines) + "\n"
