@@ -1,5 +1,5 @@
 """Endpoint selection, exactly as kube-proxy's CategorizeEndpoints does it, in one
-place for every datapath (pkg/proxy/topology.go; kube-proxy-behaviour.md 1.6).
+place for every datapath (kube-proxy's pkg/proxy/topology.go).
 
 Given every endpoint of one service port, it returns the cluster endpoints (ready
 ones after topology filtering, else serving+terminating ones) and the local

@@ -2,7 +2,7 @@
 # Runs inside the virtme-ng guest as its --exec command. The host has no udev,
 # so virtme-ng's init cannot find its virtio-serial ports by name; find them
 # here, point the exit-status port where the init writes it, and run the given
-# command with stdout/stderr on the host's pipes (kernel-vm.md).
+# command with stdout/stderr on the host's pipes (docs/architecture.md, "Testing").
 set -u
 declare -A port
 for d in /sys/class/virtio-ports/*; do

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare what the VM test tier needs, once, under .cache/ (kernel-vm.md):
+# Prepare what the VM test tier needs, once, under .cache/ (docs/architecture.md, "Testing"):
 # the Debian kernel with its modules (unpacked, depmod'ed) and virtme-ng.
 set -euo pipefail
 cd "$(dirname "$0")/.."

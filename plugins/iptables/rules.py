@@ -7,7 +7,7 @@ same text is restore input, `svcproxy plan --output iptables-save` output, and
 comparable line by line with what the kernel holds.
 
 Layout and chain names follow kube-proxy (pkg/proxy/iptables/proxier.go); see
-kube-proxy-behaviour.md 1.12.
+docs/iptables.md.
 """
 
 from __future__ import annotations

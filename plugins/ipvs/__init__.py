@@ -49,7 +49,7 @@ FLAGS_ANNOTATION = "svcproxy.io/ipvs-scheduler-flags"
 SCHEDULERS = IPVS_SCHEDULERS
 
 
-#: sysctls the datapath needs (kube-proxy-behaviour.md 1.2)
+#: sysctls the datapath needs (kube-proxy's pkg/proxy/ipvs/proxier.go)
 SYSCTLS = {
     "net/ipv4/vs/conntrack": "1",
     "net/ipv4/vs/expire_nodest_conn": "1",

@@ -1,5 +1,5 @@
 """kube-proxy IPVS mode's ipsets and iptables helper rules
-(kube-proxy-behaviour.md 1.7 and 1.8), rendered from the plan.
+(kube-proxy's pkg/proxy/ipvs/proxier.go and ipset.go), rendered from the plan.
 
 The sets say which VIP:port pairs exist; the rules use them for masquerade
 (off-cluster clients, NodePorts, LoadBalancers, hairpin), LoadBalancer source

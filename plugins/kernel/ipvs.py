@@ -3,7 +3,7 @@
 pyroute2's IPVS API sends one request and waits for its answer before the
 next, and decodes dumps through its generic message machinery: measured here
 23x slower than `ipvsadm -R` for a bulk load and 35x slower than a plain parser
-for a dump (kernel-vm.md). This module packs the same messages with `struct`,
+for a dump (docs/ipvs.md). This module packs the same messages with `struct`,
 sends many per system call and collects the acknowledgements afterwards, and
 parses dumps directly. Constants follow include/uapi/linux/ip_vs.h.
 

@@ -1,5 +1,5 @@
 """Prometheus metrics: kube-proxy's names, types, buckets and labels
-(pkg/proxy/metrics/metrics.go; kube-proxy-behaviour.md section 3), so existing
+(kube-proxy's pkg/proxy/metrics/metrics.go), so existing
 dashboards and alerts keep working, plus svcproxy_* metrics kube-proxy lacks.
 
 Everything lives in a private registry (several proxies in one test process do

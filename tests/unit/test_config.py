@@ -1,4 +1,4 @@
-"""KubeProxyConfiguration defaults and validation (kube-proxy-behaviour.md section 2)
+"""KubeProxyConfiguration defaults and validation (kube-proxy's pkg/proxy/apis/config/validation)
 and the SvcProxyConfiguration document."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Endpoint selection: every rule of kube-proxy's CategorizeEndpoints
-(kube-proxy-behaviour.md 1.6)."""
+(kube-proxy's pkg/proxy/topology.go)."""
 
 from __future__ import annotations
 
