@@ -21,6 +21,7 @@ from .config import Config
 from .datapath import SyncResult
 from .ir import ServiceMap
 from .manager import PluginHost
+from .phases import recording
 from .plan import PlanContext, Planner, make_context
 from .runner import SyncPolicy, SyncRunner
 from .state import Change, ClusterState
@@ -143,7 +144,13 @@ class Proxy:
             phases["plan"] = t1 - t0
             apply_result = None
             if full or delta or self._followup:
-                apply_result = self.plugins.apply(self.datapath, plan, delta, full)
+                # the datapath times its steps with svcproxy.phases.phase();
+                # one that reports them in ApplyResult.phases is heard too
+                try:
+                    with recording() as steps:
+                        apply_result = self.plugins.apply(self.datapath, plan, delta, full)
+                finally:
+                    phases.update({f"apply.{k}": v for k, v in steps.durations().items()})
                 self._followup = apply_result.followup
                 phases.update({f"apply.{k}": v for k, v in apply_result.phases.items()})
             phases["apply"] = self.clock() - t1

@@ -22,6 +22,7 @@ from svcproxy.config import Config
 from svcproxy.datapath import ApplyResult, CheckItem, MetricSample, ProbeResult
 from svcproxy.errors import PluginError
 from svcproxy.ir import PlanDelta, ServiceMap, ip_family
+from svcproxy.phases import phase
 from svcproxy.plugins.kernel.conntrack import conntrack_samples
 from svcproxy.plugins.kernel.iptables import BACKENDS, IptablesKernel, detect_backend
 from svcproxy.plugins.kernel.tools import KernelError
@@ -186,7 +187,6 @@ class IptablesPlugin:
             return None
         families = {f.family for f in plan.frontends.values()} | {4} | set(self.families)
         written = deleted = jumps = conntrack = 0
-        phases: dict[str, float] = {}
         details: dict[str, object] = {}
         for family in sorted(families):
             if family == 6 and not self._ipv6_usable():
@@ -197,21 +197,21 @@ class IptablesPlugin:
             if changed is not None and not changed and state.written is not None:
                 continue
             try:
-                res = sync_family(state, plan, changed, rule_options(self.config, family, plan))
+                with phase(f"ipv{family}"):
+                    res = sync_family(state, plan, changed,
+                                      rule_options(self.config, family, plan))
             except KernelError as exc:
                 raise KernelError(f"IPv{family}: {exc}") from None
             written += len(res.written)
             deleted += len(res.deleted)
             jumps += res.jumps
             conntrack += res.conntrack_deleted
-            for k, v in res.phases.items():
-                phases[f"ipv{family}.{k}"] = v
             details[f"ipv{family}"] = {"written": [f"{t}/{c}" for t, c in res.written],
                                        "deleted": [f"{t}/{c}" for t, c in res.deleted]}
         details["conntrack_deleted"] = conntrack
         details["backend"] = self.backend
         return ApplyResult(changes=written + deleted + jumps, repaired=0 if not full else
-                           written + deleted + jumps, phases=phases, details=details)
+                           written + deleted + jumps, details=details)
 
     def _ipv6_usable(self) -> bool:
         # Like kube-proxy, run single-stack when ip6tables cannot work here

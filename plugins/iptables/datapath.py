@@ -1,27 +1,31 @@
 """Reconciling the kernel's iptables rules with the plan, one IP family at a time.
 
 The desired ruleset is assembled from per-service-port blocks (rules.py) plus
-the config-only chains. What is compared against it depends on the sync:
+the config-only chains, and compared with a diff store of svcproxy's chains
+(svcproxy.diffstore) — the same code for both kinds of sync, over different
+keys:
 
-- partial: only the service ports the delta touched are re-rendered and
-  compared with what svcproxy last wrote (kept in memory); the shared chains
-  are rewritten only if one of their fragments changed;
-- full: every chain is re-rendered and compared with what `iptables-save`
-  reads back from the kernel, so rules changed or deleted behind svcproxy's
-  back are repaired and stale chains removed.
+- partial: only the service ports the delta touched are re-rendered, and only
+  their chains (and a shared chain whose fragments changed) are compared;
+- full: every chain is re-rendered and the store is loaded from
+  `iptables-save` first, so rules changed or deleted behind svcproxy's back
+  are repaired and stale chains removed.
 
 Either way only chains that differ are written, in one `iptables-restore
---noflush` per table; nothing differing means nothing is written.
+--noflush` per table; nothing differing means nothing is written. A refused
+restore changes nothing (iptables-restore is atomic per table) and makes the
+store unknown: the next sync reads the kernel back.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from svcproxy.diffstore import DiffStore
 from svcproxy.ir import Frontend, FrontendKey, ServiceMap
+from svcproxy.phases import phase
 from svcproxy.plugins.kernel.iptables import TABLES, IptablesKernel, restore_text
 
 from .rules import (
@@ -124,9 +128,14 @@ class FamilyState:
     kernel: IptablesKernel
     #: per service port, what was last applied successfully
     sp_rules: dict[SPKey, ServicePortRules] = field(default_factory=dict)
-    #: chain -> rules as svcproxy last wrote them (None until a full sync read them)
-    written: dict[ChainKey, tuple[str, ...]] | None = None
+    #: svcproxy's chains as the kernel holds them, as far as svcproxy knows
+    chains: DiffStore[ChainKey, tuple[str, ...]] = field(default_factory=DiffStore)
     plan: ServiceMap = field(default_factory=ServiceMap)
+
+    @property
+    def written(self) -> dict[ChainKey, tuple[str, ...]] | None:
+        """The chains svcproxy holds in the kernel; None until a full sync read them."""
+        return self.chains.have if self.chains.known else None
 
 
 @dataclass
@@ -135,7 +144,6 @@ class FamilyResult:
     deleted: list[ChainKey] = field(default_factory=list)
     jumps: int = 0
     conntrack_deleted: int = 0
-    phases: dict[str, float] = field(default_factory=dict)
 
 
 def _touched(keys: Iterable[FrontendKey], *plans: ServiceMap) -> set[SPKey]:
@@ -149,77 +157,82 @@ def _touched(keys: Iterable[FrontendKey], *plans: ServiceMap) -> set[SPKey]:
     return out
 
 
+def _read(state: FamilyState) -> dict[ChainKey, tuple[str, ...]]:
+    """Load the store from iptables-save (one per table); the built-in chains."""
+    owned: dict[ChainKey, tuple[str, ...]] = {}
+    builtin: dict[ChainKey, tuple[str, ...]] = {}
+    for table in TABLES:
+        for name, rules in state.kernel.save(table).items():
+            (owned if is_owned(table, name) else builtin)[(table, name)] = rules
+    state.chains.load(owned)
+    return builtin
+
+
+def _partial_desired(state: FamilyState, plan: ServiceMap, changed: Iterable[FrontendKey],
+                     opts: RuleOptions
+                     ) -> tuple[dict[ChainKey, tuple[str, ...]], set[ChainKey],
+                                dict[SPKey, ServicePortRules]]:
+    """The touched service ports' chains and the shared chains whose fragments
+    changed; the chains to compare (those and the touched ports' old ones)."""
+    touched = _touched(changed, plan, state.plan)
+    fresh = render_service_ports(plan, touched, opts)
+    new_sp = dict(state.sp_rules)
+    scope: set[ChainKey] = set()
+    shared_dirty: set[ChainKey] = set()
+    for key in touched:
+        old = new_sp.pop(key, None)
+        new = fresh.get(key)
+        if old is not None:
+            scope.update(old.chains)
+        if new is not None:
+            new_sp[key] = new
+        for chain in SHARED:
+            before = old.fragments.get(chain, ()) if old else ()
+            after = new.fragments.get(chain, ()) if new else ()
+            if before != after:
+                shared_dirty.add(chain)
+    desired = {c: r for n in fresh.values() for c, r in n.chains.items()}
+    for chain in shared_dirty:
+        desired[chain] = assemble_shared(new_sp, chain, opts)
+    scope.update(desired)
+    return desired, scope, new_sp
+
+
 def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[FrontendKey] | None,
                 opts: RuleOptions) -> FamilyResult:
     """Bring the kernel rules of family `opts.family` to `plan` (which may hold
     both families). `changed` None = full sync."""
     result = FamilyResult()
-    t0 = time.perf_counter()
-    full = changed is None or state.written is None
-    if full:
-        sp_rules = render_service_ports(plan, None, opts)
-        desired = desired_ruleset(sp_rules, opts)
-        t1 = time.perf_counter()
-        current: dict[ChainKey, tuple[str, ...]] = {}
-        builtin: dict[ChainKey, tuple[str, ...]] = {}
-        for table in TABLES:
-            for name, rules in state.kernel.save(table).items():
-                if is_owned(table, name):
-                    current[(table, name)] = rules
-                else:
-                    builtin[(table, name)] = rules
-        result.phases["read"] = time.perf_counter() - t1
-        writes = {c: r for c, r in desired.items() if current.get(c) != r}
-        deletes = [c for c in current if c not in desired]
+    full = changed is None or not state.chains.known
+    jumps: list[tuple[str, str, str]] = []
+    scope: set[ChainKey] | None = None
+    if full or changed is None:
+        with phase("render"):
+            new_sp = render_service_ports(plan, None, opts)
+            desired = desired_ruleset(new_sp, opts)
+        with phase("read"):
+            builtin = _read(state)
         jumps = [(t, c, body) for t, c, body in JUMPS
                  if f"-A {c} {body}" not in builtin.get((t, c), ())]
-        new_sp = sp_rules
     else:
-        assert state.written is not None and changed is not None
-        touched = _touched(changed, plan, state.plan)
-        fresh = render_service_ports(plan, touched, opts)
-        new_sp = dict(state.sp_rules)
-        old_chains: set[ChainKey] = set()
-        shared_dirty: set[ChainKey] = set()
-        for key in touched:
-            old = new_sp.pop(key, None)
-            new = fresh.get(key)
-            if old is not None:
-                old_chains.update(old.chains)
-            if new is not None:
-                new_sp[key] = new
-            for chain in SHARED:
-                before = old.fragments.get(chain, ()) if old else ()
-                after = new.fragments.get(chain, ()) if new else ()
-                if before != after:
-                    shared_dirty.add(chain)
-        desired = {c: r for n in fresh.values() for c, r in n.chains.items()}
-        for chain in shared_dirty:
-            desired[chain] = assemble_shared(new_sp, chain, opts)
-        writes = {c: r for c, r in desired.items() if state.written.get(c) != r}
-        still_used = {c for k in touched if k in new_sp for c in new_sp[k].chains}
-        deletes = [c for c in old_chains if c not in still_used]
-        jumps = []
-    result.phases["render"] = time.perf_counter() - t0 - result.phases.get("read", 0.0)
-    text = restore_text(writes, deletes, jumps)
+        with phase("render"):
+            desired, scope, new_sp = _partial_desired(state, plan, changed, opts)
+    diff = state.chains.diff(desired, scope)
+    writes = {**diff.created, **{c: new for c, (_, new) in diff.updated.items()}}
+    text = restore_text(writes, list(diff.deleted), jumps)
     if text:
-        t2 = time.perf_counter()
-        state.kernel.restore(text)
-        result.phases["restore"] = time.perf_counter() - t2
+        with phase("restore"):
+            try:
+                state.kernel.restore(text)
+            except Exception:
+                state.chains.forget()  # atomic per table, but which table failed?
+                raise
+    state.chains.applied(diff)
     result.written = sorted(writes)
-    result.deleted = sorted(deletes)
+    result.deleted = sorted(diff.deleted)
     result.jumps = len(jumps)
-    # success: remember what the kernel now holds
-    if full:
-        state.written = dict(desired)
-    else:
-        assert state.written is not None
-        state.written.update(writes)
-        for c in deletes:
-            state.written.pop(c, None)
-    t3 = time.perf_counter()
-    result.conntrack_deleted = clear_stale_udp(state, state.sp_rules, new_sp, plan)
-    result.phases["conntrack"] = time.perf_counter() - t3
+    with phase("conntrack"):
+        result.conntrack_deleted = clear_stale_udp(state, state.sp_rules, new_sp, plan)
     state.sp_rules = new_sp
     state.plan = plan
     return result

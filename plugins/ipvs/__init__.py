@@ -18,7 +18,6 @@ import ipaddress
 import logging
 import os
 import shutil
-import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -28,6 +27,7 @@ from svcproxy.config import IPVS_SCHEDULERS, Config
 from svcproxy.datapath import ApplyResult, CheckItem, MetricSample, ProbeResult
 from svcproxy.errors import PluginError, SyncError
 from svcproxy.ir import Frontend, PlanDelta, ServiceMap, ip_family
+from svcproxy.phases import phase
 from svcproxy.plan import PortContext
 from svcproxy.plugins.kernel.conntrack import conntrack_samples
 from svcproxy.plugins.kernel.ipset import Ipset
@@ -304,27 +304,19 @@ class IpvsPlugin:
                             full: bool) -> ApplyResult | None:
         if name != NAME:
             return None
-        t0 = time.perf_counter()
         state = self._state()
         if not self.helpers:
-            self._early_masquerade(plan)
+            with phase("early"):
+                self._early_masquerade(plan)
         # Sets and helper rules first: a VIP is in KUBE-IPVS-IPS (and so its
         # node-originated traffic masqueraded) before it is bound to kube-ipvs0.
         helper_changes = 0
-        steps: dict[str, float] = {}
         families = {4} | plan.families() | set(self.helpers)
-        for family in sorted(families):
-            helper = self._helper(family)
-            helper_changes += helper.sync(plan, None if full else delta.changed,
-                                          self._helper_options(family, plan))
-            for step, seconds in helper.phases.items():
-                steps[f"helpers.{step}"] = steps.get(f"helpers.{step}", 0.0) + seconds
-        # in the order they ran, each step after the step it belongs to
-        phases = {"helpers": time.perf_counter() - t0, **steps}
-        t_state = time.perf_counter()
+        with phase("helpers"):
+            for family in sorted(families):
+                helper_changes += self._helper(family).sync(
+                    plan, None if full else delta.changed, self._helper_options(family, plan))
         result = state.sync(plan, None if full else delta.changed)
-        result.phases["state"] = time.perf_counter() - t_state - sum(result.phases.values())
-        result.phases = {**phases, **result.phases}
         if result.failures:
             shown = "; ".join(result.failures[:5])
             more = f" (and {len(result.failures) - 5} more)" if len(result.failures) > 5 else ""
@@ -333,7 +325,6 @@ class IpvsPlugin:
                             f"kube-ipvs0 changes: {shown}{more}")
         return ApplyResult(changes=result.batch_ops + result.bound + result.unbound
                            + helper_changes,
-                           phases=result.phases,
                            details={"bound": result.bound, "unbound": result.unbound,
                                     "drained": result.drained,
                                     "draining": len(state.draining)},

@@ -17,13 +17,13 @@ kernel's ipset and iptables.
 from __future__ import annotations
 
 import ipaddress
-import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from svcproxy.diffstore import Diff, DiffStore
 from svcproxy.ir import FrontendKey, ServiceMap
+from svcproxy.phases import phase
 from svcproxy.plugins.kernel.doors import IpsetDoor, IptablesDoor
 from svcproxy.plugins.kernel.iptables import ChainKey, restore_text
 
@@ -65,7 +65,6 @@ class HelperState:
         self.opts: HelperOptions | None = None
         #: early() read the kernel and nothing else wrote since
         self.just_read = False
-        self.phases: dict[str, float] = {}
 
     @property
     def sets(self) -> dict[str, set[str]]:
@@ -133,30 +132,26 @@ class HelperState:
              opts: HelperOptions) -> int:
         """Write what differs (`changed` None: full sync); returns the number of
         set members and chains written."""
-        t0 = time.perf_counter()
         full = (changed is None or not self.members.known or not self.chains.known
                 or opts != self.opts)
-        t_read = 0.0
         if full and not self.just_read:  # early() read the kernel moments ago
-            self.read()
-            t_read = time.perf_counter() - t0
+            with phase("read"):
+                self.read()
         self.just_read = False
         self.opts = opts
-        if full or changed is None:
-            diff = self._members_full(plan, opts)
-        else:
-            diff = self._members_partial(plan, list(changed), opts)
-        t1 = time.perf_counter()
-        missing = [n for n in self.names.values() if n not in self.existing]
-        if missing:
-            self._create(missing)
-        if diff:
-            self._write(diff)
-        t2 = time.perf_counter()
-        written = self._write_chains(opts, self._missing_jumps() if full else [])
-        t3 = time.perf_counter()
-        self.phases = {"read": t_read, "sets": t1 - t0 - t_read, "ipset": t2 - t1,
-                       "rules": t3 - t2}
+        with phase("sets"):
+            if full or changed is None:
+                diff = self._members_full(plan, opts)
+            else:
+                diff = self._members_partial(plan, list(changed), opts)
+        with phase("ipset"):
+            missing = [n for n in self.names.values() if n not in self.existing]
+            if missing:
+                self._create(missing)
+            if diff:
+                self._write(diff)
+        with phase("rules"):
+            written = self._write_chains(opts, self._missing_jumps() if full else [])
         return len(diff) + written
 
     def _entries(self, plan: ServiceMap, fk: FrontendKey, node: object

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 from svcproxy.diffstore import Diff, DiffStore, diff_items
 from svcproxy.ir import Frontend, FrontendKey, ServiceMap
+from svcproxy.phases import phase
 from svcproxy.plugins.kernel.doors import IpvsBatchDoor, IpvsKernelDoors
 from svcproxy.plugins.kernel.ipvs import (
     F_PERSISTENT,
@@ -110,7 +111,6 @@ class IpvsResult:
     bound: int = 0
     unbound: int = 0
     drained: int = 0
-    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -244,38 +244,35 @@ class IpvsState:
     def sync(self, plan: ServiceMap, changed: Iterable[FrontendKey] | None) -> IpvsResult:
         """Bring the kernel to `plan`; `changed` None = full sync."""
         result = IpvsResult()
-        t0 = time.perf_counter()
         full = changed is None or self.vs.unread or self.rs.unread or self.addresses.unread
         scope = None if full or changed is None else list(changed)
-        if scope is None:
-            self.read_kernel(plan)
-        else:
-            keys = {(fk.address, fk.port, fk.protocol) for fk in scope}
-            unknown = self.vs.unknown(keys) | self.rs.unknown(keys)
-            if unknown:
-                self.read_back(unknown)
-        result.phases["read"] = time.perf_counter() - t0
+        with phase("read"):
+            if scope is None:
+                self.read_kernel(plan)
+            else:
+                keys = {(fk.address, fk.port, fk.protocol) for fk in scope}
+                unknown = self.vs.unknown(keys) | self.rs.unknown(keys)
+                if unknown:
+                    self.read_back(unknown)
         # kube-ipvs0 addresses change in the background while the IPVS batch is
         # built and sent (they do not depend on each other)
-        t_addr = time.perf_counter()
-        addr_diff = self._address_diff(plan, scope)
-        result.bound, result.unbound = len(addr_diff.created), len(addr_diff.deleted)
-        binding = self.kernel.link.start_changes(list(addr_diff.created),
-                                                 list(addr_diff.deleted))
-        result.phases["addresses.start"] = time.perf_counter() - t_addr
-        work = self._build(plan, scope)
-        result.drained = self._reap_drained(work)
-        t1 = time.perf_counter()
+        with phase("bind"):
+            addr_diff = self._address_diff(plan, scope)
+            result.bound, result.unbound = len(addr_diff.created), len(addr_diff.deleted)
+            binding = self.kernel.link.start_changes(list(addr_diff.created),
+                                                     list(addr_diff.deleted))
+        with phase("build"):
+            work = self._build(plan, scope)
+            result.drained = self._reap_drained(work)
         result.batch_ops = len(work.ops)
         address_failures: list[str] = []
         try:
-            failures = [str(f) for f in work.ops.commit()]
+            with phase("ipvs"):
+                failures = [str(f) for f in work.ops.commit()]
         finally:
-            result.phases["ipvs"] = time.perf_counter() - t1
-            t2 = time.perf_counter()
-            address_failures = self.kernel.link.finish_changes(binding)
             # only the part that did not overlap with the IPVS work
-            result.phases["addresses"] = time.perf_counter() - t2
+            with phase("addresses"):
+                address_failures = self.kernel.link.finish_changes(binding)
         self._record(work, addr_diff, failures, address_failures)
         result.failures = failures + address_failures
         if not failures:
