@@ -208,6 +208,8 @@ class ServiceMap:
     node_ips: tuple[str, ...] = ()
     #: the node addresses NodePorts listen on (nodePortAddresses applied)
     node_port_ips: tuple[str, ...] = ()
+    #: the Node's spec.podCIDRs (detectLocalMode NodeCIDR)
+    node_pod_cidrs: tuple[str, ...] = ()
     #: backends over all frontends, and the IP families with frontends: computed
     #: on first use, or carried over by a partial plan (which then stays O(change))
     backend_total: int | None = field(default=None, compare=False, repr=False)
@@ -244,7 +246,9 @@ class ServiceMap:
 
         part = ServiceMap.build((f for f in self.frontends.values() if f.family == family),
                                 self.services.values())
-        return replace(part, node_ips=fam(self.node_ips), node_port_ips=fam(self.node_port_ips))
+        return replace(part, node_ips=fam(self.node_ips), node_port_ips=fam(self.node_port_ips),
+                       node_pod_cidrs=tuple(c for c in self.node_pod_cidrs
+                                            if ip_family(c.split("/")[0]) == family))
 
     def primary_ip(self, family: int) -> str | None:
         for a in self.node_ips:

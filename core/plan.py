@@ -189,9 +189,12 @@ def _summary(service: Service, ports: list[PortContext]) -> ServiceSummary:
                           no_local_endpoints_external=no_local_ext)
 
 
-def _node_ips(ctx: PlanContext) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _node_ips(ctx: PlanContext
+              ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The node's addresses, its NodePort addresses and its pod CIDRs."""
     return ((*ctx.node_addresses.get(4, ()), *ctx.node_addresses.get(6, ())),
-            (*ctx.node_port_addresses.get(4, ()), *ctx.node_port_addresses.get(6, ())))
+            (*ctx.node_port_addresses.get(4, ()), *ctx.node_port_addresses.get(6, ())),
+            tuple(ctx.node.pod_cidrs) if ctx.node is not None else ())
 
 
 class Planner:

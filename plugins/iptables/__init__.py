@@ -25,6 +25,7 @@ from svcproxy.ir import PlanDelta, ServiceMap, ip_family
 from svcproxy.phases import phase
 from svcproxy.plugins.kernel.conntrack import conntrack_samples
 from svcproxy.plugins.kernel.iptables import BACKENDS, IptablesKernel, detect_backend
+from svcproxy.plugins.kernel.sysctl import DEFAULT_BACKUP, SysctlStore
 from svcproxy.plugins.kernel.tools import KernelError
 
 from .datapath import FamilyState, cleanup_family, render_iptables_save, sync_family
@@ -45,12 +46,15 @@ def rule_options(config: Config, family: int, plan: ServiceMap | None = None) ->
         cidr = next((c for c in kp.cluster_cidr
                      if ipaddress.ip_network(c).version == family), None)
         detector = ("-s", cidr) if cidr else None
+    elif mode == "NodeCIDR":
+        # the Node's spec.podCIDRs; like kube-proxy without one, no detector
+        cidr = next((c for c in (plan.node_pod_cidrs if plan is not None else ())
+                     if ipaddress.ip_network(c, strict=False).version == family), None)
+        detector = ("-s", str(ipaddress.ip_network(cidr, strict=False))) if cidr else None
     elif mode == "BridgeInterface":
         detector = ("-i", kp.detect_local.bridge_interface)
     elif mode == "InterfaceNamePrefix":
         detector = ("-i", kp.detect_local.interface_name_prefix + "+")
-    # NodeCIDR needs the Node's podCIDRs, which the plan does not carry yet:
-    # like kube-proxy without a CIDR, the detector is then a no-op.
     setting = list(kp.node_port_addresses)
     node_ports: tuple[str, ...] | None = None
     if setting and setting != ["all"] and plan is not None:
@@ -59,7 +63,11 @@ def rule_options(config: Config, family: int, plan: ServiceMap | None = None) ->
                        masquerade_all=kp.masquerade_all, local_detector=detector,
                        tcp_be_liberal=kp.conntrack.tcp_be_liberal,
                        node_port_addresses=node_ports,
-                       node_ip=plan.primary_ip(family) if plan is not None else None)
+                       node_ip=plan.primary_ip(family) if plan is not None else None,
+                       localhost_node_ports=kp.iptables.localhost_node_ports)
+
+
+ROUTE_LOCALNET = "net/ipv4/conf/all/route_localnet"
 
 
 class IptablesPlugin:
@@ -72,6 +80,8 @@ class IptablesPlugin:
         #: families whose tools do not work here, with the reason (logged once)
         self.unusable: dict[int, str] = {}
         self.active = False
+        self.sysctls = SysctlStore()
+        self.localnet_set = False
 
     # -- configuration -----------------------------------------------------------
 
@@ -79,10 +89,10 @@ class IptablesPlugin:
     def svcproxy_configure_plugin(self, config: Config, options: Mapping[str, Any]) -> None:
         self.config = config
         opts = dict(options)
-        unknown = sorted(set(opts) - {"backend", "netns"})
+        unknown = sorted(set(opts) - {"backend", "netns", "sysctlBackup"})
         if unknown:
             raise PluginError(f"iptables: unknown option {unknown[0]!r} "
-                              "(options: backend, netns)")
+                              "(options: backend, netns, sysctlBackup)")
         backend = opts.get("backend", "auto")
         if backend not in ("auto", *BACKENDS):
             raise PluginError(f"iptables: backend must be auto, nft or legacy (got {backend!r})")
@@ -91,6 +101,9 @@ class IptablesPlugin:
         if netns is not None and not isinstance(netns, str):
             raise PluginError(f"iptables: netns must be a namespace name (got {netns!r})")
         self.netns = netns
+        # a throwaway namespace's old values are not recorded unless asked
+        backup = opts.get("sysctlBackup", None if netns else DEFAULT_BACKUP)
+        self.sysctls = SysctlStore(str(backup) if backup else None, netns)
 
     def _backend(self) -> str:
         if self.backend is None:
@@ -196,10 +209,15 @@ class IptablesPlugin:
                                          if ip_family(k.address) == family]
             if changed is not None and not changed and state.written is not None:
                 continue
+            opts = rule_options(self.config, family, plan)
+            if opts.localnet and not self.localnet_set:
+                # NodePorts on 127.0.0.1 need the kernel to route loopback
+                # sources (kube-proxy sets it too; svcproxy restores it on cleanup)
+                self.sysctls.ensure(ROUTE_LOCALNET, "1")
+                self.localnet_set = True
             try:
                 with phase(f"ipv{family}"):
-                    res = sync_family(state, plan, changed,
-                                      rule_options(self.config, family, plan))
+                    res = sync_family(state, plan, changed, opts)
             except KernelError as exc:
                 raise KernelError(f"IPv{family}: {exc}") from None
             written += len(res.written)
@@ -237,7 +255,7 @@ class IptablesPlugin:
 
     @hookimpl
     def svcproxy_cleanup_datapath(self) -> list[str]:
-        lines: list[str] = []
+        lines: list[str] = self.sysctls.restore([ROUTE_LOCALNET])
         for family in (4, 6):
             kernel = IptablesKernel(family, self._backend(), self.netns)
             try:

@@ -30,7 +30,10 @@ from svcproxy.plugins.kernel.iptables import TABLES, IptablesKernel, restore_tex
 
 from .rules import (
     FILTER_CHAINS,
+    FIREWALL,
     JUMPS,
+    LOCALNET_FILTER,
+    LOCALNET_JUMPS,
     NAT_CHAINS,
     ChainKey,
     RuleOptions,
@@ -106,6 +109,11 @@ def desired_ruleset(sp_rules: Mapping[SPKey, ServicePortRules],
     return out
 
 
+def jumps_for(opts: RuleOptions) -> tuple[tuple[str, str, str], ...]:
+    """The jumps from built-in chains this family's rules need."""
+    return (*JUMPS, *LOCALNET_JUMPS) if opts.localnet else JUMPS
+
+
 def render_iptables_save(plan: ServiceMap, opts: RuleOptions) -> str:
     """What `svcproxy plan --output iptables-save` prints: svcproxy's chains as
     iptables-save shows them after a sync (chain order as iptables-save sorts)."""
@@ -115,7 +123,7 @@ def render_iptables_save(plan: ServiceMap, opts: RuleOptions) -> str:
         names = sorted(c for t, c in chains if t == table)
         out.append(f"*{table}")
         out.extend(f":{c} - [0:0]" for c in names)
-        jumps = [f"-A {c} {body}" for t, c, body in JUMPS if t == table]
+        jumps = [f"-A {c} {body}" for t, c, body in jumps_for(opts) if t == table]
         out.extend(jumps)
         for c in names:
             out.extend(chains[(table, c)])
@@ -157,13 +165,17 @@ def _touched(keys: Iterable[FrontendKey], *plans: ServiceMap) -> set[SPKey]:
     return out
 
 
-def _read(state: FamilyState) -> dict[ChainKey, tuple[str, ...]]:
-    """Load the store from iptables-save (one per table); the built-in chains."""
+def _read(state: FamilyState, desired: Mapping[ChainKey, object]
+          ) -> dict[ChainKey, tuple[str, ...]]:
+    """Load the store from iptables-save (one per table): svcproxy's chains, and
+    any chain it wants that it shares with others (KUBE-FIREWALL: kubelet writes
+    the same one); returns the others."""
     owned: dict[ChainKey, tuple[str, ...]] = {}
     builtin: dict[ChainKey, tuple[str, ...]] = {}
     for table in TABLES:
         for name, rules in state.kernel.save(table).items():
-            (owned if is_owned(table, name) else builtin)[(table, name)] = rules
+            key = (table, name)
+            (owned if is_owned(table, name) or key in desired else builtin)[key] = rules
     state.chains.load(owned)
     return builtin
 
@@ -211,8 +223,8 @@ def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[Frontend
             new_sp = render_service_ports(plan, None, opts)
             desired = desired_ruleset(new_sp, opts)
         with phase("read"):
-            builtin = _read(state)
-        jumps = [(t, c, body) for t, c, body in JUMPS
+            builtin = _read(state, desired)
+        jumps = [(t, c, body) for t, c, body in jumps_for(opts)
                  if f"-A {c} {body}" not in builtin.get((t, c), ())]
     else:
         with phase("render"):
@@ -275,7 +287,14 @@ def cleanup_family(kernel: IptablesKernel) -> list[str]:
     for table in TABLES:
         chains = kernel.save(table)
         owned += [(table, c) for c in chains if is_owned(table, c)]
-        for t, c, body in JUMPS:
+        # KUBE-FIREWALL only as svcproxy (and kube-proxy) writes it: kubelet's
+        # copy of the rule is the same, and kubelet writes it back
+        if table == FIREWALL[0] and chains.get(FIREWALL[1]) == (LOCALNET_FILTER,):
+            owned.append(FIREWALL)
+            jumps: tuple[tuple[str, str, str], ...] = (*JUMPS, *LOCALNET_JUMPS)
+        else:
+            jumps = JUMPS
+        for t, c, body in jumps:
             if t == table and f"-A {c} {body}" in chains.get(c, ()):
                 unjumps.append((t, c, body))
     text = restore_text({}, owned, unjumps=unjumps)

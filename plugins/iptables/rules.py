@@ -111,8 +111,8 @@ def mark(bit: int) -> str:
 
 
 def rule(chain: str, *, src: str | None = None, not_src: str | None = None,
-         dst: str | None = None, iface: str | None = None, not_iface: str | None = None,
-         proto: str | None = None, matches: Sequence[str] = (),
+         dst: str | None = None, not_dst: str | None = None, iface: str | None = None,
+         not_iface: str | None = None, proto: str | None = None, matches: Sequence[str] = (),
          target: str | None = None) -> str:
     """One `-A` line in iptables-save's canonical order."""
     # plain concatenation: this runs for every rule of a large cluster
@@ -121,6 +121,8 @@ def rule(chain: str, *, src: str | None = None, not_src: str | None = None,
         line += " ! -s " + not_src
     if src is not None:
         line += " -s " + src
+    if not_dst is not None:
+        line += " ! -d " + not_dst
     if dst is not None:
         line += " -d " + dst
     if not_iface is not None:
@@ -160,6 +162,17 @@ class RuleOptions:
     #: the node's primary IP (LoadBalancer source ranges that contain it also
     #: admit the node's own hairpin traffic, as kube-proxy does)
     node_ip: str | None = None
+    #: iptables.localhostNodePorts: NodePorts answer on 127.0.0.1 (IPv4 only)
+    localhost_node_ports: bool = True
+
+    @property
+    def localnet(self) -> bool:
+        """NodePorts on IPv4 loopback, as kube-proxy: localhostNodePorts, IPv4, and
+        nodePortAddresses covering loopback (only "all" does: a node address
+        list never holds 127.0.0.1). Needs route_localnet=1 and the martian
+        filter in KUBE-FIREWALL."""
+        return self.family == 4 and self.localhost_node_ports and \
+            self.node_port_addresses is None
 
     @property
     def mark(self) -> str:
@@ -202,7 +215,7 @@ def static_chains(opts: RuleOptions) -> dict[ChainKey, tuple[str, ...]]:
                                       "-m conntrack --ctstate RELATED,ESTABLISHED"],
              target="ACCEPT"),
     ]
-    return {
+    out = {
         ("nat", "KUBE-MARK-MASQ"): (rule("KUBE-MARK-MASQ", target=f"MARK --set-xmark {m}/{m}"),),
         ("nat", "KUBE-POSTROUTING"): (
             rule("KUBE-POSTROUTING", matches=[f"-m mark ! --mark {m}/{m}"], target="RETURN"),
@@ -212,6 +225,21 @@ def static_chains(opts: RuleOptions) -> dict[ChainKey, tuple[str, ...]]:
         ),
         ("filter", "KUBE-FORWARD"): tuple(forward),
     }
+    if opts.localnet:
+        out[FIREWALL] = (LOCALNET_FILTER,)
+    return out
+
+
+#: kube-proxy's (and kubelet's) chain for the martian filter below
+FIREWALL: ChainKey = ("filter", "KUBE-FIREWALL")
+#: route_localnet=1 lets 127.0.0.1 be DNATed to a pod, and would let other hosts
+#: reach the node's loopback services: kube-proxy's mitigation (kubernetes
+#: issue 90259), the rule kubelet writes too
+LOCALNET_FILTER = ('-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment '
+                   '"block incoming localnet connections" -m conntrack ! --ctstate '
+                   'RELATED,ESTABLISHED,DNAT -j DROP')
+LOCALNET_JUMPS: tuple[tuple[str, str, str], ...] = (
+    ("filter", "INPUT", "-j KUBE-FIREWALL"), ("filter", "OUTPUT", "-j KUBE-FIREWALL"))
 
 
 #: Jumps from built-in chains into svcproxy's chains: (table, chain, rule body).
@@ -543,10 +571,14 @@ def service_port_rules(frontends: Sequence[Frontend], health_check_node_port: in
 
 
 def nodeports_jump(opts: RuleOptions) -> tuple[str, ...]:
-    """The last rule of nat KUBE-SERVICES: local destinations go on to KUBE-NODEPORTS."""
+    """The last rule of nat KUBE-SERVICES: local destinations go on to
+    KUBE-NODEPORTS. Loopback is left out for IPv6 (NodePorts never work on ::1)
+    and for IPv4 without localhostNodePorts, as kube-proxy does."""
     if opts.node_port_addresses is None:
-        return (rule("KUBE-SERVICES", matches=[comment(NODEPORTS_COMMENT),
-                                               "-m addrtype --dst-type LOCAL"],
+        not_dst = "::1/128" if opts.family == 6 else (
+            None if opts.localhost_node_ports else "127.0.0.0/8")
+        return (rule("KUBE-SERVICES", not_dst=not_dst,
+                     matches=[comment(NODEPORTS_COMMENT), "-m addrtype --dst-type LOCAL"],
                      target="KUBE-NODEPORTS"),)
     return tuple(rule("KUBE-SERVICES", dst=host(a), matches=[comment(NODEPORTS_COMMENT)],
                       target="KUBE-NODEPORTS") for a in opts.node_port_addresses)

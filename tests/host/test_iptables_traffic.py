@@ -3,8 +3,9 @@ reach "pods" through the node namespace's rules."""
 
 from __future__ import annotations
 
+import pytest
 from conftest import NODE_IP, Node
-from factories import endpoint, service, slice_
+from factories import endpoint, node, service, slice_
 from netns import Topology, sh
 
 from svcproxy.bus import EventType
@@ -131,3 +132,71 @@ def test_ipv6_cluster_ip(topo: Topology) -> None:
     assert topo.answers("c1", "http", "10.96.0.60", 80, 3) == {"a6": 3}
     rules = sh("ip6tables-nft-save", "-t", "nat", netns=topo.node).stdout
     assert "-d fd00:96::60/128 -p tcp" in rules
+
+
+def node_link(topo: Topology, ip: str) -> str:
+    """The node's interface towards a pod."""
+    out = sh("ip", "-o", "route", "get", ip, netns=topo.node).stdout.split()
+    return out[out.index("dev") + 1]
+
+
+def test_localhost_node_ports(topo: Topology) -> None:
+    """iptables.localhostNodePorts (default true): a NodePort answers on
+    127.0.0.1 from the node itself (route_localnet=1, kube-proxy's martian
+    filter in KUBE-FIREWALL); with it off, loopback is not a NodePort address."""
+    eps = pods(topo, ("a", "10.244.1.11", "node-a"))
+    np = service("web", cluster_ip="10.96.0.10", type="NodePort",
+                 ports=[{**HTTP[0], "nodePort": 30080}])
+    n = Node(topo)
+    n.publish(np)
+    n.publish(slice_("web", endpoints=eps))
+    n.sync()
+    topo.clients["node"] = topo.node
+    assert topo.answers("node", "http", "127.0.0.1", 30080, 4) == {"a": 4}
+    assert sh("sysctl", "-n", "net.ipv4.conf.all.route_localnet",
+              netns=topo.node).stdout.strip() == "1"
+    rules = sh("iptables-nft-save", "-t", "filter", netns=topo.node).stdout
+    assert '-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment ' \
+           '"block incoming localnet connections"' in rules
+    assert "-A INPUT -j KUBE-FIREWALL" in rules and "-A OUTPUT -j KUBE-FIREWALL" in rules
+    off = Node(topo, extra_config="iptables: {localhostNodePorts: false}")
+    off.publish(np)
+    off.publish(slice_("web", endpoints=eps))
+    off.sync()
+    assert topo.answers("node", "http", "127.0.0.1", 30080, 2) == {"!refused": 2}
+    assert topo.answers("c1", "http", NODE_IP, 30080, 2) == {"a": 2}  # others unchanged
+
+
+@pytest.mark.parametrize(("extra", "masqueraded"), [
+    ("", False),  # detectLocalMode ClusterCIDR (the default): a pod's source is kept
+    ("iptables: {masqueradeAll: true}", True),
+    ("detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: POD-PREFIX}",
+     False),
+    ("detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: nomatch}", True),
+    ("detectLocalMode: BridgeInterface\ndetectLocal: {bridgeInterface: POD-LINK}", False),
+    ("detectLocalMode: BridgeInterface\ndetectLocal: {bridgeInterface: nomatch0}", True),
+    # the Node's podCIDR: 10.244.1.0/24 holds pod a; 10.244.9.0/24 does not
+    ("detectLocalMode: NodeCIDR #10.244.1.0/24", False),
+    ("detectLocalMode: NodeCIDR #10.244.9.0/24", True),
+])
+def test_who_is_masqueraded_on_the_way_to_a_cluster_ip(topo: Topology, extra: str,
+                                                       masqueraded: bool) -> None:
+    """masqueradeAll and every detect-local mode with traffic: pod a calls a
+    ClusterIP whose one endpoint is pod b; b sees a's address when a counts as
+    local, the node's (169.254.1.1 on b's link) when the traffic was
+    masqueraded."""
+    a = topo.add_pod("a", "10.244.1.11")
+    pods(topo, ("b", "10.244.2.12", "node-b"))
+    link = node_link(topo, a.ip)
+    extra = extra.replace("POD-PREFIX", link[:-1]).replace("POD-LINK", link)
+    n = Node(topo, extra_config=extra)
+    if "NodeCIDR" in extra:
+        with_cidr = node("node-a", ips=[NODE_IP])
+        with_cidr["spec"] = {"podCIDRs": [extra.split("#")[1]]}
+        n.publish(with_cidr, EventType.MODIFIED)
+    n.publish(service("web", cluster_ip="10.96.0.10", ports=HTTP))
+    n.publish(slice_("web", endpoints=[endpoint("10.244.2.12", "node-b")]))
+    n.sync()
+    topo.clients["a"] = a.netns
+    seen = topo.client("a", "whoami", "10.96.0.10", "80", "3")["answers"]
+    assert seen == {"169.254.1.1" if masqueraded else a.ip: 3}, (extra, seen)

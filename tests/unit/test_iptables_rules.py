@@ -7,13 +7,17 @@ from dataclasses import replace
 from factories import endpoint, node, plan_of, service, slice_
 
 from svcproxy.ir import ServiceMap
+from svcproxy.plugins.iptables import rule_options
 from svcproxy.plugins.iptables.datapath import (
     SHARED,
     desired_ruleset,
+    jumps_for,
     render_service_ports,
     restore_text,
 )
 from svcproxy.plugins.iptables.rules import (
+    FIREWALL,
+    LOCALNET_FILTER,
     RuleOptions,
     chain_suffix,
     endpoint_chain,
@@ -193,7 +197,55 @@ def test_restore_text_order() -> None:
 
 
 def test_every_rendered_chain_is_owned() -> None:
+    """Every chain is svcproxy's, but KUBE-FIREWALL, which kubelet writes too (it
+    is compared when svcproxy wants it, and removed only as svcproxy wrote it)."""
     r = rules_of([service(), slice_(endpoints=[endpoint("10.0.0.1")])])
-    assert all(is_owned(t, c) for t, c in r)
+    assert all(is_owned(t, c) for t, c in r if (t, c) != FIREWALL)
     assert all(key in r for key in SHARED)
     assert ServiceMap().backend_count() == 0
+
+
+NODEPORTS = ('-m comment --comment "kubernetes service nodeports; NOTE: this must be the '
+             'last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS')
+
+
+def test_localhost_node_ports_as_kube_proxy() -> None:
+    """iptables.localhostNodePorts (default true): NodePorts answer on
+    127.0.0.1 (route_localnet, set by the plugin) behind kube-proxy's martian
+    filter in KUBE-FIREWALL, jumped to from INPUT and OUTPUT; false: loopback
+    excluded from the NodePort jump; IPv6 never serves NodePorts on ::1; with
+    nodePortAddresses set, loopback is not among them."""
+    objs = [service("np", type="NodePort", ports=[{**HTTP[0], "nodePort": 30080}]),
+            slice_("np", endpoints=[endpoint("10.0.0.1")], ports=[{"name": "p80", "port": 80}])]
+    on = rules_of(objs)
+    assert on[FIREWALL] == (LOCALNET_FILTER,)
+    assert on[("nat", "KUBE-SERVICES")][-1] == f"-A KUBE-SERVICES {NODEPORTS}"
+    assert ("filter", "INPUT", "-j KUBE-FIREWALL") in jumps_for(replace(OPTS))
+    off = rules_of(objs, replace(OPTS, localhost_node_ports=False))
+    assert FIREWALL not in off
+    assert off[("nat", "KUBE-SERVICES")][-1] == f"-A KUBE-SERVICES ! -d 127.0.0.0/8 {NODEPORTS}"
+    assert ("filter", "INPUT", "-j KUBE-FIREWALL") not in jumps_for(
+        replace(OPTS, localhost_node_ports=False))
+    v6 = desired_ruleset({}, RuleOptions(family=6))
+    assert v6[("nat", "KUBE-SERVICES")][-1] == f"-A KUBE-SERVICES ! -d ::1/128 {NODEPORTS}"
+    assert FIREWALL not in v6
+    assert not RuleOptions(node_port_addresses=("192.168.1.10",)).localnet
+
+
+def test_node_cidr_detect_local_uses_the_nodes_pod_cidrs() -> None:
+    """detectLocalMode NodeCIDR: pods are the Node's spec.podCIDRs; without one
+    the detector is off, as kube-proxy."""
+    from svcproxy.config import parse_config
+
+    config = parse_config("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+                          "kind: KubeProxyConfiguration\nmode: iptables\n"
+                          "detectLocalMode: NodeCIDR\n", "c.yaml")
+    with_cidrs = node("node-a")
+    with_cidrs["spec"] = {"podCIDRs": ["10.244.3.0/24", "fd00:244:3::/64"]}
+    plan = plan_of([with_cidrs, service()], "", "node-a")
+    assert plan.node_pod_cidrs == ("10.244.3.0/24", "fd00:244:3::/64")
+    assert rule_options(config, 4, plan).local_detector == ("-s", "10.244.3.0/24")
+    assert rule_options(config, 6, plan).local_detector == ("-s", "fd00:244:3::/64")
+    assert plan.for_family(6).node_pod_cidrs == ("fd00:244:3::/64",)
+    bare = plan_of([node("node-a"), service()], "", "node-a")
+    assert rule_options(config, 4, bare).local_detector is None
