@@ -8,6 +8,7 @@ and config errors).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import Config, effective_values, load_config
+from .config import Config, effective_values, load_config, unused_settings
 from .errors import SvcProxyError, UsageError
 from .ir import ServiceMap
 from .manager import PluginHost
@@ -170,8 +171,27 @@ def _select_datapath(host: PluginHost) -> tuple[str, list[tuple[str, str]]]:
     return name, skipped
 
 
+def _apply_process_settings(args: argparse.Namespace, config: Config) -> None:
+    """What kube-proxy's config says about the process itself: logging (the
+    command-line flags win, as kube-proxy's do) and oomScoreAdj; then, once,
+    every accepted setting svcproxy does not use."""
+    kp = config.kube_proxy
+    level = args.log_level or ("debug" if kp.logging.verbosity >= 4 else "info")
+    setup_logging(level, args.log_format or kp.logging.format)
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(kp.oom_score_adj))
+    except OSError as exc:
+        # lowering it needs CAP_SYS_RESOURCE (the DaemonSet has it)
+        report = log.info if exc.errno in (errno.EACCES, errno.EPERM) else log.warning
+        report("cannot set oomScoreAdj %d: %s", kp.oom_score_adj, exc)
+    for line in unused_settings(kp):
+        log.warning("%s", line)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config, host = _plugins(args.config)
+    _apply_process_settings(args, config)
     datapath, skipped = _select_datapath(host)
     proxy = Proxy(config, host, "", datapath)
     stop = threading.Event()
@@ -194,7 +214,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             background.append(threading.Thread(target=source.watch, args=(stop,),
                                                name="manifests", daemon=True))
     else:
-        api = load_client(args.kubeconfig)
+        # --kubeconfig wins over clientConnection.kubeconfig, as with kube-proxy
+        api = load_client(args.kubeconfig or config.kube_proxy.client_connection.kubeconfig)
         proxy.set_node_name(_resolve_node_name(args.node, config, None))
         for name in KubernetesSource.REQUIRED:
             proxy.bus.expect(name)
@@ -264,6 +285,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     PluginHost(config).configure()  # plugin names and options are part of the config
     values = effective_values(config)
+    values["notUsedBySvcproxy"] = unused_settings(config.kube_proxy)
     if args.output == "json":
         sys.stdout.write(json.dumps(values, indent=2) + "\n")
     else:
@@ -335,9 +357,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="svcproxy", description="A pluggable Kubernetes service proxy.")
     p.add_argument("--version", action="version", version=f"svcproxy {__version__}")
-    p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument("--log-level", default=None,
+                   choices=["debug", "info", "warning", "error"],
+                   help="default: info, or debug with the config's logging.verbosity >= 4")
+    p.add_argument("--log-format", default=None, choices=["text", "json"],
+                   help="default: the config's logging.format (text)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sp = sub.add_parser("plan", help="print what would be programmed (dry run)")
@@ -422,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level, args.log_format)
+    setup_logging(args.log_level or "info", args.log_format or "text")
     try:
         return int(args.func(args))
     except SvcProxyError as exc:

@@ -14,7 +14,7 @@ import difflib
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -734,3 +734,52 @@ def effective_values(config: Config) -> dict[str, Any]:
 def _is_duration_field(f: dataclasses.Field[Any]) -> bool:
     parse = f.metadata.get("parse")
     return getattr(parse, "__qualname__", "").startswith("_duration")
+
+
+#: feature gates svcproxy reads; every other one is accepted and not used
+USED_FEATURE_GATES = frozenset({"PreferSameTrafficDistribution"})
+#: KubeProxyConfiguration fields svcproxy accepts (a kube-proxy config works
+#: unchanged) but that have no effect in svcproxy, with why
+UNUSED_FIELDS: tuple[tuple[str, str], ...] = (
+    ("bindAddress", "the node's addresses come from the Node object and the kernel"),
+    ("bindAddressHardFail", "svcproxy binds only its health and metrics addresses"),
+    ("enableProfiling", "no pprof endpoint"),
+    ("showHiddenMetricsForVersion", "svcproxy has no hidden metrics"),
+    ("clientConnection.qps", "the client is not rate limited"),
+    ("clientConnection.burst", "the client is not rate limited"),
+    ("clientConnection.contentType", "svcproxy always talks JSON"),
+    ("clientConnection.acceptContentTypes", "svcproxy always talks JSON"),
+    ("logging.flushFrequency", "log lines are written at once"),
+    ("logging.vmodule", "per-module verbosity is not supported"),
+    ("logging.options", "klog options do not apply"),
+    ("detectLocal.clusterCIDRs", "detectLocalMode ClusterCIDR uses clusterCIDR"),
+    ("iptables.snatNodeInternalIP", "not a kube-proxy v1 feature either"),
+    ("portRange", "the userspace proxy mode is gone"),
+    ("winkernel", "Windows only"),
+    ("windowsRunAsService", "Windows only"),
+)
+
+
+def _field_value(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        name = next((f.name for f in fields(obj) if f.metadata.get("json") == part), None)
+        if name is None:
+            return None
+        obj = getattr(obj, name)
+    return obj
+
+
+def unused_settings(kp: KubeProxyConfiguration) -> list[str]:
+    """The settings this config gives a non-default value that svcproxy accepts
+    and does not use, one line each (logged once at start, so never silently)."""
+    default = KubeProxyConfiguration()
+    out = []
+    for path, why in UNUSED_FIELDS:
+        value = _field_value(kp, path)
+        if value != _field_value(default, path):
+            out.append(f"{path}={show(value)}: accepted, not used by svcproxy ({why})")
+    for gate in sorted(set(kp.feature_gates) - USED_FEATURE_GATES):
+        out.append(f"featureGates.{gate}={str(kp.feature_gates[gate]).lower()}: accepted, "
+                   "not used by svcproxy (its behaviour is svcproxy's default, or not "
+                   "implemented)")
+    return out

@@ -211,3 +211,43 @@ def test_plan_ipvsadm_output(capsys: pytest.CaptureFixture[str]) -> None:
     # Local policy: only the local endpoint behind the LoadBalancer IP
     assert [x for x in lines if x.startswith("-a -t 203.0.113.20:80")] == [
         "-a -t 203.0.113.20:80 -r 10.244.1.51:8080 -m -w 1"]
+
+
+def test_run_applies_the_configs_logging_and_names_unused_settings(tmp_path: Path) -> None:
+    """logging.format and .verbosity take effect (the flags would win), and each
+    accepted setting svcproxy does not use is logged once at start."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+                   "mode: nftables\nenableProfiling: true\n"
+                   "logging: {format: json, verbosity: 4}\n---\n"
+                   "apiVersion: svcproxy.io/v1alpha1\nkind: SvcProxyConfiguration\n"
+                   "datapaths: []\n")
+    proc = run("run", "--once", "--manifests", str(EXAMPLE), "--config", str(cfg))
+    records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    unused = [r for r in records if "accepted, not used by svcproxy" in r["msg"]]
+    assert [r["msg"].split("=")[0] for r in unused] == ["enableProfiling"]
+    assert proc.stderr.count("enableProfiling=") == 1
+    assert "Traceback" not in proc.stderr
+
+
+def test_logging_verbosity_and_the_flags() -> None:
+    import argparse
+    import logging
+
+    from svcproxy.cli import _apply_process_settings
+    from svcproxy.config import parse_config
+
+    root = logging.getLogger()
+    saved = (root.level, root.handlers[:])
+    try:
+        for flag, verbosity, level in ((None, 4, logging.DEBUG), (None, 2, logging.INFO),
+                                       ("warning", 4, logging.WARNING)):
+            config = parse_config("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+                                  "kind: KubeProxyConfiguration\n"
+                                  f"logging: {{verbosity: {verbosity}}}\n", "c.yaml")
+            _apply_process_settings(argparse.Namespace(log_level=flag, log_format=None),
+                                    config)
+            assert root.level == level, (flag, verbosity)
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]

@@ -295,3 +295,20 @@ def test_full_sync_period_setting() -> None:
         parse_config(SVC_DOC + "fullSyncPeriod: 0s\n", "c.yaml")
     with pytest.raises(ConfigError, match="fullSyncPeriod: invalid duration"):
         parse_config(SVC_DOC + "fullSyncPeriod: soon\n", "c.yaml")
+
+
+def test_accepted_settings_svcproxy_does_not_use_are_named() -> None:
+    """A kube-proxy config works unchanged, and nothing in it is ignored
+    silently: each setting with no effect in svcproxy is named with why."""
+    from svcproxy.config import unused_settings
+
+    assert unused_settings(parse_config(HEAD, "c.yaml").kube_proxy) == []
+    config = parse_config(HEAD + "bindAddress: 10.0.0.1\nenableProfiling: true\n"
+                          "clientConnection: {qps: 50, kubeconfig: /k}\n"
+                          "featureGates: {PreferSameTrafficDistribution: true, Foo: false}\n"
+                          "detectLocal: {clusterCIDRs: [10.0.0.0/8]}\n", "c.yaml")
+    lines = unused_settings(config.kube_proxy)
+    assert [line.split("=")[0] for line in lines] == [
+        "bindAddress", "enableProfiling", "clientConnection.qps", "detectLocal.clusterCIDRs",
+        "featureGates.Foo"]
+    assert lines[0].startswith("bindAddress='10.0.0.1': accepted, not used by svcproxy (")
