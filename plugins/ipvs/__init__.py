@@ -249,8 +249,7 @@ class IpvsPlugin:
         if reason is not None and reason.startswith("ipset"):
             reason = None  # reported on its own line
         return ipvs_checks(config.kube_proxy.ipvs_scheduler, reason, self.netns,
-                           self._wanted_sysctls(),
-                           config.kube_proxy.ipvs.strict_arp)
+                           self._wanted_sysctls())
 
     @hookimpl
     def svcproxy_list_plan_formats(self) -> list[str]:

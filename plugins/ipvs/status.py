@@ -105,7 +105,7 @@ def _sysctl(name: str, netns: str | None) -> str | None:
 
 
 def ipvs_checks(scheduler: str, probe_reason: str | None, netns: str | None,
-                needed: Mapping[str, str], strict_arp: bool) -> list[CheckItem]:
+                needed: Mapping[str, str]) -> list[CheckItem]:
     items = []
     if probe_reason is None:
         items.append(CheckItem("ipvs", "ok", f"IPVS works here (scheduler {scheduler})"))
@@ -147,18 +147,6 @@ def ipvs_checks(scheduler: str, probe_reason: str | None, netns: str | None,
             n = max(0, conns.count("\n") - 1)
             items.append(CheckItem("ipvs connections", "ok",
                                    f"{n} entries (hash table of {size} buckets)"))
-    ignore = _sysctl("net/ipv4/conf/all/arp_ignore", netns)
-    announce = _sysctl("net/ipv4/conf/all/arp_announce", netns)
-    is_strict = ignore == "1" and announce == "2"
-    if strict_arp and not is_strict:
-        items.append(CheckItem("strictARP", "warn", f"ipvs.strictARP is set but arp_ignore="
-                               f"{ignore}, arp_announce={announce} (set when svcproxy runs)",
-                               "sysctl -w net.ipv4.conf.all.arp_ignore=1 "
-                               "net.ipv4.conf.all.arp_announce=2"))
-    else:
-        items.append(CheckItem("strictARP", "ok", f"arp_ignore={ignore}, arp_announce="
-                               f"{announce} ({'strict' if is_strict else 'not strict'}; "
-                               f"ipvs.strictARP {'on' if strict_arp else 'off'})"))
     if os.geteuid() != 0:
         items.append(CheckItem("privileges", "warn", "not running as root: some checks "
                                "could not read the kernel", "sudo svcproxy check"))

@@ -39,7 +39,7 @@ from typing import Any
 from svcproxy import hookimpl
 from svcproxy.bus import Event, EventType
 from svcproxy.config import Config
-from svcproxy.datapath import SyncResult
+from svcproxy.datapath import CheckItem, SyncResult
 from svcproxy.errors import PluginError
 from svcproxy.ir import FrontendKind, ServiceMap
 from svcproxy.model import IPAddressPool
@@ -112,6 +112,35 @@ class MetallbPlugin:
         if self.store.read("net/ipv4/conf/kube-ipvs0/arp_ignore") is not None:
             names.append("kube-ipvs0")
         return sorted(set(names))
+
+    @hookimpl
+    def svcproxy_check(self, config: Config) -> list[CheckItem]:
+        """strictARP as the kernel applies it, in the configured scope: an
+        interface's effective arp_ignore / arp_announce is the larger of its
+        own value and conf/all's."""
+        strict = config.kube_proxy.ipvs.strict_arp
+        loose = []
+        shown = []
+        for iface in self.scope_interfaces():
+            values = {}
+            for key in ARP:
+                own = self.store.read(f"net/ipv4/conf/{iface}/{key}")
+                every = self.store.read(f"net/ipv4/conf/all/{key}")
+                values[key] = max(int(v) for v in (own, every, "0") if v and v.isdigit())
+            shown.append(f"{iface}: arp_ignore={values['arp_ignore']}, "
+                         f"arp_announce={values['arp_announce']}")
+            if values["arp_ignore"] < 1 or values["arp_announce"] < 2:
+                loose.append(iface)
+        detail = f"{'; '.join(shown)} (arpScope {self.scope})"
+        if strict and loose:
+            fix = " ".join(f"net.ipv4.conf.{i}.arp_ignore=1 net.ipv4.conf.{i}.arp_announce=2"
+                           for i in loose)
+            return [CheckItem("strictARP", "warn", f"ipvs.strictARP is set but not in effect "
+                              f"on {', '.join(loose)}: {detail} (svcproxy sets it when it "
+                              f"runs with the ipvs datapath)", f"sysctl -w {fix}")]
+        state = "strict" if not loose else "not strict"
+        return [CheckItem("strictARP", "ok", f"{state}: {detail}; ipvs.strictARP "
+                          f"{'on' if strict else 'off'}")]
 
     def recorded(self) -> list[str]:
         return [n for n in self.store.backup() if _ARP_NAME.match(n)]

@@ -33,7 +33,7 @@ from svcproxy.datapath import SyncResult
 from svcproxy.model import EndpointSlice, Node, Service
 
 from .prom import ProxyMetrics
-from .servicehealth import ServiceHealthServers
+from .servicehealth import ServiceHealthServers, listen
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +112,14 @@ def _serve_http(address: str, name: str,
             handle(self)
 
     try:
-        server = ThreadingHTTPServer((host, port), Handler)
+        server = listen(host, port, Handler)
     except OSError as exc:
         log.error("cannot serve %s on %s: %s", name, address, exc)
         return None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
-    return server, f"{host}:{server.server_address[1]}"
+    bound = f"[{host}]" if ":" in host else host
+    return server, f"{bound}:{server.server_address[1]}"
 
 
 class MetricsPlugin:

@@ -10,8 +10,10 @@ healthy, else 503; header X-Load-Balancing-Endpoint-Weight: <count>; body
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +21,33 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from svcproxy.ir import ServiceMap
 
 log = logging.getLogger(__name__)
+
+
+class _DualStackServer(ThreadingHTTPServer):
+    """One socket for both families: [::] with IPV6_V6ONLY off."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def listen(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """Listen on `host`; an unspecified address (0.0.0.0 or ::) means every
+    address of both families, as kube-proxy's health server on a dual-stack
+    node — IPv4 alone where the kernel has no IPv6."""
+    if host in ("0.0.0.0", "::", ""):
+        try:
+            return _DualStackServer(("::", port), handler)
+        except OSError as exc:
+            if host == "::" or exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+    if ":" in host:
+        class Server6(ThreadingHTTPServer):
+            address_family = socket.AF_INET6
+        return Server6((host, port), handler)
+    return ThreadingHTTPServer((host, port), handler)
 
 
 class _Server:
@@ -34,7 +63,7 @@ class _Server:
             def do_GET(self) -> None:
                 owner.answer(server, self)
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd = listen(host, port, Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever,
                                        name=f"healthcheck-{port}", daemon=True)

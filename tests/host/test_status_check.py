@@ -96,3 +96,37 @@ def test_check_reports_the_missing_ipvs_module(tmp_path: Path) -> None:
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout
     assert "configured mode iptables: ready" in proc.stdout
+
+
+def test_check_judges_strict_arp_in_the_configured_scope() -> None:
+    """arpScope interfaces: strict ARP on the uplinks (and kube-ipvs0) is strict
+    even when conf/all is not — the kernel uses the larger value; it used to be
+    judged from conf/all alone, a false warning."""
+    from svcproxy.config import parse_config
+    from svcproxy.plugins.metallb import MetallbPlugin
+
+    ns = "svparpcheck"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        def sh(*args: str) -> None:
+            subprocess.run(["ip", "netns", "exec", ns, *args], check=True, capture_output=True)
+
+        sh("ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1")
+        sh("ip", "addr", "add", "192.0.2.1/24", "dev", "up0")
+        sh("sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=0", "net.ipv4.conf.all.arp_announce=0",
+           "net.ipv4.conf.up0.arp_ignore=1", "net.ipv4.conf.up0.arp_announce=2")
+        config = parse_config("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+                              "kind: KubeProxyConfiguration\nmode: ipvs\n"
+                              "ipvs: {strictARP: true}\n", "c.yaml")
+        states = {}
+        for scope in ("interfaces", "all"):
+            plugin = MetallbPlugin()
+            plugin.svcproxy_configure_plugin(config, {"arpScope": scope, "netns": ns,
+                                                      "sysctlBackup": "/nonexistent/x"})
+            (item,) = plugin.svcproxy_check(config)
+            states[scope] = (item.state, item.detail)
+        assert states["interfaces"][0] == "ok", states
+        assert "up0: arp_ignore=1, arp_announce=2" in states["interfaces"][1]
+        assert states["all"][0] == "warn" and "not in effect on all" in states["all"][1]
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)

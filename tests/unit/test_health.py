@@ -113,3 +113,31 @@ def test_endpoints_over_http() -> None:
         assert 'kubeproxy_proxy_healthz_total{code="200"} 2.0' in text
     finally:
         plugin.svcproxy_stop_proxy()
+
+
+def test_an_unspecified_healthz_address_serves_both_families() -> None:
+    """healthzBindAddress 0.0.0.0:PORT (the default's shape) answers on IPv4 and,
+    where the kernel has IPv6, on IPv6 too (it listened on IPv4 only)."""
+    import socket
+
+    import pytest
+
+    port = free_port()
+    config = parse_config("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+                          "kind: KubeProxyConfiguration\n"
+                          f"healthzBindAddress: 0.0.0.0:{port}\nmetricsBindAddress: ''\n",
+                          "c.yaml")
+    plugin = MetricsPlugin()
+    plugin.svcproxy_configure_plugin(config)
+    plugin.svcproxy_start_proxy(config=config, datapath="iptables", skipped=[], node="node-a",
+                                host=PluginHost(config))
+    try:
+        assert get(f"http://127.0.0.1:{port}/livez")[0] == 200
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback here; the IPv4 half is checked")
+        assert get(f"http://[::1]:{port}/livez")[0] == 200
+    finally:
+        plugin.svcproxy_stop_proxy()
