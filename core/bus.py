@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from .model import ClusterObject
+from .model import ClusterObject, WatchedObject
 
 if TYPE_CHECKING:
     from .manager import PluginHost
@@ -31,7 +31,7 @@ class EventType(StrEnum):
 @dataclass(frozen=True)
 class Event:
     type: EventType
-    object: ClusterObject
+    object: ClusterObject | WatchedObject
     #: which source reported it ("manifests:/path", "kubernetes")
     source: str = ""
     #: monotonic time the event was received

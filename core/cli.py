@@ -206,7 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     k8s: KubernetesSource | None = None
     if args.manifests:
         source = ManifestSource(args.manifests, publish=proxy.bus.publish,
-                                poll_interval=args.poll_interval)
+                                poll_interval=args.poll_interval,
+                                extra_kinds=host.watch_kinds())
         source.check_directory()
         source.scan()
         proxy.set_node_name(_resolve_node_name(args.node, config, proxy.state))
@@ -219,11 +220,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         proxy.set_node_name(_resolve_node_name(args.node, config, None))
         for name in KubernetesSource.REQUIRED:
             proxy.bus.expect(name)
-        metallb = next((p.options for p in config.svcproxy.plugins if p.name == "metallb"), {})
         k8s = KubernetesSource(api, proxy.node_name, proxy.bus.publish, proxy.bus.mark_synced,
                                resync_period=config.kube_proxy.config_sync_period,
-                               watch_ip_address_pools=bool(
-                                   (metallb or {}).get("watchIPAddressPools")))
+                               extra_kinds=host.watch_kinds())
         host.register("kubernetes-events", k8s)
     if args.status_file:
         host.register("status-file", StatusFile(args.status_file, proxy.node_name))

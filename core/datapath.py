@@ -3,6 +3,7 @@ and the record of one sync."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,25 @@ class ProbeResult:
     @classmethod
     def unusable(cls, reason: str) -> ProbeResult:
         return cls(False, reason)
+
+
+@dataclass(frozen=True)
+class WatchedKind:
+    """A resource kind a plugin wants delivered as events besides Services,
+    EndpointSlices and Nodes (svcproxy_watch_kinds): the Kubernetes source lists
+    and watches it (cluster-wide, through the custom-objects API), the manifest
+    source reads it from files. Its objects reach svcproxy_observe_event only."""
+
+    kind: str  # "IPAddressPool"
+    group: str  # "metallb.io"
+    version: str  # "v1beta1"
+    plural: str  # "ipaddresspools"
+    #: API dict -> an object with `kind` and `key`; raises ObjectError on bad input
+    parse: Callable[[Any], Any] = field(compare=False)
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,14 @@ import pluggy
 if TYPE_CHECKING:
     from .bus import Event
     from .config import Config
-    from .datapath import ApplyResult, CheckItem, MetricSample, ProbeResult, SyncResult
+    from .datapath import (
+        ApplyResult,
+        CheckItem,
+        MetricSample,
+        ProbeResult,
+        SyncResult,
+        WatchedKind,
+    )
     from .ir import Frontend, PlanDelta, ServiceMap
     from .manager import PluginHost
     from .plan import PortContext
@@ -63,6 +70,15 @@ def svcproxy_stop_proxy() -> None:
 
 
 # ---- events --------------------------------------------------------------------------
+
+@hookspec
+def svcproxy_watch_kinds() -> Sequence[WatchedKind] | None:
+    """Return the resource kinds, besides Services, EndpointSlices and Nodes,
+    this plugin wants from the sources (`svcproxy.datapath.WatchedKind`: kind,
+    API group/version/plural, a parser). Called once when `svcproxy run` starts
+    its sources; the objects arrive through `svcproxy_observe_event` (they do not
+    gate the first sync and never reach the planner)."""
+
 
 @hookspec
 def svcproxy_observe_event(event: Event) -> None:

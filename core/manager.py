@@ -19,7 +19,14 @@ import pluggy
 
 from . import hookspecs
 from .config import MODES, Config, nearest_name
-from .datapath import ApplyResult, CheckItem, MetricSample, ProbeResult, SyncResult
+from .datapath import (
+    ApplyResult,
+    CheckItem,
+    MetricSample,
+    ProbeResult,
+    SyncResult,
+    WatchedKind,
+)
 from .errors import ConfigError, ConfigProblem, PluginError
 from .ir import Frontend, PlanDelta, ServiceMap
 
@@ -368,6 +375,14 @@ class PluginHost:
         answer = self.pm.hook.svcproxy_render_status(name=name, view=view, stats=stats,
                                                      rate=rate, connections=connections)
         return answer if isinstance(answer, str) else None
+
+    def watch_kinds(self) -> list[WatchedKind]:
+        """Every extra resource kind the plugins asked for (first ask wins)."""
+        out: dict[str, WatchedKind] = {}
+        for answer in self.pm.hook.svcproxy_watch_kinds():
+            for kind in answer or ():
+                out.setdefault(kind.kind, kind)
+        return list(out.values())
 
     def checks(self) -> list[CheckItem]:
         items: list[CheckItem] = []

@@ -10,6 +10,7 @@ the API server's (for example a port's protocol is TCP when unset).
 from __future__ import annotations
 
 import ipaddress
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -510,64 +511,24 @@ def parse_node(obj: Any) -> Node:
                 pod_cidrs=pod_cidrs, resource_version=str(r.meta.get("resourceVersion") or ""))
 
 
-# ---- MetalLB ---------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class IPAddressPool:
-    """MetalLB's IPAddressPool (metallb.io/v1beta1): the addresses it may assign,
-    as CIDRs or "first-last" ranges. svcproxy only checks LoadBalancer IPs
-    against them (the metallb plugin)."""
-
-    namespace: str
-    name: str
-    #: (first, last) as integers with the IP version
-    ranges: tuple[tuple[int, int, int], ...] = ()
-    resource_version: str = field(default="", compare=False)
-
-    kind = "IPAddressPool"
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    def contains(self, address: str) -> bool:
-        ip = ipaddress.ip_address(address)
-        return any(v == ip.version and lo <= int(ip) <= hi for v, lo, hi in self.ranges)
-
-
-def parse_ip_address_pool(obj: Any) -> IPAddressPool:
-    r = _Reader("IPAddressPool", obj)
-    spec = r.mapping(obj, "spec", "spec")
-    ranges = []
-    for i, value in enumerate(r.seq(spec, "addresses", "spec.addresses")):
-        path = f"spec.addresses[{i}]"
-        if not isinstance(value, str):
-            raise r.error(path, value, "must be a CIDR or a first-last range")
-        try:
-            if "-" in value:
-                first, last = (ipaddress.ip_address(v.strip()) for v in value.split("-", 1))
-                if first.version != last.version or int(first) > int(last):
-                    raise ValueError(value)
-                ranges.append((first.version, int(first), int(last)))
-            else:
-                net = ipaddress.ip_network(value.strip(), strict=False)
-                ranges.append((net.version, int(net.network_address),
-                               int(net.broadcast_address)))
-        except ValueError:
-            raise r.error(path, value, "must be a CIDR or a first-last range") from None
-    return IPAddressPool(namespace=r.namespace, name=r.name, ranges=tuple(ranges),
-                         resource_version=str(r.meta.get("resourceVersion") or ""))
-
-
 # ---- dispatch ------------------------------------------------------------------
 
-ClusterObject = Service | EndpointSlice | Node | IPAddressPool
+ClusterObject = Service | EndpointSlice | Node
+
+
+class WatchedObject(typing.Protocol):
+    """An object of a kind a plugin asked the sources for (svcproxy_watch_kinds):
+    anything with a kind and a key; the core passes it to observers only."""
+
+    kind: str
+
+    @property
+    def key(self) -> str: ...
 
 PARSERS: dict[str, Callable[[Any], ClusterObject]] = {
     "Service": parse_service,
     "EndpointSlice": parse_endpoint_slice,
     "Node": parse_node,
-    "IPAddressPool": parse_ip_address_pool,
 }
 
 
@@ -577,6 +538,5 @@ def parse_object(obj: Mapping[str, Any]) -> ClusterObject:
     parser = PARSERS.get(str(kind))
     if parser is None:
         raise ObjectError(str(kind), "<unknown>", "kind", kind,
-                          "svcproxy reads Service, EndpointSlice, Node and IPAddressPool "
-                          "objects")
+                          "svcproxy reads Service, EndpointSlice and Node objects")
     return parser(obj)

@@ -26,19 +26,20 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from ..bus import Event, EventType
+from ..datapath import WatchedKind
 from ..errors import ObjectError, UsageError
 from ..hookspecs import hookimpl
 from ..model import (
     ClusterObject,
+    WatchedObject,
     parse_endpoint_slice,
-    parse_ip_address_pool,
     parse_node,
     parse_service,
 )
@@ -123,7 +124,7 @@ def _lines(resp: Any) -> Iterator[str]:
 class Resource:
     name: str  # for logs and the bus's sync tracking: "services", "endpointslices", "nodes"
     list_fn: Callable[..., Any]
-    parse: Callable[[Any], ClusterObject]
+    parse: Callable[[Any], Any]  # a ClusterObject, or a plugin's WatchedObject
     kind: str
     api_version: str
     selector: dict[str, str]
@@ -143,7 +144,7 @@ class Reflector:
         self.resync_period = resync_period
         self.watch_timeout = watch_timeout
         self.request_timeout = request_timeout
-        self.store: dict[str, ClusterObject] = {}
+        self.store: dict[str, ClusterObject | WatchedObject] = {}
         self.resource_version = ""
         self.synced = False
         self.backoff = Backoff()
@@ -199,7 +200,7 @@ class Reflector:
             if not cont:
                 break
         self.lists += 1
-        fresh: dict[str, ClusterObject] = {}
+        fresh: dict[str, ClusterObject | WatchedObject] = {}
         for raw in items:
             obj = self._parse(raw)
             if obj is not None:
@@ -220,15 +221,16 @@ class Reflector:
                      len(fresh), rv)
             self.on_synced(self.r.name)
 
-    def _parse(self, raw: Any) -> ClusterObject | None:
+    def _parse(self, raw: Any) -> ClusterObject | WatchedObject | None:
         if isinstance(raw, dict):
             raw.setdefault("kind", self.r.kind)
             raw.setdefault("apiVersion", self.r.api_version)
         try:
-            return self.r.parse(raw)
+            obj: ClusterObject | WatchedObject = self.r.parse(raw)
         except ObjectError as exc:
             log.warning("ignoring a malformed %s from the API server: %s", self.r.kind, exc)
             return None
+        return obj
 
     # -- watch -----------------------------------------------------------------------
 
@@ -340,7 +342,7 @@ class KubernetesSource:
     def __init__(self, api_client: Any, node_name: str, publish: Callable[[Event], object],
                  on_synced: Callable[[str], None], resync_period: float = 900.0,
                  watch_timeout: tuple[int, int] = (240, 480),
-                 watch_ip_address_pools: bool = False) -> None:
+                 extra_kinds: Sequence[WatchedKind] = ()) -> None:
         from kubernetes import client
 
         self.api_client = api_client
@@ -357,14 +359,14 @@ class KubernetesSource:
             Resource("nodes", self.core.list_node, parse_node, "Node", "v1",
                      {"field_selector": f"metadata.name={node_name}"}),
         ]
-        if watch_ip_address_pools:
-            # MetalLB's pools, for the metallb plugin's LoadBalancer IP check; not
-            # needed for the first sync (not in REQUIRED)
-            custom = client.CustomObjectsApi(api_client)
+        # kinds plugins asked for (svcproxy_watch_kinds): not needed for the first
+        # sync (not in REQUIRED)
+        custom = client.CustomObjectsApi(api_client)
+        for extra in extra_kinds:
             resources.append(Resource(
-                "ipaddresspools", functools.partial(custom.list_cluster_custom_object,
-                                                    "metallb.io", "v1beta1", "ipaddresspools"),
-                parse_ip_address_pool, "IPAddressPool", "metallb.io/v1beta1", {}))
+                extra.plural, functools.partial(custom.list_cluster_custom_object,
+                                                extra.group, extra.version, extra.plural),
+                extra.parse, extra.kind, extra.api_version, {}))
         self.reflectors = [Reflector(r, publish, on_synced, self.stop_event, resync_period,
                                      watch_timeout) for r in resources]
         self.threads: list[threading.Thread] = []

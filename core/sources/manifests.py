@@ -14,7 +14,7 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,9 @@ from typing import Any
 import yaml
 
 from ..bus import Event, EventType
+from ..datapath import WatchedKind
 from ..errors import ManifestError, ObjectError
-from ..model import PARSERS, ClusterObject, parse_object
+from ..model import PARSERS, ClusterObject, WatchedObject
 from ..yamlio import line_of, load_documents, syntax_error_line, syntax_error_text
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def _items(doc: Any) -> Iterator[Any]:
 @dataclass
 class _FileState:
     digest: str = ""
-    objects: dict[ObjectKey, ClusterObject] = field(default_factory=dict)
+    objects: dict[ObjectKey, ClusterObject | WatchedObject] = field(default_factory=dict)
     errors: list[ManifestError] = field(default_factory=list)
 
 
@@ -85,13 +86,17 @@ class ManifestSource:
     """Reads and watches one directory of manifests."""
 
     def __init__(self, directory: str | Path, publish: Callable[[Event], object], *,
-                 poll_interval: float = 1.0) -> None:
+                 poll_interval: float = 1.0,
+                 extra_kinds: Sequence[WatchedKind] = ()) -> None:
         self.directory = Path(directory)
+        #: kind -> parser: the core's kinds and those plugins asked for
+        self.parsers: dict[str, Callable[[Any], Any]] = {
+            **PARSERS, **{k.kind: k.parse for k in extra_kinds}}
         self.publish = publish
         self.poll_interval = poll_interval
         self.name = f"manifests:{self.directory}"
         self._files: dict[Path, _FileState] = {}
-        self._served: dict[ObjectKey, ClusterObject] = {}
+        self._served: dict[ObjectKey, ClusterObject | WatchedObject] = {}
         self._reported: set[str] = set()
 
     @property
@@ -100,7 +105,7 @@ class ManifestSource:
         return [e for p in sorted(self._files) for e in self._files[p].errors]
 
     @property
-    def objects(self) -> dict[ObjectKey, ClusterObject]:
+    def objects(self) -> dict[ObjectKey, ClusterObject | WatchedObject]:
         return dict(self._served)
 
     def check_directory(self) -> None:
@@ -128,11 +133,12 @@ class ManifestSource:
                     state.errors.append(ManifestError(str(path), "a manifest must be a mapping",
                                                       line_of(doc)))
                     continue
-                if str(raw.get("kind")) not in PARSERS:
+                parser = self.parsers.get(str(raw.get("kind")))
+                if parser is None:
                     continue
                 ident = _identity(raw)
                 try:
-                    obj = parse_object(raw)
+                    obj = parser(raw)
                 except ObjectError as exc:
                     state.errors.append(ManifestError(str(path), str(exc),
                                                       field_line(raw, exc.field)))
@@ -177,7 +183,7 @@ class ManifestSource:
         self._reported = current
 
     def _publish_changes(self) -> list[Event]:
-        merged: dict[ObjectKey, ClusterObject] = {}
+        merged: dict[ObjectKey, ClusterObject | WatchedObject] = {}
         owner: dict[ObjectKey, Path] = {}
         for path in sorted(self._files):
             for key, obj in self._files[path].objects.items():
@@ -191,7 +197,7 @@ class ManifestSource:
         # Nodes first, then Services, then slices: a plan never sees a slice
         # before its Service within one scan.
         order = {"Node": 0, "Service": 1, "EndpointSlice": 2}
-        for key in sorted(merged, key=lambda k: (order[k[0]], k[1])):
+        for key in sorted(merged, key=lambda k: (order.get(k[0], 3), k)):
             old = self._served.get(key)
             if old is None:
                 events.append(Event(EventType.ADDED, merged[key], self.name))

@@ -19,8 +19,8 @@ LoadBalancer ingress IPs themselves are handled as kube-proxy does by the
 loadbalancer plugin and the IPVS datapath: bound to kube-ipvs0 unless already
 local, `ipMode: Proxy` skipped.
 
-With `watchIPAddressPools: true` (and the Kubernetes source), svcproxy also
-watches MetalLB's IPAddressPools (metallb.io/v1beta1) and warns — log line and
+With `watchIPAddressPools: true`, the plugin asks the sources for MetalLB's
+IPAddressPools (metallb.io/v1beta1; svcproxy_watch_kinds, pools.py) and warns — log line and
 Warning Event `LoadBalancerIPOutsidePools` on the Service — about
 LoadBalancer IPs outside every pool (checked on full syncs and whenever a
 pool changes).
@@ -39,12 +39,13 @@ from typing import Any
 from svcproxy import hookimpl
 from svcproxy.bus import Event, EventType
 from svcproxy.config import Config
-from svcproxy.datapath import CheckItem, SyncResult
+from svcproxy.datapath import CheckItem, SyncResult, WatchedKind
 from svcproxy.errors import PluginError
 from svcproxy.ir import FrontendKind, ServiceMap
-from svcproxy.model import IPAddressPool
 from svcproxy.plugins.kernel.sysctl import DEFAULT_BACKUP, SysctlStore
 from svcproxy.plugins.kernel.tools import run_tool
+
+from .pools import POOLS, IPAddressPool
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class MetallbPlugin:
         self.pools: dict[str, IPAddressPool] = {}
         self.pools_seen = False
         self.pools_changed = False
+        self.watch_pools = False
         self.last_plan: ServiceMap | None = None
 
     @hookimpl
@@ -90,6 +92,7 @@ class MetallbPlugin:
             raise PluginError(f"metallb: interfaces must be a list of interface names "
                               f"(got {ifaces!r})")
         self.interfaces = ifaces
+        self.watch_pools = bool(options.get("watchIPAddressPools", False))
         self.explicit_backup = "sysctlBackup" in options
         self.store = SysctlStore(str(options.get("sysctlBackup", DEFAULT_BACKUP)),
                                  options.get("netns"))
@@ -141,6 +144,11 @@ class MetallbPlugin:
         state = "strict" if not loose else "not strict"
         return [CheckItem("strictARP", "ok", f"{state}: {detail}; ipvs.strictARP "
                           f"{'on' if strict else 'off'}")]
+
+    @hookimpl
+    def svcproxy_watch_kinds(self) -> list[WatchedKind]:
+        """MetalLB's pools, when asked to check LoadBalancer IPs against them."""
+        return [POOLS] if self.watch_pools else []
 
     def recorded(self) -> list[str]:
         return [n for n in self.store.backup() if _ARP_NAME.match(n)]

@@ -151,3 +151,19 @@ def test_watch_picks_up_changes(tmp_path: Path) -> None:
         stop.set()
         t.join()
     assert got == ["ADDED Service default/a"]
+
+
+def test_kinds_a_plugin_asked_for_are_read_too(tmp_path: Path) -> None:
+    """svcproxy_watch_kinds: the manifest source reads a plugin's kind (here the
+    metallb plugin's IPAddressPool) besides its own; without the ask, it is
+    ignored like any other kind."""
+    from svcproxy.plugins.metallb.pools import POOLS
+
+    pool = {"apiVersion": "metallb.io/v1beta1", "kind": "IPAddressPool",
+            "metadata": {"name": "p", "namespace": "metallb-system"},
+            "spec": {"addresses": ["203.0.113.0/24"]}}
+    write(tmp_path / "pool.yaml", pool, service("a"))
+    plain = ManifestSource(tmp_path, publish=lambda e: None)
+    assert events(plain) == ["ADDED Service default/a"]
+    asked = ManifestSource(tmp_path, publish=lambda e: None, extra_kinds=[POOLS])
+    assert events(asked) == ["ADDED Service default/a", "ADDED IPAddressPool metallb-system/p"]

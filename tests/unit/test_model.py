@@ -164,7 +164,8 @@ def test_content_equality_ignores_resource_version() -> None:
 
 
 def test_ip_address_pool_ranges_and_errors() -> None:
-    from svcproxy.model import parse_object
+    """MetalLB's pools are the metallb plugin's kind (parsed there, not in core)."""
+    from svcproxy.plugins.metallb.pools import parse_ip_address_pool as parse_object
 
     pool = parse_object({"apiVersion": "metallb.io/v1beta1", "kind": "IPAddressPool",
                          "metadata": {"name": "p", "namespace": "metallb-system"},
