@@ -45,6 +45,19 @@ def ipvs_available() -> bool:
     return proc.returncode == 0
 
 
+def ipset_save(netns: str) -> dict[str, set[str]]:
+    """Every set in `netns` with its members, as `ipset save` (not svcproxy's
+    reader) shows them: the independent view tests compare with."""
+    out: dict[str, set[str]] = {}
+    for line in sh("ipset", "save", netns=netns).stdout.splitlines():
+        parts = line.split()
+        if parts[:1] == ["create"]:
+            out.setdefault(parts[1], set())
+        elif parts[:1] == ["add"]:
+            out.setdefault(parts[1], set()).add(parts[2])
+    return out
+
+
 def sh(*args: str, netns: str | None = None, check: bool = True,
        stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     cmd = (["ip", "netns", "exec", netns] if netns else []) + list(args)

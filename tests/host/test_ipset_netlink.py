@@ -8,6 +8,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from netns import ipset_save
 
 from svcproxy.plugins.kernel.ipset import IpsetNetlink, member_data
 from svcproxy.plugins.kernel.netns import opened_in
@@ -37,16 +38,7 @@ def ns() -> Iterator[str]:
 
 def saved(ns: str) -> dict[str, set[str]]:
     """What `ipset save` says is there (the independent view)."""
-    out: dict[str, set[str]] = {}
-    text = subprocess.run(["ip", "netns", "exec", ns, "ipset", "save"], capture_output=True,
-                          text=True, check=True).stdout
-    for line in text.splitlines():
-        parts = line.split()
-        if parts[:1] == ["create"]:
-            out.setdefault(parts[1], set())
-        elif parts[:1] == ["add"]:
-            out.setdefault(parts[1], set()).add(parts[2])
-    return out
+    return ipset_save(ns)
 
 
 def test_members_of_every_type_read_back_as_written(ns: str) -> None:

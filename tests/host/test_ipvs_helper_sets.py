@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from factories import endpoint, node, plan_of, service, slice_
+from netns import ipset_save
 
 from svcproxy.ir import FrontendKey, ServiceMap
 from svcproxy.plugins.ipvs.helper_state import HelperState
@@ -54,14 +55,7 @@ def run(ns: str, *args: str) -> str:
 
 def kernel_sets(ns: str) -> dict[str, set[str]]:
     """Every KUBE- set, as `ipset save` (not svcproxy's reader) shows it."""
-    out: dict[str, set[str]] = {}
-    for line in run(ns, "ipset", "save").splitlines():
-        parts = line.split()
-        if parts[:1] == ["create"]:
-            out.setdefault(parts[1], set())
-        elif parts[:1] == ["add"]:
-            out.setdefault(parts[1], set()).add(parts[2])
-    return out
+    return ipset_save(ns)
 
 
 def kernel_chains(ns: str) -> dict[tuple[str, str], tuple[str, ...]]:

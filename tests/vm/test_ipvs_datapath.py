@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from factories import ProxyHarness, endpoint, service, slice_
-from netns import Topology, sh
+from netns import Topology, ipset_save, sh
 
 from svcproxy import hookimpl
 from svcproxy.bus import EventType
@@ -267,14 +267,7 @@ def test_helper_sets_and_rules_source_ranges_and_masquerade(topo: Topology,
 
 
 def kernel_sets(topo: Topology) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for line in sh("ipset", "save", netns=topo.node).stdout.splitlines():
-        parts = line.split()
-        if parts[:1] == ["create"]:
-            out.setdefault(parts[1], set())
-        elif parts[:1] == ["add"]:
-            out.setdefault(parts[1], set()).add(parts[2])
-    return out
+    return ipset_save(topo.node)
 
 
 def test_helper_sets_stay_right_through_partial_syncs(topo: Topology, tmp_path: Path) -> None:
