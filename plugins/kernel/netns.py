@@ -21,7 +21,8 @@ CLONE_NEWNET = 0x40000000
 @contextlib.contextmanager
 def in_netns(netns: str | None) -> Iterator[None]:
     """Run the block with this thread in network namespace `netns` (sockets
-    created inside stay bound to it)."""
+    created inside stay bound to it). Entering and leaving are both checked: a
+    thread that could not return must not go on working in the wrong namespace."""
     if not netns:
         yield
         return
@@ -33,7 +34,9 @@ def in_netns(netns: str | None) -> Iterator[None]:
         try:
             yield
         finally:
-            libc.setns(current.fileno(), CLONE_NEWNET)
+            if libc.setns(current.fileno(), CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns back out of {netns}: {os.strerror(err)}")
 
 
 def read_proc(path: str, netns: str | None = None) -> str | None:
