@@ -8,6 +8,7 @@ import textwrap
 from collections.abc import Iterator
 
 import pytest
+import vm_tier
 from factories import ProxyHarness
 from netns import Topology
 
@@ -15,13 +16,31 @@ NODE_IP = "192.168.100.1"
 NODE_IP6 = "fd00:100::1"
 
 
+@pytest.hookimpl(trylast=True)  # after -k / --deselect have had their say
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if os.geteuid() == 0 and shutil.which("iptables-nft-restore"):
+    if not (os.geteuid() == 0 and shutil.which("iptables-nft-restore")):
+        skip = pytest.mark.skip(reason="host tier needs root and iptables (run `make test` "
+                                       "as root)")
+        for item in items:
+            if "tests/host" in str(item.fspath):
+                item.add_marker(skip)
         return
-    skip = pytest.mark.skip(reason="host tier needs root and iptables (run `make test` as root)")
-    for item in items:
-        if "tests/host" in str(item.fspath):
-            item.add_marker(skip)
+    # The VM tier is the long pole: start it now, in the background, and run
+    # its reporting test last, after every other tier ran beside it.
+    vm = [item for item in items if item.name == "test_vm_tier"]
+    if vm:
+        for item in vm:
+            items.remove(item)
+        items.extend(vm)
+        vm_tier.current = vm_tier.VmRun()
+        vm_tier.current.start()
+
+
+def pytest_sessionfinish() -> None:
+    """A run stopped early (-x, Ctrl-C) does not leave a VM behind."""
+    if vm_tier.current is not None:
+        vm_tier.current.close()
+        vm_tier.current = None
 
 
 @pytest.fixture
