@@ -1,19 +1,16 @@
 """The doors the IPVS datapath uses, bundled for one network namespace: the
-IPVS netlink socket, kube-ipvs0 and its addresses, ipset, conntrack and the
-tool runner. Nothing here talks to the kernel itself; each door is from the
-kernel library (svcproxy.plugins.kernel), and tests swap in its fakes.
+IPVS netlink socket, kube-ipvs0 and its addresses, and conntrack (the shape
+IpvsState wants, doors.IpvsKernelDoors). Nothing here talks to the kernel
+itself; each door is from the kernel library (svcproxy.plugins.kernel), and
+tests swap in its fakes (fakes.FakeIpvsKernel).
 """
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Sequence
-
 from svcproxy.plugins.kernel.conntrack import Conntrack
 from svcproxy.plugins.kernel.ipvs import IPVSNetlink
 from svcproxy.plugins.kernel.netns import opened_in
-from svcproxy.plugins.kernel.rtnl import DUMMY, AddressChanges, DummyLink
-from svcproxy.plugins.kernel.tools import run_tool
+from svcproxy.plugins.kernel.rtnl import DUMMY, DummyLink
 
 __all__ = ["DUMMY", "IpvsKernel"]
 
@@ -49,22 +46,5 @@ class IpvsKernel:
     def all_addresses(self) -> list[tuple[int, str]]:
         return self.link.all_addresses()
 
-    def start_address_changes(self, add: Sequence[str], remove: Sequence[str]
-                              ) -> AddressChanges | None:
-        return self.link.start_changes(add, remove)
-
-    @staticmethod
-    def finish_address_changes(changes: AddressChanges | None) -> list[str]:
-        return DummyLink.finish_changes(changes)
-
     def delete_dummy(self) -> bool:
         return self.link.delete()
-
-    # -- tools and conntrack ---------------------------------------------------------------
-
-    def _run(self, args: list[str], check: bool = True,
-             stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return run_tool(args, self.netns, stdin=stdin, check=check, timeout=300)
-
-    def conntrack_delete(self, args: list[str], family: int = 4) -> int:
-        return self.conntrack.delete(args, family)

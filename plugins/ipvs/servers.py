@@ -359,7 +359,8 @@ class IpvsState:
                 live = {rs.key: rs for rs in self.kernel.nl.dests(items[0][1].vs)}
             except OSError:
                 live = {}  # the virtual server is gone: nothing left to drain
-            held = work.rs.get(vk) or self.rs.get(vk) or {}
+            planned = work.rs.get(vk)
+            held = planned if planned is not None else (self.rs.get(vk) or {})
             for rk, d in items:
                 cur = live.get(rk)
                 if cur is not None and self._busy(cur) and now < d.deadline:
