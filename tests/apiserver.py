@@ -315,12 +315,16 @@ class FakeAPIServer:
             while True:
                 with self.cond:
                     pending = [e for e in self.history if e[0] > sent and e[1] == resource]
+                    # taken with `pending`, not after the wait: an event that
+                    # arrives while waiting is newer than `current`, so a
+                    # bookmark at `current` cannot skip it (it did: a deleted
+                    # Service's DELETED was lost now and then)
+                    current = self.rv
                     if not pending:
                         self.cond.wait(0.1)
                     if self.generation != generation:
                         h.close_connection = True
                         return  # server "restarted": the stream just ends
-                    current = self.rv
                 for rv, _, etype, obj in pending:
                     sent = rv
                     if not self._selected(obj, q):
