@@ -191,18 +191,12 @@ class HelperState:
                 self.index.set(fk, *self._entries(plan, fk, node), adds, dels)
         adds, dels = net_changes(adds, dels)
         health_add, health_del = self._health_ports(plan, changed)
+        # the net changes: what is added is wanted, what is deleted is not
         names = self.names
-        touched = [(names[b], m) for b, m in (*adds, *dels)]
-        touched += [(names[HEALTH], p) for p in (*health_add, *health_del)]
-        refs = self.index.refs
-        ports = set(self.health_port.values())
-        want = {k: True for k in touched
-                if (k[0] == names[HEALTH] and k[1] in ports)
-                or (k[0] != names[HEALTH] and (self._base(k[0]), k[1]) in refs)}
-        return self.members.diff(want, touched)
-
-    def _base(self, name: str) -> str:
-        return name if self.family == 4 else "KUBE-" + name[len("KUBE-6-"):]
+        want = {(names[b], m): True for b, m in adds}
+        want.update({(names[HEALTH], p): True for p in health_add})
+        gone = [(names[b], m) for b, m in dels] + [(names[HEALTH], p) for p in health_del]
+        return self.members.diff(want, [*want, *gone])
 
     def _health_ports(self, plan: ServiceMap, changed: Iterable[FrontendKey]
                       ) -> tuple[list[str], list[str]]:

@@ -90,6 +90,11 @@ def set_name(name: str, family: int) -> str:
     return name if family == 4 else ("KUBE-6-" + name[len("KUBE-"):])[:31]
 
 
+#: family set name -> base name (IPv6 names may be truncated to ipset's 31
+#: characters, so the prefix cannot simply be swapped back)
+_BASES = {set_name(base, fam): base for base in SETS for fam in (4, 6)}
+
+
 def is_owned(table: str, chain: str) -> bool:
     return chain in (NAT_CHAINS if table == "nat" else FILTER_CHAINS if table == "filter"
                      else ())
@@ -409,8 +414,7 @@ def ipset_create(names: list[str], family: int) -> str:
     lines = []
     fam = "inet" if family == 4 else "inet6"
     for name in names:
-        base = name if family == 4 else "KUBE-" + name[len("KUBE-6-"):]
-        kind = SETS.get(base, SETS.get(name, ("hash:ip,port", "")))[0]
+        kind = SETS.get(_BASES.get(name, name), ("hash:ip,port", ""))[0]
         if kind.startswith("bitmap"):
             lines.append(f"create {name} {kind} range 0-65535 -exist")
         else:

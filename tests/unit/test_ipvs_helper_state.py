@@ -201,3 +201,27 @@ def test_cleanup_removes_the_chains_jumps_and_sets() -> None:
     assert set(h.ipset.sets) == {"OTHER"}
     assert not any(c.startswith("KUBE-") for _, c in h.ipt.chains)
     assert all(not rules for rules in h.ipt.chains.values())
+
+
+def test_ipv6_sets_with_truncated_names_survive_partial_syncs() -> None:
+    """KUBE-6-LOAD-BALANCER-SOURCE-CIDR is 32 characters, one over ipset's
+    limit: its members are kept through a partial sync that does not touch
+    them, and written through one that does (the set name is not turned back
+    into its base name by swapping the prefix, which the truncation breaks)."""
+    h = Helpers(HelperOptions(family=6, node_ip="fd00::10"))
+    h.state = HelperState(h.ipset, h.ipt, 6)
+    lb6 = service("lb", cluster_ip="fd00:96::5", ipFamilies=["IPv6"], type="LoadBalancer",
+                  ports=[{**TCP80, "nodePort": 30001}],
+                  loadBalancerSourceRanges=["2001:db8::/64"],
+                  status={"loadBalancer": {"ingress": [{"ip": "fd00:1::7"}]}})
+    eps = slice_("lb", endpoints=[endpoint("fd00:244::1", "node-a")], ports=EP_PORTS,
+                 address_type="IPv6")
+    h.sync(lb6, eps)
+    cidr = "KUBE-6-LOAD-BALANCER-SOURCE-CID"
+    assert h.members(cidr) == {"fd00:1::7,tcp:80,2001:db8::/64"}
+    other = service("web", cluster_ip="fd00:96::9", ipFamilies=["IPv6"], ports=[TCP80])
+    h.sync(lb6, eps, other, partial=True)
+    assert h.members(cidr) == {"fd00:1::7,tcp:80,2001:db8::/64"}
+    moved = {**lb6, "spec": {**lb6["spec"], "loadBalancerSourceRanges": ["2001:db8:1::/64"]}}
+    h.sync(moved, eps, other, partial=True)
+    assert h.members(cidr) == {"fd00:1::7,tcp:80,2001:db8:1::/64"}

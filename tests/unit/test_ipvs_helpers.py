@@ -88,6 +88,10 @@ def test_ipv6_set_names_and_set_creation() -> None:
     assert ipset_create([set_name("KUBE-LOOP-BACK", 6)], 6) == (
         "create KUBE-6-LOOP-BACK hash:ip,port,ip family inet6 hashsize 1024 maxelem 65536 "
         "-exist\n")
+    # a truncated name keeps its type (it was created as hash:ip,port)
+    assert ipset_create([set_name("KUBE-LOAD-BALANCER-SOURCE-CIDR", 6)], 6) == (
+        "create KUBE-6-LOAD-BALANCER-SOURCE-CID hash:ip,port,net family inet6 hashsize 1024 "
+        "maxelem 65536 -exist\n")
 
 
 def test_virtual_servers_from_frontends() -> None:
