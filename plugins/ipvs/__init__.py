@@ -185,12 +185,8 @@ class IpvsPlugin:
         if not self.active:
             return None
         try:
-            kernel = self._kernel()
-            skip = kernel.dummy_index(create=False)
             out = []
-            for index, address in kernel.all_addresses():
-                if index == skip:
-                    continue
+            for address in self._kernel().link.other_addresses():
                 ip = ipaddress.ip_address(address)
                 if ip.version != family or ip.is_loopback or (
                         ip.version == 6 and ip.is_link_local):
@@ -331,7 +327,7 @@ class IpvsPlugin:
 
     def _early_masquerade(self, plan: ServiceMap) -> None:
         """The first thing written at start-up (HelperState.early)."""
-        bound = self._kernel().bound_addresses()
+        bound = self._kernel().link.addresses()
         for family in sorted({4} | {ip_family(a) for a in bound}):
             if self._helper(family).early(bound, self._helper_options(family, plan)):
                 log.info("IPv%d: masquerading node traffic from %d service VIPs already "
@@ -373,7 +369,7 @@ class IpvsPlugin:
         kube-ipvs0, or NodePort-shaped), never those in excludeCIDRs or anybody
         else's (kube-proxy's cleanup flushes the whole table)."""
         state = IpvsState(kernel, self.options)
-        bound, nodes = kernel.bound_addresses(), state.node_addresses()
+        bound, nodes = kernel.link.addresses(), state.node_addresses()
         found = kernel.nl.services()
         owned = [vs for vs in found
                  if state.owns(vs, bound, nodes) and not state.excluded(vs.address)]
@@ -412,7 +408,7 @@ class IpvsPlugin:
                 except Exception as exc:  # IPv6 tools may be missing
                     log.debug("IPv%d helper cleanup skipped: %s", family, exc)
             lines += self._remove_virtual_servers(kernel)
-            if kernel.delete_dummy():
+            if kernel.link.delete():
                 lines.append("ipvs: removed kube-ipvs0")
             lines += SysctlStore(self.backup_path, self.netns).restore(
                 [*SYSCTLS, "net/ipv4/vs/conn_reuse_mode"])

@@ -42,6 +42,7 @@ from .helpers import (
 )
 
 Member = tuple[str, str]  # (set name as in the kernel, member text)
+NodeIP = ipaddress.IPv4Address | ipaddress.IPv6Address | None
 HEALTH = "KUBE-HEALTH-CHECK-NODE-PORT"
 
 
@@ -154,14 +155,14 @@ class HelperState:
             written = self._write_chains(opts, self._missing_jumps() if full else [])
         return len(diff) + written
 
-    def _entries(self, plan: ServiceMap, fk: FrontendKey, node: object
+    def _entries(self, plan: ServiceMap, fk: FrontendKey, node: NodeIP
                  ) -> tuple[tuple[tuple[str, str], ...], tuple[str, str, int] | None]:
         fe = plan.frontends.get(fk)
         if fe is None:
             return (), None
-        return frontend_entries(fe, node, fe.bind_address)  # type: ignore[arg-type]
+        return frontend_entries(fe, node, fe.bind_address)
 
-    def _node(self, opts: HelperOptions) -> object:
+    def _node(self, opts: HelperOptions) -> NodeIP:
         return ipaddress.ip_address(opts.node_ip) if opts.node_ip else None
 
     def _members_full(self, plan: ServiceMap, opts: HelperOptions) -> Diff[Member, bool]:

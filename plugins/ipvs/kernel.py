@@ -34,17 +34,3 @@ class IpvsKernel:
         if self._nl is not None:
             self._nl.close()
         self.link.close()
-
-    # -- kube-ipvs0 and its addresses ------------------------------------------------------
-
-    def dummy_index(self, create: bool = True) -> int | None:
-        return self.link.index(create)
-
-    def bound_addresses(self) -> set[str]:
-        return self.link.addresses()
-
-    def all_addresses(self) -> list[tuple[int, str]]:
-        return self.link.all_addresses()
-
-    def delete_dummy(self) -> bool:
-        return self.link.delete()

@@ -157,8 +157,7 @@ class IpvsState:
         return vs.address in node_addresses and low <= vs.port <= high
 
     def node_addresses(self) -> set[str]:
-        index = self.kernel.link.index(create=False)
-        return {a for i, a in self.kernel.link.all_addresses() if i != index}
+        return self.kernel.link.other_addresses()
 
     # -- reading the kernel ---------------------------------------------------------------
 

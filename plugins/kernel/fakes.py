@@ -172,8 +172,8 @@ class FakeLink:
     def addresses(self) -> set[str]:
         return set(self.bound) if self.exists else set()
 
-    def all_addresses(self) -> list[tuple[int, str]]:
-        return [(2, a) for a in self.node_addresses] + [(self.INDEX, a) for a in self.bound]
+    def other_addresses(self) -> set[str]:
+        return set(self.node_addresses)
 
     def start_changes(self, add: Sequence[str], remove: Sequence[str]
                       ) -> tuple[list[str], list[str]] | None:

@@ -215,9 +215,11 @@ class DummyLink:
             return set()
         return {a for i, a in dump_addresses(self._socket()) if i == index}
 
-    def all_addresses(self) -> list[tuple[int, str]]:
-        """(interface index, address) of every address in the namespace."""
-        return list(dump_addresses(self._socket()))
+    def other_addresses(self) -> set[str]:
+        """Every address in the namespace that is not on this link (the node's
+        own addresses, when the link is kube-ipvs0)."""
+        index = self.index(create=False)
+        return {a for i, a in dump_addresses(self._socket()) if i != index}
 
     def start_changes(self, add: Sequence[str], remove: Sequence[str]
                       ) -> AddressChanges | None:
