@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import Config, effective_values, load_config, unused_settings
+from .config import Config, effective_values, load_config, setting_owners, unused_settings
 from .errors import SvcProxyError, UsageError
 from .ir import ServiceMap
 from .manager import PluginHost
@@ -285,6 +285,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     PluginHost(config).configure()  # plugin names and options are part of the config
     values = effective_values(config)
     values["notUsedBySvcproxy"] = unused_settings(config.kube_proxy)
+    values["appliedBy"] = setting_owners(config)
     if args.output == "json":
         sys.stdout.write(json.dumps(values, indent=2) + "\n")
     else:

@@ -405,9 +405,10 @@ class PluginSpec:
 
 @dataclass(frozen=True)
 class SvcProxyConfiguration:
+    #: the enabled plugins, in call order: the defaults minus `disable`, then `enable`
     plugins: tuple[PluginSpec, ...] = tuple(PluginSpec(n) for n in DEFAULT_PLUGINS)
-    #: whether `plugins` came from the file (False: the built-in default list)
-    plugins_explicit: bool = False
+    #: default plugins the file disables
+    disabled: tuple[str, ...] = ()
     datapaths: tuple[str, ...] = DEFAULT_DATAPATHS
     #: options for datapath plugins, by datapath name
     datapath_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -515,35 +516,16 @@ _PLUGIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
 def _load_svcproxy(doc: Mapping[str, Any], problems: list[ConfigProblem]) -> SvcProxyConfiguration:
-    known = ["apiVersion", "kind", "plugins", "datapaths", "datapathOptions", "fullSyncPeriod"]
+    known = ["apiVersion", "kind", "enable", "disable", "datapaths", "datapathOptions",
+             "fullSyncPeriod"]
     for key in doc:
-        if key not in known:
+        if key == "plugins":
+            problems.append(ConfigProblem("plugins", _plugins_migration(doc["plugins"]),
+                                          line_of(doc, "plugins")))
+        elif key not in known:
             problems.append(ConfigProblem("", f"unknown field {key}{_nearest(str(key), known)}",
                                           line_of(doc)))
-    plugins: tuple[PluginSpec, ...] = SvcProxyConfiguration.plugins
-    explicit = False
-    raw_plugins = doc.get("plugins")
-    if raw_plugins is not None:
-        explicit = True
-        if not isinstance(raw_plugins, list):
-            problems.append(ConfigProblem("plugins", f"must be a list (got {show(raw_plugins)})",
-                                          line_of(doc)))
-        else:
-            specs: list[PluginSpec] = []
-            seen: set[str] = set()
-            for i, entry in enumerate(raw_plugins):
-                p = f"plugins[{i}]"
-                spec = _plugin_entry(entry, p, problems)
-                if spec is None:
-                    continue
-                if spec.name in seen:
-                    problems.append(ConfigProblem(f"{p}.name",
-                                                  f"plugin {spec.name!r} is listed twice",
-                                                  line_of(entry)))
-                    continue
-                seen.add(spec.name)
-                specs.append(spec)
-            plugins = tuple(specs)
+    plugins = _plugin_list(doc, problems)
     datapaths = DEFAULT_DATAPATHS
     raw_dp = doc.get("datapaths")
     if raw_dp is not None:
@@ -574,8 +556,112 @@ def _load_svcproxy(doc: Mapping[str, Any], problems: list[ConfigProblem]) -> Svc
             problems.append(ConfigProblem("fullSyncPeriod", str(exc),
                                           line_of(doc, "fullSyncPeriod")))
             full_sync_period = None
-    return SvcProxyConfiguration(plugins=plugins, plugins_explicit=explicit, datapaths=datapaths,
+    return SvcProxyConfiguration(plugins=plugins[0], disabled=plugins[1], datapaths=datapaths,
                                  datapath_options=dp_options, full_sync_period=full_sync_period)
+
+
+def _plugin_list(doc: Mapping[str, Any], problems: list[ConfigProblem]
+                 ) -> tuple[tuple[PluginSpec, ...], tuple[str, ...]]:
+    """The enabled plugins: the defaults, minus `disable`, plus `enable` (an
+    `enable` entry naming a default plugin gives it options, in its place)."""
+    disabled: list[str] = []
+    raw_disable = doc.get("disable")
+    if raw_disable is not None:
+        if not isinstance(raw_disable, list) or not all(isinstance(n, str) for n in raw_disable):
+            problems.append(ConfigProblem("disable", "must be a list of default plugin names "
+                                          f"(got {show(raw_disable)})", line_of(doc, "disable")))
+        else:
+            for i, name in enumerate(raw_disable):
+                problem = _disable_problem(name, disabled)
+                if problem:
+                    problems.append(ConfigProblem(f"disable[{i}]", problem,
+                                                  line_of(doc, "disable")))
+                else:
+                    disabled.append(name)
+    enabled: list[PluginSpec] = []
+    raw_enable = doc.get("enable")
+    if raw_enable is not None:
+        if not isinstance(raw_enable, list):
+            problems.append(ConfigProblem("enable", f"must be a list (got {show(raw_enable)})",
+                                          line_of(doc, "enable")))
+        else:
+            for i, entry in enumerate(raw_enable):
+                p = f"enable[{i}]"
+                spec = _plugin_entry(entry, p, problems)
+                if spec is None:
+                    continue
+                if spec.name in {e.name for e in enabled}:
+                    problems.append(ConfigProblem(f"{p}.name", f"plugin {spec.name!r} is "
+                                                  "enabled twice", line_of(entry)))
+                elif spec.name in disabled:
+                    problems.append(ConfigProblem(f"{p}.name", f"plugin {spec.name!r} is both "
+                                                  "enabled and disabled", line_of(entry)))
+                else:
+                    enabled.append(spec)
+    by_name = {e.name: e for e in enabled}
+    plugins = [by_name.get(n, PluginSpec(n)) for n in DEFAULT_PLUGINS if n not in disabled]
+    plugins += [e for e in enabled if e.name not in DEFAULT_PLUGINS]
+    return tuple(plugins), tuple(disabled)
+
+
+def _disable_problem(name: str, disabled: list[str]) -> str:
+    if name in ESSENTIAL_DEFAULTS:
+        return (f"plugin {name!r} cannot be disabled: without it no Service is reachable "
+                "at all")
+    if name not in DEFAULT_PLUGINS:
+        return (f"{name!r} is not a default plugin{_nearest(name, list(DEFAULT_PLUGINS))} "
+                f"(defaults: {', '.join(DEFAULT_PLUGINS)}; a plugin that is not enabled "
+                "needs no disabling)")
+    if name in disabled:
+        return f"plugin {name!r} is disabled twice"
+    return ""
+
+
+def _plugins_migration(raw: Any) -> str:
+    """The error for the old complete `plugins:` list, with its translation."""
+    names = [e if isinstance(e, str) else e.get("name") if isinstance(e, Mapping) else None
+             for e in raw] if isinstance(raw, list) else []
+    if not names or not all(isinstance(n, str) for n in names):
+        return ("replaced by `enable:` / `disable:` over the default plugins "
+                f"({', '.join(DEFAULT_PLUGINS)})")
+    dropped = [n for n in DEFAULT_PLUGINS if n not in names and n not in ESSENTIAL_DEFAULTS]
+    extra = [n for n in names if n not in DEFAULT_PLUGINS]
+    parts = [f"disable: [{', '.join(dropped)}]"] if dropped else []
+    parts += [f"enable: [{', '.join(str(n) for n in extra)}]"] if extra else []
+    return ("replaced by `enable:` / `disable:` over the default plugins "
+            f"({', '.join(DEFAULT_PLUGINS)}), so that a list cannot silently drop a feature; "
+            f"this list is written {' and '.join(parts) or '(nothing: it is the default)'}")
+
+
+#: KubeProxyConfiguration settings a default feature plugin applies (all others
+#: are applied by the core or the datapath, or not used: UNUSED_FIELDS). A config
+#: that gives one a non-default value and disables its plugin is refused.
+PLUGIN_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("healthzBindAddress", "metrics"),
+    ("metricsBindAddress", "metrics"),
+    ("conntrack.maxPerCore", "conntrack"),
+    ("conntrack.min", "conntrack"),
+    ("conntrack.tcpEstablishedTimeout", "conntrack"),
+    ("conntrack.tcpCloseWaitTimeout", "conntrack"),
+    ("conntrack.tcpBeLiberal", "conntrack"),
+    ("conntrack.udpTimeout", "conntrack"),
+    ("conntrack.udpStreamTimeout", "conntrack"),
+    ("ipvs.strictARP", "metallb"),
+    ("nodePortAddresses", "nodeport"),
+)
+#: a default plugin that cannot be disabled (the manager always loads it)
+ESSENTIAL_DEFAULTS: tuple[str, ...] = ("clusterip",)
+
+
+def _check_disabled_settings(kp: KubeProxyConfiguration, sp: SvcProxyConfiguration,
+                             problems: list[ConfigProblem]) -> None:
+    default = KubeProxyConfiguration()
+    for path, plugin in PLUGIN_SETTINGS:
+        value = _field_value(kp, path)
+        if plugin in sp.disabled and value != _field_value(default, path):
+            problems.append(ConfigProblem(
+                path, f"is set ({show(value)}) but plugin {plugin!r}, which applies it, is "
+                "disabled: enable the plugin (remove it from disable:) or remove the setting"))
 
 
 def _plugin_entry(entry: Any, path: str, problems: list[ConfigProblem]) -> PluginSpec | None:
@@ -663,6 +749,8 @@ def parse_config(text: str, source: str) -> Config:
             problems.append(ConfigProblem(
                 "kind", f"expected one of {', '.join(kinds)} (got {show(kind)})"
                 f"{_nearest(str(kind), kinds)}", line_of(doc)))
+    if not problems and kube_proxy is not None and svcproxy is not None:
+        _check_disabled_settings(kube_proxy, svcproxy, problems)
     if problems:
         raise ConfigError(source, problems)
     return Config(kube_proxy=kube_proxy or KubeProxyConfiguration(),
@@ -721,7 +809,7 @@ def effective_values(config: Config) -> dict[str, Any]:
         "svcProxyConfiguration": {
             "plugins": [{"name": p.name, "options": dict(p.options)}
                         for p in config.svcproxy.plugins],
-            "pluginsFromFile": config.svcproxy.plugins_explicit,
+            "disabled": list(config.svcproxy.disabled),
             "datapaths": list(config.svcproxy.datapaths),
             "datapathOptions": {k: dict(v) for k, v in
                                 config.svcproxy.datapath_options.items()},
@@ -767,6 +855,49 @@ def _field_value(obj: Any, path: str) -> Any:
             return None
         obj = getattr(obj, name)
     return obj
+
+
+def _non_default(obj: Any, default: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for f in fields(obj):
+        path = prefix + f.metadata.get("json", f.name)
+        value, base = getattr(obj, f.name), getattr(default, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out += _non_default(value, base, path + ".")
+        elif isinstance(value, Mapping):
+            out += [(f"{path}.{k}", v) for k, v in value.items() if base.get(k) != v]
+        elif value != base:
+            out.append((path, format_duration(value) if _is_duration_field(f) else value))
+    return out
+
+
+def setting_owners(config: Config) -> dict[str, str]:
+    """Who applies each setting the config gives a non-default value, for
+    `svcproxy config check`: a plugin, a datapath, the core, or nobody."""
+    by_plugin = dict(PLUGIN_SETTINGS)
+    unused = dict(UNUSED_FIELDS)
+    enabled = {p.name for p in config.svcproxy.plugins}
+    out = {}
+    for path, value in _non_default(config.kube_proxy, KubeProxyConfiguration()):
+        if path in ("apiVersion", "kind"):
+            continue
+        section = path.split(".", 1)[0]
+        key = f"{path}={show(list(value) if isinstance(value, tuple) else value)}"
+        if path in by_plugin:
+            plugin = by_plugin[path]
+            out[key] = f"plugin {plugin}" + ("" if plugin in enabled else " (disabled)")
+        elif path in unused or section in unused or (
+                section == "featureGates" and path.split(".", 1)[1] not in USED_FEATURE_GATES):
+            out[key] = "not used by svcproxy"
+        elif section in ("ipvs", "iptables", "nftables"):
+            out[key] = f"datapath {section}" + (
+                "" if section in config.datapath_order() else " (not in the datapath order)")
+        elif path in ("masqueradeAll", "detectLocalMode", "clusterCIDR") or \
+                section == "detectLocal":
+            out[key] = "the datapath"
+        else:
+            out[key] = "core"
+    return out
 
 
 def unused_settings(kp: KubeProxyConfiguration) -> list[str]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from . import hookspecs
-from .config import MODES, Config, nearest_name
+from .config import ESSENTIAL_DEFAULTS, MODES, Config, nearest_name
 from .datapath import (
     ApplyResult,
     CheckItem,
@@ -55,7 +55,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
 }
 
 #: Plugins that are always enabled: without them no Service is reachable at all.
-ESSENTIAL_PLUGINS: tuple[str, ...] = ("clusterip",)
+ESSENTIAL_PLUGINS: tuple[str, ...] = ESSENTIAL_DEFAULTS
 
 
 @dataclass

@@ -259,7 +259,7 @@ class Demo:
             ---
             apiVersion: svcproxy.io/v1alpha1
             kind: SvcProxyConfiguration
-            plugins: [clusterip, nodeport, externalips, loadbalancer, affinity, conntrack]
+            disable: [metrics, metallb]   # no servers on the machine's own ports
             datapaths: [ipvs, iptables]
             datapathOptions:
               ipvs: {{netns: {self.node}, sysctlBackup: {self.tmp}/sysctl.json}}

@@ -205,3 +205,11 @@ class ProxyHarness:
         result = self.proxy.sync(full=full)
         assert result.ok, result.error
         return result
+
+
+def only_plugins(*names: str) -> str:
+    """A SvcProxyConfiguration `disable:` line that keeps only these default
+    plugins (and clusterip, which cannot be disabled): tests that isolate one."""
+    from svcproxy.config import DEFAULT_PLUGINS, ESSENTIAL_DEFAULTS
+    off = [n for n in DEFAULT_PLUGINS if n not in names and n not in ESSENTIAL_DEFAULTS]
+    return f"disable: [{', '.join(off)}]"

@@ -5,9 +5,7 @@ backend running on it gets weight 0, so it receives no new connections while
 its established ones finish (IPVS keeps existing connections to weight-0 real
 servers). Enable it in the SvcProxyConfiguration document:
 
-    plugins:
-      - clusterip
-      - nodeport
+    enable:
       - name: drain-nodes
         options:
           nodes: [node-b, node-c]

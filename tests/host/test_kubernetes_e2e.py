@@ -13,7 +13,7 @@ from pathlib import Path
 
 from apiserver import FakeAPIServer
 from conftest import NODE_IP
-from factories import endpoint, node, service, slice_
+from factories import endpoint, node, only_plugins, service, slice_
 from netns import Topology
 
 HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
@@ -62,11 +62,8 @@ def test_run_with_kubeconfig_programs_and_follows_the_api(topo: Topology,
         ---
         apiVersion: svcproxy.io/v1alpha1
         kind: SvcProxyConfiguration
-        plugins:
-          - clusterip
-          - nodeport
-          - loadbalancer
-          - metrics
+        {only_plugins("nodeport", "loadbalancer", "metrics", "metallb")}
+        enable:
           - name: metallb
             options: {{watchIPAddressPools: true}}
         datapathOptions:

@@ -7,7 +7,7 @@ import re
 import textwrap
 
 import pytest
-from factories import ProxyHarness, endpoint, service, slice_
+from factories import ProxyHarness, endpoint, only_plugins, service, slice_
 from netns import Topology
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -29,7 +29,8 @@ def harness(topo: Topology) -> tuple[ProxyHarness, InMemorySpanExporter]:
         ---
         apiVersion: svcproxy.io/v1alpha1
         kind: SvcProxyConfiguration
-        plugins: [clusterip, nodeport, {{name: tracing, options: {{exporter: none}}}}]
+        {only_plugins("nodeport")}
+        enable: [{{name: tracing, options: {{exporter: none}}}}]
         datapaths: [iptables]
         datapathOptions:
           iptables: {{netns: {topo.node}}}
@@ -84,9 +85,9 @@ def test_one_span_per_sync_with_children_and_links(topo: Topology) -> None:
 
 def test_bad_exporter_is_a_config_error() -> None:
     config = parse_config("apiVersion: svcproxy.io/v1alpha1\nkind: SvcProxyConfiguration\n"
-                          "plugins: [clusterip, {name: tracing, options: {exporter: jaeger}}]\n",
+                          "enable: [{name: tracing, options: {exporter: jaeger}}]\n",
                           "c.yaml")
     with pytest.raises(ConfigError, match=re.escape(
-            "c.yaml: plugins[1].options: tracing: exporter must be one of none, console, otlp "
+            "c.yaml: enable[0].options: tracing: exporter must be one of none, console, otlp "
             "(got 'jaeger')")):
         PluginHost(config).configure()

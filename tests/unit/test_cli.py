@@ -174,8 +174,7 @@ def test_third_party_plugin_through_its_entry_point(drain_plugin_installed: Path
     cfg.write_text(textwrap.dedent("""\
         apiVersion: svcproxy.io/v1alpha1
         kind: SvcProxyConfiguration
-        plugins:
-          - clusterip
+        enable:
           - name: drain-nodes
             options: {nodes: [node-b]}
     """))
@@ -195,7 +194,7 @@ def test_third_party_plugin_through_its_entry_point(drain_plugin_installed: Path
     cfg.write_text(cfg.read_text().replace("nodes: [node-b]", "nodes: node-b"))
     proc = run("plan", "--manifests", str(EXAMPLE), "--config", str(cfg), env=env)
     assert proc.returncode == 2
-    assert "plugins[1].options: nodes: must be a list of node names" in proc.stderr
+    assert "enable[0].options: nodes: must be a list of node names" in proc.stderr
     # not installed -> unknown plugin, with what is installed
     proc = run("plugins", "--config", str(cfg))
     assert proc.returncode == 2 and "unknown plugin 'drain-nodes'" in proc.stderr

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from svcproxy.config import Config, effective_values, load_config, parse_config
+from svcproxy.config import Config, effective_values, load_config, parse_config, setting_owners
 from svcproxy.durations import format_duration, parse_duration
 from svcproxy.errors import ConfigError
 
@@ -232,16 +232,75 @@ SVC_DOC = "---\napiVersion: svcproxy.io/v1alpha1\nkind: SvcProxyConfiguration\n"
 
 def test_svcproxy_document_plugins_and_datapaths() -> None:
     c = parse_config(HEAD + "mode: ipvs\n" + SVC_DOC + textwrap.dedent("""\
-        plugins:
-          - clusterip
+        enable:
           - name: drain-nodes
             options: {nodes: [node-b]}
+          - {name: conntrack, options: {warnAt: 0.5}}
+        disable: [externalips, metallb]
         datapaths: [ipvs, iptables]
     """), "c.yaml")
-    assert [p.name for p in c.svcproxy.plugins] == ["clusterip", "drain-nodes"]
-    assert c.svcproxy.plugins[1].options == {"nodes": ["node-b"]}
-    assert c.svcproxy.plugins[1].path == "plugins[1]"
-    assert c.svcproxy.plugins_explicit
+    # the defaults in their order, minus disable, then what enable adds
+    assert [p.name for p in c.svcproxy.plugins] == [
+        "clusterip", "nodeport", "loadbalancer", "affinity", "metrics", "conntrack",
+        "drain-nodes"]
+    assert c.svcproxy.plugins[-1].options == {"nodes": ["node-b"]}
+    assert c.svcproxy.plugins[-1].path == "enable[0]"
+    # naming a default plugin in enable gives it options in its own place
+    assert c.svcproxy.plugins[5].options == {"warnAt": 0.5}
+    assert c.svcproxy.disabled == ("externalips", "metallb")
+
+
+def test_old_complete_plugin_list_is_refused_with_its_translation() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_config(SVC_DOC + "plugins: [clusterip, nodeport, externalips, loadbalancer, "
+                     "affinity, metrics, drain-nodes]\n", "c.yaml")
+    msg = str(exc.value)
+    assert msg.startswith("c.yaml: line 4: plugins: replaced by `enable:` / `disable:`")
+    assert "this list is written disable: [conntrack, metallb] and enable: [drain-nodes]" in msg
+
+
+@pytest.mark.parametrize("setting,plugin", [
+    ("conntrack: {maxPerCore: 65536}", "conntrack"),
+    ("healthzBindAddress: 0.0.0.0:20256", "metrics"),
+    ("ipvs: {strictARP: true}", "metallb"),
+    ("nodePortAddresses: [primary]", "nodeport"),
+])
+def test_disabling_a_plugin_whose_setting_the_config_sets_is_an_error(setting: str,
+                                                                      plugin: str) -> None:
+    text = HEAD + setting + "\n" + SVC_DOC + f"disable: [{plugin}]\n"
+    with pytest.raises(ConfigError) as exc:
+        parse_config(text, "c.yaml")
+    path = setting.split(":")[0] if "{" not in setting else \
+        setting.split(":")[0] + "." + setting.split("{")[1].split(":")[0]
+    assert f"{path}: is set (" in str(exc.value)
+    assert f"but plugin {plugin!r}, which applies it, is disabled" in str(exc.value)
+    # the same setting with the plugin on, or the plugin off at the default value: fine
+    parse_config(HEAD + setting + "\n", "c.yaml")
+    parse_config(HEAD + SVC_DOC + f"disable: [{plugin}]\n", "c.yaml")
+
+
+def test_config_check_names_who_applies_each_changed_setting() -> None:
+    c = parse_config(HEAD + textwrap.dedent("""\
+        mode: ipvs
+        conntrack: {maxPerCore: 65536}
+        ipvs: {scheduler: wrr}
+        iptables: {masqueradeBit: 15}
+        clusterCIDR: 10.244.0.0/16
+        enableProfiling: true
+        featureGates: {PreferSameTrafficDistribution: true, Foo: true}
+        configSyncPeriod: 1m
+    """) + SVC_DOC + "disable: [metallb]\ndatapaths: [ipvs]\n", "c.yaml")
+    assert setting_owners(c) == {
+        "mode='ipvs'": "core",
+        "conntrack.maxPerCore=65536": "plugin conntrack",
+        "ipvs.scheduler='wrr'": "datapath ipvs",
+        "iptables.masqueradeBit=15": "datapath iptables (not in the datapath order)",
+        "clusterCIDR=['10.244.0.0/16']": "the datapath",
+        "enableProfiling=true": "not used by svcproxy",
+        "featureGates.PreferSameTrafficDistribution=true": "core",
+        "featureGates.Foo=true": "not used by svcproxy",
+        "configSyncPeriod='1m0s'": "core",
+    }
 
 
 def test_default_plugins_and_datapath_order() -> None:
@@ -265,12 +324,18 @@ def test_datapath_order(mode: str, datapaths: str, order: tuple[str, ...]) -> No
 
 
 @pytest.mark.parametrize("body,expected", [
-    ("plugin: [a]", "unknown field plugin; did you mean plugins?"),
-    ("plugins: {a: 1}", "plugins: must be a list"),
-    ("plugins: [{name: a, option: {}}]", "unknown field plugins[0].option; did you mean"),
-    ("plugins: [{name: a, options: [1]}]", "plugins[0].options: must be a mapping"),
-    ("plugins: [a, a]", "plugins[1].name: plugin 'a' is listed twice"),
-    ("plugins: ['Bad Name']", "plugins[0].name: not a valid plugin name"),
+    ("enabled: [a]", "unknown field enabled; did you mean enable?"),
+    ("enable: {a: 1}", "enable: must be a list"),
+    ("enable: [{name: a, option: {}}]", "unknown field enable[0].option; did you mean"),
+    ("enable: [{name: a, options: [1]}]", "enable[0].options: must be a mapping"),
+    ("enable: [a, a]", "enable[1].name: plugin 'a' is enabled twice"),
+    ("enable: ['Bad Name']", "enable[0].name: not a valid plugin name"),
+    ("disable: metrics", "disable: must be a list of default plugin names"),
+    ("disable: [metrcs]", "disable[0]: 'metrcs' is not a default plugin; did you mean metrics?"),
+    ("disable: [tracing]", "disable[0]: 'tracing' is not a default plugin"),
+    ("disable: [metrics, metrics]", "disable[1]: plugin 'metrics' is disabled twice"),
+    ("disable: [metrics]\nenable: [metrics]",
+     "enable[0].name: plugin 'metrics' is both enabled and disabled"),
     ("datapaths: ipvs", "datapaths: must be a list of datapath names"),
 ])
 def test_svcproxy_document_errors(body: str, expected: str) -> None:

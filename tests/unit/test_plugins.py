@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from factories import endpoint, install_dist, plan_of, service, slice_
+from factories import endpoint, install_dist, only_plugins, plan_of, service, slice_
 
 from svcproxy import hookimpl, hookspecs
 from svcproxy.config import parse_config
@@ -73,7 +73,7 @@ def tag_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("tag_dist")
 @pytest.mark.parametrize("order", [["tag-a", "tag-b"], ["tag-b", "tag-a"]])
 def test_entry_point_plugins_run_in_config_order(order: list[str]) -> None:
-    doc = "plugins: [clusterip, " + ", ".join(order) + "]\n"
+    doc = only_plugins() + "\nenable: [" + ", ".join(order) + "]\n"
     host = host_for(doc)
     assert [p.name for p in host.plugins if not p.datapath] == ["clusterip", *order]
     assert host.plugins[1].origin == "package svcproxy-tags 1.2.3"
@@ -83,9 +83,12 @@ def test_entry_point_plugins_run_in_config_order(order: list[str]) -> None:
 
 
 def test_essential_plugin_cannot_be_left_out() -> None:
-    host = host_for("plugins: [affinity]\n")
+    host = host_for(only_plugins("affinity") + "\n")
     assert [(p.name, p.essential) for p in host.plugins if not p.datapath] == [
         ("clusterip", True), ("affinity", False)]
+    with pytest.raises(ConfigError, match=r"disable\[0\]: plugin 'clusterip' cannot be "
+                       "disabled: without it no Service is reachable"):
+        host_for("disable: [clusterip]\n")
 
 
 def test_disabled_builtin_plugin_contributes_nothing() -> None:
@@ -94,16 +97,16 @@ def test_disabled_builtin_plugin_contributes_nothing() -> None:
     from factories import node
     objs = [node(), svc]
     assert len(plan_of(objs)) == 2
-    plan = plan_of(objs, KP + SP + "plugins: [clusterip]\n")
+    plan = plan_of(objs, KP + SP + only_plugins() + "\n")
     assert [f.kind for f in plan] == ["ClusterIP"]
     assert next(iter(plan)).persistence_timeout == 0
 
 
 def test_unknown_plugin_is_a_config_error_with_a_suggestion() -> None:
     with pytest.raises(ConfigError) as exc:
-        host_for("plugins: [clusterip, nodeprot]\n")
+        host_for("enable: [nodeprot]\n")
     msg = str(exc.value)
-    assert msg.startswith("cfg.yaml") and "plugins[1].name" in msg
+    assert msg.startswith("cfg.yaml") and "enable[0].name" in msg
     assert "unknown plugin 'nodeprot'; did you mean nodeport?" in msg
 
 
@@ -139,12 +142,12 @@ def test_plugin_options_reach_only_their_plugin_and_errors_name_the_path(
                     raise PluginError(f"level: must be low or high (got {options['level']!r})")
     """)
     monkeypatch.syspath_prepend(str(tmp_path))
-    host_for("plugins: [clusterip, {name: strict, options: {level: low}}]\n")
+    host_for("enable: [{name: strict, options: {level: low}}]\n")
     import svcproxy_strict  # type: ignore[import-not-found]
     assert svcproxy_strict.Strict.seen == [{"level": "low"}]
     with pytest.raises(ConfigError) as exc:
-        host_for("plugins: [clusterip, {name: strict, options: {level: mid}}]\n")
-    assert "plugins[1].options: level: must be low or high (got 'mid')" in str(exc.value)
+        host_for("enable: [{name: strict, options: {level: mid}}]\n")
+    assert "enable[0].options: level: must be low or high (got 'mid')" in str(exc.value)
 
 
 def port_context():  # type: ignore[no-untyped-def]
@@ -160,7 +163,7 @@ def port_context():  # type: ignore[no-untyped-def]
 
 def test_adjust_chain_sees_previous_result() -> None:
     a, b = Tagger("a"), Tagger("b")
-    host = host_for("plugins: [clusterip]\n", extra_plugins=[("a", a), ("b", b)])
+    host = host_for(only_plugins() + "\n", extra_plugins=[("a", a), ("b", b)])
     fe = Frontend("10.0.0.1", 80, "TCP", "ClusterIP", "ns/s:p")  # type: ignore[arg-type]
     out = host.adjust_frontend(fe, port_context())
     assert out.scheduler_flags == ("a", "b")
@@ -172,7 +175,7 @@ def test_adjust_must_return_a_frontend() -> None:
         def svcproxy_adjust_frontend(self, frontend: Frontend) -> Any:
             return {"scheduler": "rr"}
 
-    host = host_for("plugins: [clusterip]\n", extra_plugins=[("bad", Bad())])
+    host = host_for(only_plugins() + "\n", extra_plugins=[("bad", Bad())])
     fe = Frontend("10.0.0.1", 80, "TCP", "ClusterIP", "ns/s:p")  # type: ignore[arg-type]
     with pytest.raises(PluginError, match="must return a Frontend or None, not dict"):
         host.adjust_frontend(fe, port_context())
@@ -285,7 +288,7 @@ def test_build_frontends_direct_dispatch_matches_pluggy() -> None:
 
     extras = [("x", Extra("x", "192.0.2.1")), ("y", Extra("y", "192.0.2.2")),
               ("first", First())]
-    host = host_for("plugins: [clusterip]\n", extra_plugins=extras)
+    host = host_for(only_plugins() + "\n", extra_plugins=extras)
     pc = port_context()
     direct = host.build_frontends(pc)
     expected = list(order)

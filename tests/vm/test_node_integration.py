@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from factories import ProxyHarness, endpoint, service, slice_
+from factories import ProxyHarness, endpoint, only_plugins, service, slice_
 from netns import Topology, sh
 
 from svcproxy.config import parse_config
@@ -56,9 +56,8 @@ def node(t: Topology, tmp: Path, strict: bool, scope: str = "all") -> ProxyHarne
         ---
         apiVersion: svcproxy.io/v1alpha1
         kind: SvcProxyConfiguration
-        plugins:
-          - clusterip
-          - loadbalancer
+        {only_plugins("loadbalancer", "metallb")}
+        enable:
           - name: metallb
             options: {{arpScope: {scope}, sysctlBackup: {tmp / 'arp.json'}}}
         datapaths: [ipvs]
@@ -153,7 +152,8 @@ def test_conntrack_settings_land_in_proc_and_are_restored(tmp_path: Path) -> Non
         ---
         apiVersion: svcproxy.io/v1alpha1
         kind: SvcProxyConfiguration
-        plugins: [clusterip, {{name: conntrack, options: {{sysctlBackup: {tmp_path / 'ct.json'}}}}}]
+        {only_plugins("conntrack")}
+        enable: [{{name: conntrack, options: {{sysctlBackup: {tmp_path / 'ct.json'}}}}}]
         datapaths: [iptables]
     """), "conntrack-test.yaml")
     host = PluginHost(config)
