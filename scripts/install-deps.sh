@@ -3,7 +3,7 @@
 # Safe to run repeatedly; does nothing when everything is present.
 set -euo pipefail
 
-packages=(python3 python3-venv iptables ipset ipvsadm conntrack iproute2 nftables kmod qemu-system-x86 busybox-static)
+packages=(python3 python3-venv iptables ipset ipvsadm conntrack iproute2 nftables kmod qemu-system-x86 busybox-static prometheus)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed"; then
