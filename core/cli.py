@@ -137,15 +137,57 @@ def _state(b: Any) -> str:
     return ",".join(parts)
 
 
+def _read_cluster(args: argparse.Namespace, config: Config, host: PluginHost,
+                  proxy: Proxy) -> None:
+    """Fill `proxy.state` as `run` would before its first sync: from the manifest
+    directory, or from the API server's lists (--kubeconfig, clientConnection's,
+    in-cluster, $KUBECONFIG), then stop watching."""
+    if args.manifests:
+        source = ManifestSource(args.manifests, publish=proxy.bus.publish,
+                                extra_kinds=host.watch_kinds())
+        source.check_directory()
+        source.scan()
+        if source.errors:
+            raise UsageError("\n".join(str(e) for e in source.errors))
+        proxy.set_node_name(_resolve_node_name(args.node, config, proxy.state))
+        where = args.manifests
+    else:
+        try:
+            api = load_client(args.kubeconfig or config.kube_proxy.client_connection.kubeconfig)
+        except UsageError as exc:
+            raise UsageError(f"{exc} (or plan a manifest directory: --manifests DIR)") from None
+        proxy.set_node_name(_resolve_node_name(args.node, config, None))
+        for name in KubernetesSource.REQUIRED:
+            proxy.bus.expect(name)
+        k8s = KubernetesSource(api, proxy.node_name, proxy.bus.publish, proxy.bus.mark_synced,
+                               resync_period=config.kube_proxy.config_sync_period,
+                               extra_kinds=host.watch_kinds())
+        k8s.start()
+        try:
+            if not proxy.bus.wait_ready(args.sync_timeout):
+                raise SvcProxyError(f"the initial lists did not complete within "
+                                    f"{args.sync_timeout:.0f}s (see the log for why)")
+        finally:
+            k8s.stop()
+        where = "the cluster"
+    if proxy.state.node is None:
+        log.warning("Node %r is not in %s: NodePort frontends get no address and no endpoint "
+                    "counts as local (choose the node with --node)", proxy.node_name, where)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     config, host = _plugins(args.config)
-    state, _ = _load_manifests(args.manifests, args.node, config, strict=True)
-    if state.node is None:
-        log.warning("Node %r is not in %s: NodePort frontends get no address and no endpoint "
-                    "counts as local (choose the node with --node)", state.node_name,
-                    args.manifests)
-    ctx = make_context(config, state.node_name, state.node)
+    datapath = args.datapath or config.datapath_order()[0]
+    if args.against_kernel and not args.datapath:
+        datapath, _ = _select_datapath(host)  # the one `run` would use on this node
+    proxy = Proxy(config, host, "", datapath, use_host_addresses=args.against_kernel)
+    _read_cluster(args, config, host, proxy)
+    state = proxy.state
+    ctx = proxy.context() if args.against_kernel else \
+        make_context(config, state.node_name, state.node)
     plan, _ = Planner(host).plan_full(ctx, state, ServiceMap())
+    if args.against_kernel:
+        return _print_preview(host, datapath, plan, args.output)
     output = args.output
     if output == "json":
         sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n")
@@ -158,6 +200,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
             formats = ", ".join(["table", "json", *host.plan_formats()])
             raise UsageError(f"--output {output!r}: unknown format (available: {formats})")
         sys.stdout.write(text)
+    return 0
+
+
+def _print_preview(host: PluginHost, datapath: str, plan: ServiceMap, output: str) -> int:
+    changes = host.preview(datapath, plan)
+    if changes is None:
+        raise UsageError(f"--against-kernel: the {datapath} datapath cannot preview a sync")
+    if output == "json":
+        sys.stdout.write(json.dumps({"datapath": datapath, "frontends": len(plan.frontends),
+                                     "changes": changes}, indent=2) + "\n")
+        return 0
+    if output != "table":
+        raise UsageError(f"--output {output!r}: with --against-kernel, table or json")
+    sys.stdout.write(f"# the first {datapath} sync on this node would make "
+                     f"{len(changes)} change(s) for {len(plan.frontends)} frontends"
+                     f"{' (the kernel already holds this plan)' if not changes else ':'}\n")
+    sys.stdout.writelines(f"{line}\n" for line in changes)
     return 0
 
 
@@ -365,13 +424,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sp = sub.add_parser("plan", help="print what would be programmed (dry run)")
-    sp.add_argument("--manifests", required=True, metavar="DIR")
+    src = sp.add_mutually_exclusive_group()
+    src.add_argument("--manifests", metavar="DIR",
+                     help="read Services, EndpointSlices and Nodes from a directory")
+    src.add_argument("--kubeconfig", metavar="PATH",
+                     help="list them from the API server, as `run` does (default without "
+                     "--manifests: clientConnection.kubeconfig, in-cluster config, then "
+                     "$KUBECONFIG)")
     sp.add_argument("--config", metavar="FILE")
-    sp.add_argument("--node", metavar="NAME", help="the node to plan for")
+    sp.add_argument("--node", "--hostname-override", dest="node", metavar="NAME",
+                    help="the node to plan for")
     sp.add_argument("--output", "-o", default="table",
                     help="table, json, or a datapath format (ipvsadm, iptables-save)")
     sp.add_argument("--datapath", help="datapath that renders a datapath format "
-                    "(default: the configured one)")
+                    "(default: the configured one; with --against-kernel: the one `run` "
+                    "would select here)")
+    sp.add_argument("--against-kernel", action="store_true",
+                    help="print what the first sync would change in this node's kernel "
+                    "(read it as `run` does, change nothing)")
+    sp.add_argument("--sync-timeout", type=float, default=300.0, help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_plan)
 
     sp = sub.add_parser("run", help="run the proxy")

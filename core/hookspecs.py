@@ -154,6 +154,18 @@ def svcproxy_apply_plan(name: str, plan: ServiceMap, delta: PlanDelta,
 
 
 @hookspec(firstresult=True)
+def svcproxy_preview_plan(name: str, plan: ServiceMap) -> Sequence[str] | None:
+    """What a first full sync of datapath `name` to `plan` would change in this
+    node's kernel, one line per change, without changing anything (`svcproxy
+    plan --against-kernel`): the datapath reads the kernel as its first sync
+    does and reports the writes it would make. Empty: the kernel already holds
+    `plan` (a node taken over from kube-proxy with current state).
+
+    firstresult: only the named datapath's plugin answers.
+    """
+
+
+@hookspec(firstresult=True)
 def svcproxy_render_plan(name: str, plan: ServiceMap, output: str) -> str | None:
     """Render `plan` as datapath `name` would program it, in format `output`
     (e.g. "ipvsadm", "iptables-save"), without touching the kernel. The plugin

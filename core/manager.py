@@ -351,6 +351,10 @@ class PluginHost:
             formats.extend(answer or ())
         return formats
 
+    def preview(self, name: str, plan: ServiceMap) -> list[str] | None:
+        answer = self.pm.hook.svcproxy_preview_plan(name=name, plan=plan)
+        return None if answer is None else list(answer)
+
     def render(self, name: str, plan: ServiceMap, output: str) -> str | None:
         return self.pm.hook.svcproxy_render_plan(  # type: ignore[no-any-return]
             name=name, plan=plan, output=output)

@@ -206,6 +206,19 @@ class ProxyHarness:
         assert result.ok, result.error
         return result
 
+    def plan(self) -> Any:
+        """The full plan of the current state, as the next full sync makes it."""
+        from svcproxy.ir import ServiceMap
+
+        return self.proxy.planner.plan_full(self.proxy.context(), self.proxy.state,
+                                            ServiceMap())[0]
+
+    def preview(self) -> list[str]:
+        """`svcproxy plan --against-kernel`: what a first sync would change."""
+        changes = self.host.preview(self.datapath, self.plan())
+        assert changes is not None
+        return changes
+
 
 def only_plugins(*names: str) -> str:
     """A SvcProxyConfiguration `disable:` line that keeps only these default

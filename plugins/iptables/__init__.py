@@ -231,6 +231,31 @@ class IptablesPlugin:
         return ApplyResult(changes=written + deleted + jumps, repaired=0 if not full else
                            written + deleted + jumps, details=details)
 
+    @hookimpl
+    def svcproxy_preview_plan(self, name: str, plan: ServiceMap) -> list[str] | None:
+        """A first full sync per family through preview doors: a fresh state
+        reads this node's rules and records the restore it would run."""
+        if name != NAME:
+            return None
+        from svcproxy.plugins.kernel.preview import Changes, PreviewIptables
+
+        changes = Changes()
+        families = {f.family for f in plan.frontends.values()} | {4}
+        for family in sorted(families):
+            if family == 6 and not self._ipv6_usable():
+                continue
+            opts = rule_options(self.config, family, plan)
+            if opts.localnet:
+                current = self.sysctls.read(ROUTE_LOCALNET)
+                if current is not None and current.strip() != "1":
+                    changes.append(f"sysctl -w {ROUTE_LOCALNET.replace('/', '.')}=1 "
+                                   f"(is {current.strip()})")
+            command = "iptables" if family == 4 else "ip6tables"
+            kernel = PreviewIptables(IptablesKernel(family, self._backend(), self.netns),
+                                     changes, command)
+            sync_family(FamilyState(kernel), plan, None, opts)  # type: ignore[arg-type]
+        return list(changes)
+
     def _ipv6_usable(self) -> bool:
         # Like kube-proxy, run single-stack when ip6tables cannot work here
         # rather than failing every sync.

@@ -44,6 +44,13 @@ from .servers import NODE_PORT_RANGE, IpvsOptions, IpvsState, render_ipvsadm, to
 log = logging.getLogger(__name__)
 
 NAME = "ipvs"
+
+
+class _PreviewKernel:
+    """IpvsKernelDoors over preview doors (plan --against-kernel)."""
+
+    def __init__(self, nl: Any, link: Any, conntrack: Any) -> None:
+        self.nl, self.link, self.conntrack = nl, link, conntrack
 SCHEDULER_ANNOTATION = "svcproxy.io/ipvs-scheduler"
 FLAGS_ANNOTATION = "svcproxy.io/ipvs-scheduler-flags"
 SCHEDULERS = IPVS_SCHEDULERS
@@ -300,9 +307,10 @@ class IpvsPlugin:
         if name != NAME:
             return None
         state = self._state()
+        early = 0
         if not self.helpers:
             with phase("early"):
-                self._early_masquerade(plan)
+                early = self._early_masquerade(plan)
         # Sets and helper rules first: a VIP is in KUBE-IPVS-IPS (and so its
         # node-originated traffic masqueraded) before it is bound to kube-ipvs0.
         helper_changes = 0
@@ -319,20 +327,25 @@ class IpvsPlugin:
             raise SyncError(f"the kernel refused {len(result.failures)} of {total} IPVS and "
                             f"kube-ipvs0 changes: {shown}{more}")
         return ApplyResult(changes=result.batch_ops + result.bound + result.unbound
-                           + helper_changes,
+                           + helper_changes + early,
                            details={"bound": result.bound, "unbound": result.unbound,
                                     "drained": result.drained,
                                     "draining": len(state.draining)},
                            followup=bool(state.draining))
 
-    def _early_masquerade(self, plan: ServiceMap) -> None:
-        """The first thing written at start-up (HelperState.early)."""
+    def _early_masquerade(self, plan: ServiceMap) -> int:
+        """The first thing written at start-up (HelperState.early); returns the
+        number of changes."""
         bound = self._kernel().link.addresses()
+        total = 0
         for family in sorted({4} | {ip_family(a) for a in bound}):
-            if self._helper(family).early(bound, self._helper_options(family, plan)):
+            wrote = self._helper(family).early(bound, self._helper_options(family, plan))
+            if wrote:
                 log.info("IPv%d: masquerading node traffic from %d service VIPs already "
                          "on kube-ipvs0 before the first sync", family,
                          sum(1 for a in bound if ip_family(a) == family))
+            total += wrote
+        return total
 
     def _helper(self, family: int) -> HelperState:
         if family not in self.helpers:
@@ -353,6 +366,42 @@ class IpvsPlugin:
         return HelperOptions(family=family, masquerade_bit=ro.masquerade_bit,
                              masquerade_all=ro.masquerade_all,
                              local_detector=ro.local_detector, node_ip=ro.node_ip)
+
+    @hookimpl
+    def svcproxy_preview_plan(self, name: str, plan: ServiceMap) -> list[str] | None:
+        """A first full sync through preview doors (svcproxy.plugins.kernel.preview):
+        a fresh reconciler reads this node's kernel and records its writes."""
+        if name != NAME:
+            return None
+        from svcproxy.plugins.kernel.iptables import detect_backend
+        from svcproxy.plugins.kernel.preview import (
+            Changes,
+            PreviewConntrack,
+            PreviewIpset,
+            PreviewIptables,
+            PreviewIpvs,
+            PreviewLink,
+        )
+
+        changes = Changes()
+        store = SysctlStore(None, self.netns)
+        for sysctl, value in self._wanted_sysctls().items():
+            current = store.read(sysctl)
+            if current is not None and current.strip() != value:
+                changes.append(f"sysctl -w {sysctl.replace('/', '.')}={value} (is {current})")
+        real = self._kernel()
+        kernel = _PreviewKernel(PreviewIpvs(real.nl, changes), PreviewLink(real.link, changes),
+                                PreviewConntrack(changes))
+        state = IpvsState(kernel, self.options)
+        for family in sorted({4} | plan.families()):
+            backend, _ = detect_backend(family, self.netns)
+            command = "iptables" if family == 4 else "ip6tables"
+            helper = HelperState(PreviewIpset(Ipset(self.netns), changes),
+                                 PreviewIptables(IptablesKernel(family, backend, self.netns),
+                                                 changes, command), family)
+            helper.sync(plan, None, self._helper_options(family, plan))
+        state.sync(plan, None)
+        return list(changes)
 
     @hookimpl
     def svcproxy_render_plan(self, plan: ServiceMap, output: str) -> str | None:

@@ -96,23 +96,23 @@ class HelperState:
 
     # -- before the first sync ------------------------------------------------------------
 
-    def early(self, bound: Iterable[str], opts: HelperOptions) -> bool:
+    def early(self, bound: Iterable[str], opts: HelperOptions) -> int:
         """Before the first sync: addresses already on kube-ipvs0 (a previous run,
         or kube-proxy's) are in KUBE-IPVS-IPS and node traffic from them is
         masqueraded, so the node keeps reaching the API server through its VIP
-        while a long first sync runs. Returns whether it wrote."""
+        while a long first sync runs. Returns the number of changes it wrote
+        (set members, chains and jumps; set creation aside, as in sync)."""
         self.read()
         fam = self.family
         name = self.names["KUBE-IPVS-IPS"]
         wanted = {(name, a): True for a in bound if (":" in a) == (fam == 6)}
         diff = self.members.diff(wanted, wanted)
-        wrote = False
+        wrote = 0
         if name not in self.existing:
             self._create([name])
-            wrote = True
         if diff.created:
             self._write(diff)
-            wrote = True
+            wrote += len(diff.created)
         key = ("nat", "KUBE-POSTROUTING")
         have = self.chains.get(key)
         first = vip_source_rule(fam)
@@ -123,7 +123,7 @@ class HelperState:
             self.chains.set(key, rules)
             for t, c, b in jumps:
                 self.builtin[(t, c)] = (*self.builtin.get((t, c), ()), f"-A {c} {b}")
-            wrote = True
+            wrote += 1 + len(jumps)
         self.just_read = True
         return wrote
 

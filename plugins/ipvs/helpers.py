@@ -306,9 +306,12 @@ def _nat_services(sets: _Sets, opts: HelperOptions) -> tuple[str, ...]:
             *sets.match(name, "dst,dst"), "-m addrtype --dst-type LOCAL"], target="ACCEPT"))
     out.append(rule("KUBE-SERVICES", matches=["-m addrtype --dst-type LOCAL"],
                     target="KUBE-NODE-PORT"))
+    # "accept IPVS traffic", last: kube-proxy's acceptIPVSTraffic writes these
+    # without a comment (a node taken over keeps its chain unchanged)
     for name in ("KUBE-CLUSTER-IP", "KUBE-LOAD-BALANCER"):
         if sets.has(name):
-            out.append(rule("KUBE-SERVICES", matches=sets.match(name, "dst,dst"),
+            out.append(rule("KUBE-SERVICES",
+                            matches=[f"-m set --match-set {sets.name(name)} dst,dst"],
                             target="ACCEPT"))
     return tuple(out)
 
@@ -350,12 +353,13 @@ def _filter_chains(sets: _Sets, out_filter: list[tuple[str, str, int]], family: 
              for name in ("KUBE-LOAD-BALANCER-SOURCE-CIDR", "KUBE-LOAD-BALANCER-SOURCE-IP")
              if sets.has(name)]
     f_src.append(rule("KUBE-SOURCE-RANGES-FIREWALL", target="DROP"))
-    f_ipvs = [rule("KUBE-IPVS-FILTER", matches=sets.match(name, "dst,dst"), target="RETURN")
+    # kube-proxy writes KUBE-IPVS-FILTER's rules without comments
+    f_ipvs = [rule("KUBE-IPVS-FILTER", matches=[f"-m set --match-set {sets.name(name)} dst,dst"],
+                   target="RETURN")
               for name in ("KUBE-LOAD-BALANCER", "KUBE-CLUSTER-IP", "KUBE-EXTERNAL-IP",
                            "KUBE-EXTERNAL-IP-LOCAL")]
-    f_ipvs.append(rule("KUBE-IPVS-FILTER",
-                       matches=sets.match("KUBE-HEALTH-CHECK-NODE-PORT", "dst"),
-                       target="RETURN"))
+    f_ipvs.append(rule("KUBE-IPVS-FILTER", matches=[
+        f"-m set --match-set {sets.name('KUBE-HEALTH-CHECK-NODE-PORT')} dst"], target="RETURN"))
     reject = "icmp-port-unreachable" if family == 4 else "icmp6-port-unreachable"
     f_ipvs.append(rule("KUBE-IPVS-FILTER", matches=[
         "-m conntrack --ctstate NEW",

@@ -47,10 +47,11 @@ from svcproxy.plugins.kernel.doors import IpvsBatchDoor, IpvsKernelDoors
 from svcproxy.plugins.kernel.ipvs import (
     F_PERSISTENT,
     F_SCHED1,
-    F_SCHED2,
     SCHED_FLAGS,
     RealServer,
     VirtualServer,
+    ipvsadm_dest,
+    ipvsadm_service,
 )
 
 from .helpers import SetIndex, net_changes
@@ -407,21 +408,6 @@ def render_ipvsadm(table: dict[VirtualServer, list[RealServer]]) -> str:
     """The table in `ipvsadm -S -n` format (masquerade real servers)."""
     lines = []
     for vs in sorted(table, key=lambda v: (":" in v.address, v.protocol, v.address, v.port)):
-        proto = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}[vs.protocol]
-        host = f"[{vs.address}]" if ":" in vs.address else vs.address
-        head = f"-A {proto} {host}:{vs.port} -s {vs.scheduler}"
-        names = []
-        prefix = vs.scheduler if vs.scheduler in ("sh", "mh") else ""
-        if vs.flags & F_SCHED1:
-            names.append(f"{prefix}-fallback" if prefix else "flag-1")
-        if vs.flags & F_SCHED2:
-            names.append(f"{prefix}-port" if prefix else "flag-2")
-        if names:
-            head += " -b " + ",".join(names)
-        if vs.flags & F_PERSISTENT:
-            head += f" -p {vs.timeout}"
-        lines.append(head)
-        for rs in sorted(table[vs]):
-            rhost = f"[{rs.address}]" if ":" in rs.address else rs.address
-            lines.append(f"-a {proto} {host}:{vs.port} -r {rhost}:{rs.port} -m -w {rs.weight}")
+        lines.append(ipvsadm_service(vs))
+        lines += [ipvsadm_dest(vs, rs) for rs in sorted(table[vs])]
     return "\n".join(lines) + ("\n" if lines else "")

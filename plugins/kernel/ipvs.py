@@ -151,6 +151,37 @@ class RealServer:
 
 
 @functools.lru_cache(maxsize=1 << 16)
+def ipvsadm_service(vs: VirtualServer, op: str = "-A") -> str:
+    """`ipvsadm` arguments for one virtual server (op -A add, -E edit, -D delete),
+    as `ipvsadm -S -n` prints them."""
+    proto = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}[vs.protocol]
+    host = f"[{vs.address}]" if ":" in vs.address else vs.address
+    head = f"{op} {proto} {host}:{vs.port}"
+    if op == "-D":
+        return head
+    head += f" -s {vs.scheduler}"
+    names = []
+    prefix = vs.scheduler if vs.scheduler in ("sh", "mh") else ""
+    if vs.flags & F_SCHED1:
+        names.append(f"{prefix}-fallback" if prefix else "flag-1")
+    if vs.flags & F_SCHED2:
+        names.append(f"{prefix}-port" if prefix else "flag-2")
+    if names:
+        head += " -b " + ",".join(names)
+    if vs.flags & F_PERSISTENT:
+        head += f" -p {vs.timeout}"
+    return head
+
+
+def ipvsadm_dest(vs: VirtualServer, rs: RealServer, op: str = "-a") -> str:
+    """`ipvsadm` arguments for one real server (op -a add, -e edit, -d delete)."""
+    proto = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}[vs.protocol]
+    host = f"[{vs.address}]" if ":" in vs.address else vs.address
+    rhost = f"[{rs.address}]" if ":" in rs.address else rs.address
+    line = f"{op} {proto} {host}:{vs.port} -r {rhost}:{rs.port}"
+    return line if op == "-d" else f"{line} -m -w {rs.weight}"
+
+
 def _addr(address: str) -> bytes:
     # inet_pton, not ipaddress: parsing addresses was a third of the time spent
     # building a 10,000-service batch

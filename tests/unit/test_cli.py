@@ -114,7 +114,10 @@ def bad_input_cases(tmp: Path) -> list[tuple[list[str], str]]:
          "ipvs.scheduler: must be one of"),
         (["plan", "--manifests", str(tmp / "nope")], "not a directory"),
         (["plan", "--manifests", ex, "--config", str(tmp / "missing.yaml")], "cannot read"),
-        (["plan"], "the following arguments are required: --manifests"),
+        (["plan", "--kubeconfig", str(tmp / "nope.kubeconfig")],
+         "or plan a manifest directory: --manifests DIR"),
+        (["plan", "--manifests", ex, "--kubeconfig", "k"],
+         "argument --kubeconfig: not allowed with argument --manifests"),
     ]
 
 

@@ -1,0 +1,306 @@
+"""Taking over a node that kube-proxy's IPVS mode programmed, in place.
+
+The node is first programmed as kube-proxy leaves it (kube-proxy-behaviour.md
+1.2-1.8, and pkg/proxy/ipvs/proxier.go's writeIptablesRules for the rule
+spelling): kube-ipvs0 with the ClusterIPs, the virtual and real servers with
+`ipvsadm -R`, its ipsets with `ipset restore`, its chains with
+`iptables-restore --noflush`, its sysctls: written by the kernel tools, not by
+svcproxy. kube-proxy is one step behind the cluster: an endpoint it has not
+seen yet (c), and one it is draining (d, weight 0, a connection still open).
+With connections held open through a ClusterIP and a NodePort (TCP and UDP),
+svcproxy's preview names the real differences, its first sync changes exactly
+those (counted independently from the kernel before and after; untouched rules
+keep their packet counters), every connection still answers, and a restart of
+svcproxy itself changes nothing."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from factories import ProxyHarness, endpoint, service, slice_
+from netns import Topology, ipset_save, sh
+
+NODE_IP = "192.168.100.1"
+WEB_VIP, DNS_VIP = "10.96.0.10", "10.96.0.53"
+WEB = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": 30080}]
+DNS = [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353, "nodePort": 30053}]
+WEB_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
+DNS_EP = [{"name": "dns", "port": 5353, "protocol": "UDP"}]
+PODS = {"a": ("10.244.1.11", "node-a"), "b": ("10.244.2.12", "node-b"),
+        "c": ("10.244.3.13", "node-c"), "d": ("10.244.4.14", "node-d"),
+        "u": ("10.244.1.53", "node-a")}
+
+#: kube-proxy's ipsets (kube-proxy-behaviour.md 1.7): name -> type
+KUBE_PROXY_SETS = {
+    "KUBE-LOOP-BACK": "hash:ip,port,ip", "KUBE-CLUSTER-IP": "hash:ip,port",
+    "KUBE-EXTERNAL-IP": "hash:ip,port", "KUBE-EXTERNAL-IP-LOCAL": "hash:ip,port",
+    "KUBE-LOAD-BALANCER": "hash:ip,port", "KUBE-LOAD-BALANCER-LOCAL": "hash:ip,port",
+    "KUBE-LOAD-BALANCER-FW": "hash:ip,port", "KUBE-LOAD-BALANCER-SOURCE-IP": "hash:ip,port,ip",
+    "KUBE-LOAD-BALANCER-SOURCE-CIDR": "hash:ip,port,net", "KUBE-NODE-PORT-TCP": "bitmap:port",
+    "KUBE-NODE-PORT-LOCAL-TCP": "bitmap:port", "KUBE-NODE-PORT-UDP": "bitmap:port",
+    "KUBE-NODE-PORT-LOCAL-UDP": "bitmap:port", "KUBE-NODE-PORT-SCTP-HASH": "hash:ip,port",
+    "KUBE-NODE-PORT-LOCAL-SCTP-HASH": "hash:ip,port", "KUBE-HEALTH-CHECK-NODE-PORT": "bitmap:port",
+    "KUBE-IPVS-IPS": "hash:ip",
+}
+CIP = "Kubernetes service cluster ip + port for masquerade purpose"
+LOOP = "Kubernetes endpoints dst ip:port, source ip for solving hairpin purpose"
+
+#: what kube-proxy's IPVS mode restores for this cluster, in its own spelling
+#: (--or-mark / --xor-mark; iptables prints them as --set-xmark)
+KUBE_PROXY_RULES = f"""\
+*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-NODE-PORT - [0:0]
+:KUBE-LOAD-BALANCER - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+-A KUBE-POSTROUTING -m comment --comment "{LOOP}" -m set --match-set KUBE-LOOP-BACK dst,dst,src -j MASQUERADE
+-A KUBE-NODE-PORT -p tcp -m comment --comment "Kubernetes nodeport TCP port for masquerade purpose" -m set --match-set KUBE-NODE-PORT-TCP dst -j KUBE-MARK-MASQ
+-A KUBE-NODE-PORT -p udp -m comment --comment "Kubernetes nodeport UDP port for masquerade purpose" -m set --match-set KUBE-NODE-PORT-UDP dst -j KUBE-MARK-MASQ
+-A KUBE-SERVICES -s 127.0.0.0/8 -j RETURN
+-A KUBE-SERVICES ! -s 10.244.0.0/16 -m comment --comment "{CIP}" -m set --match-set KUBE-CLUSTER-IP dst,dst -j KUBE-MARK-MASQ
+-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODE-PORT
+-A KUBE-LOAD-BALANCER -j KUBE-MARK-MASQ
+-A KUBE-SERVICES -m set --match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+-I PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-I OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-I POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
+COMMIT
+*filter
+:KUBE-FORWARD - [0:0]
+:KUBE-NODE-PORT - [0:0]
+:KUBE-PROXY-FIREWALL - [0:0]
+:KUBE-SOURCE-RANGES-FIREWALL - [0:0]
+:KUBE-IPVS-FILTER - [0:0]
+:KUBE-IPVS-OUT-FILTER - [0:0]
+-A KUBE-SOURCE-RANGES-FIREWALL -j DROP
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A KUBE-NODE-PORT -m comment --comment "Kubernetes health check node port" -m set --match-set KUBE-HEALTH-CHECK-NODE-PORT dst -j ACCEPT
+-A KUBE-IPVS-FILTER -m set --match-set KUBE-LOAD-BALANCER dst,dst -j RETURN
+-A KUBE-IPVS-FILTER -m set --match-set KUBE-CLUSTER-IP dst,dst -j RETURN
+-A KUBE-IPVS-FILTER -m set --match-set KUBE-EXTERNAL-IP dst,dst -j RETURN
+-A KUBE-IPVS-FILTER -m set --match-set KUBE-EXTERNAL-IP-LOCAL dst,dst -j RETURN
+-A KUBE-IPVS-FILTER -m set --match-set KUBE-HEALTH-CHECK-NODE-PORT dst -j RETURN
+-A KUBE-IPVS-FILTER -m conntrack --ctstate NEW -m set --match-set KUBE-IPVS-IPS dst -j REJECT
+-I FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD
+-I INPUT -m comment --comment "kubernetes health check rules" -j KUBE-NODE-PORT
+-I INPUT -m comment --comment "kube-proxy firewall rules" -j KUBE-PROXY-FIREWALL
+-I FORWARD -m comment --comment "kube-proxy firewall rules" -j KUBE-PROXY-FIREWALL
+-I INPUT -m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-FILTER
+-I OUTPUT -m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-OUT-FILTER
+COMMIT
+"""
+
+
+def kube_proxy_node(topo: Topology) -> None:
+    """kube-proxy's state, written with the kernel tools, as it was while web's
+    only endpoint was d (the ClusterIP; the NodePort already as below)."""
+    ns = topo.node
+    for name, value in (("net.ipv4.vs.conntrack", "1"), ("net.ipv4.vs.expire_nodest_conn", "1"),
+                        ("net.ipv4.vs.expire_quiescent_template", "1"),
+                        ("net.ipv4.ip_forward", "1")):
+        sh("sysctl", "-q", "-w", f"{name}={value}", netns=ns)
+    sh("ip", "link", "add", "kube-ipvs0", "type", "dummy", netns=ns)
+    for vip in (WEB_VIP, DNS_VIP):
+        sh("ip", "addr", "add", f"{vip}/32", "dev", "kube-ipvs0", netns=ns)
+    lines = [f"-A -t {WEB_VIP}:80 -s rr", f"-a -t {WEB_VIP}:80 -r {PODS['d'][0]}:8080 -m -w 1",
+             f"-A -t {NODE_IP}:30080 -s rr"]
+    for pod, weight in (("a", 1), ("b", 1), ("d", 0)):
+        lines.append(f"-a -t {NODE_IP}:30080 -r {PODS[pod][0]}:8080 -m -w {weight}")
+    for vs in (f"-u {DNS_VIP}:53", f"-u {NODE_IP}:30053"):
+        lines += [f"-A {vs} -s rr", f"-a {vs} -r {PODS['u'][0]}:5353 -m -w 1"]
+    sh("ipvsadm", "-R", stdin="\n".join(lines) + "\n", netns=ns)
+    sets = []
+    for name, kind in KUBE_PROXY_SETS.items():
+        opts = "range 0-65535" if kind.startswith("bitmap") else \
+            "family inet hashsize 1024 maxelem 65536"
+        sets.append(f"create {name} {kind} {opts}")
+    members = {"KUBE-CLUSTER-IP": [f"{WEB_VIP},tcp:80", f"{DNS_VIP},udp:53"],
+               "KUBE-IPVS-IPS": [WEB_VIP, DNS_VIP],
+               "KUBE-NODE-PORT-TCP": ["30080"], "KUBE-NODE-PORT-UDP": ["30053"],
+               "KUBE-LOOP-BACK": [f"{PODS['a'][0]},tcp:8080,{PODS['a'][0]}",
+                                  f"{PODS['u'][0]},udp:5353,{PODS['u'][0]}"]}
+    sets += [f"add {name} {m}" for name, ms in members.items() for m in ms]
+    sh("ipset", "restore", stdin="\n".join(sets) + "\n", netns=ns)
+    sh("iptables-restore", "--noflush", stdin=KUBE_PROXY_RULES, netns=ns)
+
+
+def kernel_view(ns: str) -> dict[str, Any]:
+    """The node as the kernel tools show it: the independent view."""
+    ipvs: dict[str, str] = {}
+    for line in sh("ipvsadm", "-S", "-n", netns=ns).stdout.splitlines():
+        parts = line.split()
+        if parts[:1] == ["-A"]:
+            ipvs[" ".join(parts[1:3])] = line
+        elif parts[:1] == ["-a"]:
+            ipvs[" ".join(parts[1:5])] = line
+    chains: dict[str, list[str]] = {}
+    counters: dict[str, list[str]] = {}
+    for table in ("nat", "filter"):
+        for line in sh("iptables-save", "-c", "-t", table, netns=ns).stdout.splitlines():
+            if line.startswith(":"):
+                name = line[1:].split()[0]
+                chains.setdefault(f"{table}/{name}", [])
+                counters.setdefault(f"{table}/{name}", [])
+            elif line.startswith("["):
+                count, rule = line.split("] ", 1)
+                name = rule.split()[1]
+                chains.setdefault(f"{table}/{name}", []).append(rule)
+                counters.setdefault(f"{table}/{name}", []).append(count)
+    addrs = json.loads(sh("ip", "-j", "addr", "show", "kube-ipvs0", netns=ns).stdout)
+    bound = {a["local"] for link in addrs for a in link.get("addr_info", [])}
+    return {"ipvs": ipvs, "chains": chains, "counters": counters,
+            "sets": ipset_save(ns), "bound": bound}
+
+
+def differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Every kernel object that differs: a virtual or real server added, removed
+    or changed, a chain whose rules differ, a set member, a bound address."""
+    out = []
+    for key in sorted(set(before["ipvs"]) | set(after["ipvs"])):
+        if before["ipvs"].get(key) != after["ipvs"].get(key):
+            out.append(f"ipvs {key}: {before['ipvs'].get(key)} -> {after['ipvs'].get(key)}")
+    for chain in sorted(set(before["chains"]) | set(after["chains"])):
+        if before["chains"].get(chain) != after["chains"].get(chain):
+            out.append(f"chain {chain}")
+    for name in sorted(set(before["sets"]) | set(after["sets"])):
+        for m in sorted(before["sets"].get(name, set()) ^ after["sets"].get(name, set())):
+            out.append(f"set {name} {m}")
+    out += [f"address {a}" for a in sorted(before["bound"] ^ after["bound"])]
+    return out
+
+
+class Node(ProxyHarness):
+    def __init__(self, topo: Topology, tmp: Path) -> None:
+        text = textwrap.dedent(f"""\
+            apiVersion: kubeproxy.config.k8s.io/v1alpha1
+            kind: KubeProxyConfiguration
+            mode: ipvs
+            clusterCIDR: 10.244.0.0/16
+            ---
+            apiVersion: svcproxy.io/v1alpha1
+            kind: SvcProxyConfiguration
+            datapaths: [ipvs]
+            datapathOptions:
+              ipvs: {{netns: {topo.node}, drainIgnoresInactive: true,
+                     sysctlBackup: {tmp / 'sysctl.json'}}}
+        """)
+        super().__init__(text, "ipvs", [NODE_IP], start=True)
+        # the cluster now: web -> a, b, c (d is gone), dns -> u
+        self.publish(service("web", cluster_ip=WEB_VIP, type="NodePort", ports=WEB))
+        self.publish(service("dns", cluster_ip=DNS_VIP, type="NodePort", ports=DNS))
+        self.publish(slice_("web", ports=WEB_EP, endpoints=[
+            endpoint(PODS[p][0], PODS[p][1]) for p in ("a", "b", "c")]))
+        self.publish(slice_("dns", ports=DNS_EP, endpoints=[endpoint(*PODS["u"])]))
+
+
+@pytest.fixture
+def topo() -> Iterator[Topology]:
+    t = Topology()
+    try:
+        t.create_node()
+        t.add_client("c1", "192.168.100.2", NODE_IP)
+        for name, (ip, _) in PODS.items():
+            t.add_pod(name, ip)
+        yield t
+    finally:
+        t.close()
+
+
+def test_takeover_from_kube_proxy_ipvs_mode(topo: Topology, tmp_path: Path) -> None:
+    ns = topo.node
+    kube_proxy_node(topo)
+    # a connection lands on d, then kube-proxy sees a and b come and d go:
+    # it adds them and drains d (weight 0), as its graceful termination does
+    on_d = topo.hold("c1", WEB_VIP, 80)
+    assert on_d.stdout is not None and on_d.stdin is not None
+    assert json.loads(on_d.stdout.readline())["first"] == "d"
+    for pod in ("a", "b"):
+        sh("ipvsadm", "-a", "-t", f"{WEB_VIP}:80", "-r", f"{PODS[pod][0]}:8080", "-m",
+           netns=ns)
+    sh("ipvsadm", "-e", "-t", f"{WEB_VIP}:80", "-r", f"{PODS['d'][0]}:8080", "-m", "-w", "0",
+       netns=ns)
+    # connections through kube-proxy's rules, held across the takeover
+    holds = {}
+    for name, (host, port) in {"cluster-ip": (WEB_VIP, 80),
+                               "node-port": (NODE_IP, 30080)}.items():
+        proc = topo.hold("c1", host, port)
+        assert proc.stdout is not None
+        holds[name] = (proc, json.loads(proc.stdout.readline())["first"])
+        assert holds[name][1] in ("a", "b")
+    udp = {name: topo.hold_udp("c1", host, port)
+           for name, (host, port) in {"cluster-ip": (DNS_VIP, 53),
+                                      "node-port": (NODE_IP, 30053)}.items()}
+    assert {name: s.ask() for name, s in udp.items()} == {"cluster-ip": "u", "node-port": "u"}
+    before = kernel_view(ns)
+
+    n = Node(topo, tmp_path)
+    preview = n.preview()
+    assert kernel_view(ns) == before  # the preview changed nothing
+    c = PODS["c"][0]
+    d = PODS["d"][0]
+    assert sorted(preview) == sorted([
+        f"ipvsadm -a -t {WEB_VIP}:80 -r {c}:8080 -m -w 1",
+        f"ipvsadm -a -t {NODE_IP}:30080 -r {c}:8080 -m -w 1",
+        # d drains where a connection holds it, and goes where none does
+        # (as kube-proxy's graceful termination would)
+        f"ipvsadm -d -t {NODE_IP}:30080 -r {d}:8080",
+        # svcproxy's one addition to kube-proxy's layout: node traffic from a VIP
+        # is masqueraded (docs/ipvs.md)
+        "iptables -t nat write KUBE-POSTROUTING (5 rules)",
+    ]), preview
+    result = n.sync()
+    after = kernel_view(ns)
+    diff = differences(before, after)
+    # exactly the real differences, counted from the kernel: two real servers
+    # added, one drained one removed, one chain rewritten; the ClusterIP's d
+    # keeps draining at weight 0 while its connection is open
+    assert diff == [f"ipvs -t {WEB_VIP}:80 -r {c}:8080: None -> -a -t {WEB_VIP}:80 -r "
+                    f"{c}:8080 -m -w 1",
+                    f"ipvs -t {NODE_IP}:30080 -r {c}:8080: None -> -a -t {NODE_IP}:30080 -r "
+                    f"{c}:8080 -m -w 1",
+                    f"ipvs -t {NODE_IP}:30080 -r {d}:8080: -a -t {NODE_IP}:30080 -r {d}:8080 "
+                    "-m -w 0 -> None",
+                    "chain nat/KUBE-POSTROUTING"], diff
+    assert result.apply.changes == len(diff) == len(preview)
+    assert result.apply.details["draining"] == 1
+    assert f"-a -t {WEB_VIP}:80 -r {d}:8080 -m -w 0" in after["ipvs"].values()
+    # nothing flushed: every other chain kept its packet counters
+    for chain, counts in before["counters"].items():
+        if chain != "nat/KUBE-POSTROUTING":
+            assert after["counters"][chain] == counts, chain
+
+    # every connection still answers, on the same backend
+    assert {name: s.ask() for name, s in udp.items()} == {"cluster-ip": "u", "node-port": "u"}
+    for name, (proc, first) in holds.items():
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("again\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == {"first": first, "second": first}, name
+    on_d.stdin.write("again\n")
+    on_d.stdin.flush()
+    assert json.loads(on_d.stdout.readline()) == {"first": "d", "second": "d"}
+    on_d.wait(timeout=10)
+    # new connections reach the new endpoint too
+    assert set(topo.answers("c1", "http", WEB_VIP, 80, 9)) == {"a", "b", "c"}
+    # d's connection is closed: the next sync ends its drain
+    n.sync()
+    assert PODS["d"][0] not in " ".join(kernel_view(ns)["ipvs"].values())
+
+    # a restart of svcproxy itself (a fresh process knows nothing): nothing to do
+    settled = kernel_view(ns)
+    again = Node(topo, tmp_path)
+    assert again.preview() == []
+    assert again.sync().apply.changes == 0
+    assert differences(settled, kernel_view(ns)) == []
+    assert {name: s.ask() for name, s in udp.items()} == {"cluster-ip": "u", "node-port": "u"}
