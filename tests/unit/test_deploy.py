@@ -35,7 +35,7 @@ def by_kind(kind: str) -> dict[str, Any]:
 def test_manifest_validates_against_the_openapi_schema(name: str, doc: dict[str, Any]) -> None:
     if doc["apiVersion"].startswith("monitoring.coreos.com/"):
         # a CRD: not in the Kubernetes schema; check the fields the operator needs
-        # (the PrometheusRule's rules are checked by promtool: test_monitoring.py)
+        # (the PrometheusRule's rules are checked by promtool: test_alert_rules.py)
         assert doc["kind"] in ("ServiceMonitor", "PrometheusRule")
         if doc["kind"] == "ServiceMonitor":
             assert doc["spec"]["selector"]["matchLabels"]

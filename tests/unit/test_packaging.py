@@ -18,3 +18,10 @@ def test_every_package_is_listed_in_pyproject() -> None:
             rel = init.parent.relative_to(ROOT / base).parts
             found.add(".".join((name, *rel)))
     assert found == listed
+
+
+def test_test_module_names_are_unique_across_tiers() -> None:
+    """The tiers have no __init__.py: pytest imports test modules by basename,
+    and two with the same name stop collection of the whole suite."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

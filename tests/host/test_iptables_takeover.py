@@ -1,5 +1,5 @@
 """Taking over a node that kube-proxy's iptables mode programmed, in place, with
-svcproxy's iptables datapath (tests/vm/test_takeover.py does the same from
+svcproxy's iptables datapath (tests/vm/test_ipvs_takeover.py does the same from
 kube-proxy's IPVS mode).
 
 The node's rules are kube-proxy's layout for the cluster as kube-proxy last saw
