@@ -658,7 +658,8 @@ def _check_disabled_settings(kp: KubeProxyConfiguration, sp: SvcProxyConfigurati
     default = KubeProxyConfiguration()
     for path, plugin in PLUGIN_SETTINGS:
         value = _field_value(kp, path)
-        if plugin in sp.disabled and value != _field_value(default, path):
+        # an "off" value ("", 0, false) asks nothing of the disabled plugin
+        if plugin in sp.disabled and value and value != _field_value(default, path):
             problems.append(ConfigProblem(
                 path, f"is set ({show(value)}) but plugin {plugin!r}, which applies it, is "
                 "disabled: enable the plugin (remove it from disable:) or remove the setting"))

@@ -35,6 +35,7 @@ from svcproxy.plugins.kernel.iptables import IptablesKernel
 from svcproxy.plugins.kernel.ipvs import SCHED_FLAGS, probe_ipvs
 from svcproxy.plugins.kernel.netns import in_netns, opened_in, read_proc
 from svcproxy.plugins.kernel.sysctl import DEFAULT_BACKUP, SysctlStore
+from svcproxy.plugins.kernel.tools import KernelError
 
 from .helper_state import HelperState
 from .helpers import HelperOptions
@@ -320,6 +321,10 @@ class IpvsPlugin:
                 helper_changes += self._helper(family).sync(
                     plan, None if full else delta.changed, self._helper_options(family, plan))
         result = state.sync(plan, None if full else delta.changed)
+        if full and not result.failures:
+            # the IPVS datapath serves now: what iptables mode left can go
+            with phase("leftovers"):
+                helper_changes += self._remove_iptables_mode()
         if result.failures:
             shown = "; ".join(result.failures[:5])
             more = f" (and {len(result.failures) - 5} more)" if len(result.failures) > 5 else ""
@@ -332,6 +337,21 @@ class IpvsPlugin:
                                     "drained": result.drained,
                                     "draining": len(state.draining)},
                            followup=bool(state.draining))
+
+    def _remove_iptables_mode(self) -> int:
+        removed = 0
+        for family, helper in sorted(self.helpers.items()):
+            try:
+                n = helper.remove_iptables_mode()
+            except KernelError as exc:
+                # a leftover chain someone else still refers to: keep it
+                log.warning("IPv%d: kube-proxy iptables-mode leftovers kept: %s", family, exc)
+                continue
+            if n:
+                log.info("IPv%d: removed %d iptables-mode chains and jumps (kube-proxy "
+                         "iptables mode's, unused by the IPVS datapath)", family, n)
+            removed += n
+        return removed
 
     def _early_masquerade(self, plan: ServiceMap) -> int:
         """The first thing written at start-up (HelperState.early); returns the
@@ -393,6 +413,7 @@ class IpvsPlugin:
         kernel = _PreviewKernel(PreviewIpvs(real.nl, changes), PreviewLink(real.link, changes),
                                 PreviewConntrack(changes))
         state = IpvsState(kernel, self.options)
+        helpers = []
         for family in sorted({4} | plan.families()):
             backend, _ = detect_backend(family, self.netns)
             command = "iptables" if family == 4 else "ip6tables"
@@ -400,7 +421,10 @@ class IpvsPlugin:
                                  PreviewIptables(IptablesKernel(family, backend, self.netns),
                                                  changes, command), family)
             helper.sync(plan, None, self._helper_options(family, plan))
+            helpers.append(helper)
         state.sync(plan, None)
+        for helper in helpers:
+            helper.remove_iptables_mode()
         return list(changes)
 
     @hookimpl

@@ -35,6 +35,7 @@ from .helpers import (
     frontend_entries,
     helper_chains,
     ipset_create,
+    iptables_mode_leftovers,
     is_owned,
     net_changes,
     set_name,
@@ -269,6 +270,25 @@ class HelperState:
         for t, c, b in jumps:
             self.builtin[(t, c)] = (f"-A {c} {b}", *self.builtin.get((t, c), ()))
         return len(diff) + len(jumps)
+
+    def remove_iptables_mode(self) -> int:
+        """After the IPVS datapath serves: remove what kube-proxy's iptables mode
+        (or svcproxy's iptables datapath) left that IPVS mode does not use, as
+        found by the last full read. Its per-service chains are unreferenced
+        once KUBE-SERVICES is IPVS mode's; its filter chains still hold
+        rejects for services that had no endpoints. Established connections
+        keep their conntrack entries. Returns the number of chains and jumps
+        removed."""
+        chains, jumps = iptables_mode_leftovers(self.builtin)
+        if not chains and not jumps:
+            return 0
+        self.ipt.restore(restore_text({}, chains, unjumps=jumps))
+        for key in chains:
+            self.builtin.pop(key, None)
+        for t, c, b in jumps:
+            self.builtin[(t, c)] = tuple(r for r in self.builtin.get((t, c), ())
+                                         if r != f"-A {c} {b}")
+        return len(chains) + len(jumps)
 
     # -- cleanup ---------------------------------------------------------------------
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import builtins
 import ipaddress
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from svcproxy.ir import Frontend, FrontendKey, FrontendKind, ServiceMap
+from svcproxy.plugins.iptables.rules import JUMPS as IPTABLES_JUMPS
 from svcproxy.plugins.iptables.rules import (
     ChainKey,
     RuleOptions,
@@ -27,6 +28,7 @@ from svcproxy.plugins.iptables.rules import (
     rule,
     static_chains,
 )
+from svcproxy.plugins.iptables.rules import is_owned as iptables_owned
 
 #: name -> (type, comment) for IPv4; IPv6 names are "KUBE-6-..." (31 chars max)
 SETS: dict[str, tuple[str, str]] = {
@@ -84,6 +86,23 @@ JUMPS: tuple[tuple[str, str, str], ...] = (
     ("filter", "OUTPUT", '-m comment --comment "kubernetes ipvs access filter" '
                          '-j KUBE-IPVS-OUT-FILTER'),
 )
+
+
+def iptables_mode_leftovers(chains: Mapping[tuple[str, str], Sequence[str]]
+                            ) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """kube-proxy iptables mode's chains and jumps that IPVS mode does not have
+    (its per-service chains, filter KUBE-SERVICES, KUBE-EXTERNAL-SERVICES,
+    KUBE-NODEPORTS, nat KUBE-NODEPORTS), among `chains` (iptables-save's, by
+    (table, chain)): what a node taken over from iptables mode keeps after
+    the IPVS datapath serves. Shared chains (KUBE-SERVICES in nat,
+    KUBE-POSTROUTING, KUBE-MARK-MASQ, KUBE-FORWARD, KUBE-PROXY-FIREWALL) are
+    IPVS mode's too; KUBE-FIREWALL may be kubelet's: neither is here."""
+    ours = {("nat", c) for c in NAT_CHAINS} | {("filter", c) for c in FILTER_CHAINS}
+    chains_out = sorted(k for k in chains if iptables_owned(*k) and k not in ours)
+    bodies = {(t, c, b) for t, c, b in JUMPS}
+    jumps_out = [(t, c, b) for t, c, b in IPTABLES_JUMPS
+                 if (t, c, b) not in bodies and f"-A {c} {b}" in chains.get((t, c), ())]
+    return chains_out, jumps_out
 
 
 def set_name(name: str, family: int) -> str:

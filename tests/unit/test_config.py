@@ -279,6 +279,13 @@ def test_disabling_a_plugin_whose_setting_the_config_sets_is_an_error(setting: s
     parse_config(HEAD + SVC_DOC + f"disable: [{plugin}]\n", "c.yaml")
 
 
+def test_disabling_a_plugin_with_its_settings_off_is_fine() -> None:
+    c = parse_config(HEAD + 'healthzBindAddress: ""\nmetricsBindAddress: ""\n'
+                     "conntrack: {maxPerCore: 0, tcpEstablishedTimeout: 0s}\n"
+                     + SVC_DOC + "disable: [metrics, conntrack]\n", "c.yaml")
+    assert c.svcproxy.disabled == ("metrics", "conntrack")
+
+
 def test_config_check_names_who_applies_each_changed_setting() -> None:
     c = parse_config(HEAD + textwrap.dedent("""\
         mode: ipvs

@@ -225,3 +225,37 @@ def test_ipv6_sets_with_truncated_names_survive_partial_syncs() -> None:
     moved = {**lb6, "spec": {**lb6["spec"], "loadBalancerSourceRanges": ["2001:db8:1::/64"]}}
     h.sync(moved, eps, other, partial=True)
     assert h.members(cidr) == {"fd00:1::7,tcp:80,2001:db8:1::/64"}
+
+
+def test_iptables_mode_leftovers_go_after_the_ipvs_sync_and_nothing_else() -> None:
+    """A node taken over from kube-proxy's iptables mode: once the IPVS datapath
+    serves, iptables mode's own chains and jumps are removed; the chains both
+    modes share are IPVS mode's by then, and a chain of someone else's stays."""
+    h = Helpers()
+    ipt = h.ipt.chains
+    ipt[("nat", "KUBE-SVC-ABC")] = ("-A KUBE-SVC-ABC -j KUBE-SEP-DEF",)
+    ipt[("nat", "KUBE-SEP-DEF")] = ("-A KUBE-SEP-DEF -p tcp -m tcp -j DNAT --to-destination "
+                                    "10.180.0.1:8080",)
+    ipt[("nat", "KUBE-NODEPORTS")] = ()
+    ipt[("nat", "KUBE-SERVICES")] = ("-A KUBE-SERVICES -d 10.20.30.41/32 -j KUBE-SVC-ABC",)
+    ipt[("filter", "KUBE-SERVICES")] = ("-A KUBE-SERVICES -d 10.20.30.42/32 -j REJECT",)
+    ipt[("filter", "KUBE-EXTERNAL-SERVICES")] = ()
+    ipt[("filter", "KUBE-NODEPORTS")] = ()
+    ipt[("filter", "CALICO-INPUT")] = ("-A CALICO-INPUT -j ACCEPT",)
+    iptables_mode_jump = ('-A FORWARD -m conntrack --ctstate NEW -m comment --comment '
+                          '"kubernetes service portals" -j KUBE-SERVICES')
+    ipt[("filter", "FORWARD")] = (iptables_mode_jump, "-A FORWARD -j CALICO-INPUT")
+    h.sync(service("svc1", cluster_ip="10.20.30.41", ports=[TCP80]), EPS)
+    removed = h.state.remove_iptables_mode()
+    assert removed == 6 + 1  # six chains, one jump
+    left = h.ipt.chains
+    for chain in (("nat", "KUBE-SVC-ABC"), ("nat", "KUBE-SEP-DEF"), ("nat", "KUBE-NODEPORTS"),
+                  ("filter", "KUBE-SERVICES"), ("filter", "KUBE-EXTERNAL-SERVICES"),
+                  ("filter", "KUBE-NODEPORTS")):
+        assert chain not in left
+    assert iptables_mode_jump not in left[("filter", "FORWARD")]
+    assert "-A FORWARD -j CALICO-INPUT" in left[("filter", "FORWARD")]
+    assert left[("filter", "CALICO-INPUT")] == ("-A CALICO-INPUT -j ACCEPT",)
+    # IPVS mode's KUBE-SERVICES, not iptables mode's
+    assert not any("KUBE-SVC-" in r for r in left[("nat", "KUBE-SERVICES")])
+    assert h.state.remove_iptables_mode() == 0

@@ -25,6 +25,9 @@ import pytest
 from factories import ProxyHarness, endpoint, service, slice_
 from netns import Topology, ipset_save, sh
 
+from svcproxy.plugins.iptables import rule_options
+from svcproxy.plugins.iptables.datapath import render_iptables_save
+
 NODE_IP = "192.168.100.1"
 WEB_VIP, DNS_VIP = "10.96.0.10", "10.96.0.53"
 WEB = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": 30080}]
@@ -196,12 +199,16 @@ class Node(ProxyHarness):
                      sysctlBackup: {tmp / 'sysctl.json'}}}
         """)
         super().__init__(text, "ipvs", [NODE_IP], start=True)
-        # the cluster now: web -> a, b, c (d is gone), dns -> u
-        self.publish(service("web", cluster_ip=WEB_VIP, type="NodePort", ports=WEB))
-        self.publish(service("dns", cluster_ip=DNS_VIP, type="NodePort", ports=DNS))
-        self.publish(slice_("web", ports=WEB_EP, endpoints=[
-            endpoint(PODS[p][0], PODS[p][1]) for p in ("a", "b", "c")]))
-        self.publish(slice_("dns", ports=DNS_EP, endpoints=[endpoint(*PODS["u"])]))
+        publish_cluster(self)
+
+
+def publish_cluster(h: ProxyHarness) -> None:
+    """The cluster now: web -> a, b, c (d is gone), dns -> u."""
+    h.publish(service("web", cluster_ip=WEB_VIP, type="NodePort", ports=WEB))
+    h.publish(service("dns", cluster_ip=DNS_VIP, type="NodePort", ports=DNS))
+    h.publish(slice_("web", ports=WEB_EP, endpoints=[
+        endpoint(PODS[p][0], PODS[p][1]) for p in ("a", "b", "c")]))
+    h.publish(slice_("dns", ports=DNS_EP, endpoints=[endpoint(*PODS["u"])]))
 
 
 @pytest.fixture
@@ -304,3 +311,65 @@ def test_takeover_from_kube_proxy_ipvs_mode(topo: Topology, tmp_path: Path) -> N
     assert again.sync().apply.changes == 0
     assert differences(settled, kernel_view(ns)) == []
     assert {name: s.ask() for name, s in udp.items()} == {"cluster-ip": "u", "node-port": "u"}
+
+
+def test_takeover_from_kube_proxy_iptables_mode_by_the_ipvs_datapath(
+        topo: Topology, tmp_path: Path) -> None:
+    """A node kube-proxy ran in iptables mode, taken over by the IPVS datapath:
+    established flows keep their conntrack entries (iptables mode's DNAT) while
+    new connections go through IPVS, and once IPVS serves, iptables mode's own
+    chains and jumps are removed (the shared ones are IPVS mode's by then)."""
+    ns = topo.node
+    last = ProxyHarness(textwrap.dedent(f"""\
+        apiVersion: kubeproxy.config.k8s.io/v1alpha1
+        kind: KubeProxyConfiguration
+        mode: iptables
+        clusterCIDR: 10.244.0.0/16
+        ---
+        apiVersion: svcproxy.io/v1alpha1
+        kind: SvcProxyConfiguration
+        datapaths: [iptables]
+        datapathOptions:
+          iptables: {{netns: {ns}}}
+    """), "iptables", [NODE_IP])
+    publish_cluster(last)
+    plan = last.plan()
+    sh("iptables-restore", "--noflush",
+       stdin=render_iptables_save(plan, rule_options(last.config, 4, plan)), netns=ns)
+    sh("sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=1", netns=ns)
+    iptables_mode = {c for c in kernel_view(ns)["chains"]
+                     if c.split("/")[1].startswith(("KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-"))}
+    assert len(iptables_mode) >= 8
+    holds = {}
+    for name, (host, port) in {"cluster-ip": (WEB_VIP, 80),
+                               "node-port": (NODE_IP, 30080)}.items():
+        proc = topo.hold("c1", host, port)
+        assert proc.stdout is not None
+        holds[name] = (proc, json.loads(proc.stdout.readline())["first"])
+    udp = topo.hold_udp("c1", DNS_VIP, 53)
+    assert udp.ask() == "u"
+
+    n = Node(topo, tmp_path)
+    preview = n.preview()
+    removed = [line for line in preview if " -X " in line]
+    assert len(removed) == len(iptables_mode) + 4  # + KUBE-NODEPORTS (nat, filter),
+    #                     filter KUBE-SERVICES and KUBE-EXTERNAL-SERVICES
+    n.sync()
+    after = kernel_view(ns)
+    left = [c for c in after["chains"] if c in iptables_mode or c in (
+        "nat/KUBE-NODEPORTS", "filter/KUBE-NODEPORTS", "filter/KUBE-SERVICES",
+        "filter/KUBE-EXTERNAL-SERVICES")]
+    assert left == []
+    assert not any("KUBE-SERVICES" in r and "conntrack --ctstate NEW" in r
+                   for r in after["chains"]["filter/FORWARD"])  # iptables mode's jump
+    assert f"-t {WEB_VIP}:80" in after["ipvs"]
+    # established flows still answer, from the same pod; new ones through IPVS
+    assert udp.ask() == "u"
+    for name, (proc, first) in holds.items():
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("again\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == {"first": first, "second": first}, name
+    assert topo.answers("c1", "http", WEB_VIP, 80, 9) == {"a": 3, "b": 3, "c": 3}  # rr
+    # and a restart finds nothing left to do
+    assert Node(topo, tmp_path).preview() == []
