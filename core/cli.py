@@ -32,7 +32,7 @@ from .proxy import Proxy
 from .sources.kubernetes import KubernetesSource, load_client
 from .sources.manifests import ManifestSource
 from .state import ClusterState
-from .status import StatusFile
+from .status import DEFAULT_SOCKET, StatusFile, StatusSocket
 
 log = logging.getLogger("svcproxy")
 
@@ -248,6 +248,13 @@ def _apply_process_settings(args: argparse.Namespace, config: Config) -> None:
         log.warning("%s", line)
 
 
+def _status_observers(args: argparse.Namespace, host: PluginHost, node: str) -> None:
+    if args.status_file:
+        host.register("status-file", StatusFile(args.status_file, node))
+    if args.status_socket and not args.once:
+        host.register("status-socket", StatusSocket(args.status_socket, node))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config, host = _plugins(args.config)
     _apply_process_settings(args, config)
@@ -283,8 +290,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                resync_period=config.kube_proxy.config_sync_period,
                                extra_kinds=host.watch_kinds())
         host.register("kubernetes-events", k8s)
-    if args.status_file:
-        host.register("status-file", StatusFile(args.status_file, proxy.node_name))
+    _status_observers(args, host, proxy.node_name)
     host.start(datapath, skipped, proxy.node_name)
     try:
         if k8s is not None:
@@ -377,7 +383,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                                           state, ServiceMap())
         frontends = index_frontends(plan.to_json())
     else:
-        found, where = frontends_from_daemon(config)
+        found, where = frontends_from_daemon(args.status_socket)
         frontends = found or {}
         if found is None:
             note = (f"service names unknown: no running svcproxy answered ({where}); "
@@ -461,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--status-file", metavar="PATH",
                     help="keep a JSON status file here (active datapath, fallback reasons, "
                     "last sync)")
+    sp.add_argument("--status-socket", metavar="PATH", default=DEFAULT_SOCKET,
+                    help="answer `svcproxy status` on this unix socket (root only; default "
+                    f"{DEFAULT_SOCKET}; '' = none)")
     sp.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_run)
 
@@ -469,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", metavar="FILE")
     sp.add_argument("--manifests", metavar="DIR",
                     help="plan service names from this directory (default: ask the running "
-                    "svcproxy on its metrics address)")
+                    "svcproxy on its status socket)")
+    sp.add_argument("--status-socket", metavar="PATH", default=DEFAULT_SOCKET,
+                    help=f"the running svcproxy's status socket (default {DEFAULT_SOCKET})")
     sp.add_argument("--node", metavar="NAME", help="the node to plan for (with --manifests)")
     sp.add_argument("--datapath", help="datapath to show (default: the one svcproxy would use)")
     sp.add_argument("--stats", action="store_true", help="counters (ipvsadm --stats)")

@@ -3,7 +3,8 @@
 
 Service names come from the plan: computed from `--manifests` when given,
 otherwise asked of the running svcproxy (GET /svcproxy/frontends on its
-metrics address); without either, kernel objects are shown unlabelled.
+status socket, core/status.py); without either, kernel objects are shown
+unlabelled.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,22 +33,18 @@ def index_frontends(frontends: Sequence[Mapping[str, Any]]) -> FrontendIndex:
     return out
 
 
-def frontends_from_daemon(config: Config, timeout: float = 2.0
+def frontends_from_daemon(socket_path: str, timeout: float = 2.0
                           ) -> tuple[FrontendIndex | None, str]:
-    """The running svcproxy's plan, from its metrics server; (None, why) if not there."""
-    address = config.kube_proxy.metrics_bind_address
-    if not address:
-        return None, "metricsBindAddress is empty"
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    url = f"http://{host}:{port}/svcproxy/frontends"
+    """The running svcproxy's plan, from its status socket; (None, why) if not there."""
+    from .status import ask_socket
+
+    if not socket_path:
+        return None, "no status socket given"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return index_frontends(json.loads(resp.read())), url
+        return index_frontends(ask_socket(socket_path, "/svcproxy/frontends", timeout)), \
+            socket_path
     except (OSError, ValueError) as exc:
-        return None, f"{url}: {exc}"
+        return None, f"{socket_path}: {exc}"
 
 
 def status_text(host: PluginHost, view: Mapping[str, Any], stats: bool, rate: bool,

@@ -217,12 +217,10 @@ class MetricsPlugin:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         path = h.path.split("?", 1)[0]
-        if path == "/svcproxy/frontends":
-            # what `svcproxy status` labels the kernel's objects with
-            plan = self.metrics.plan
-            data = json.dumps(plan.to_json() if plan is not None else []).encode()
-            content_type = "application/json"
-        elif path == "/metrics":
+        # only /metrics: the plan `svcproxy status` labels the kernel with names
+        # every service and endpoint, and is served on a root-only unix socket
+        # (core/status.py), not on this (often 0.0.0.0) address
+        if path == "/metrics":
             data = generate_latest(self.metrics.registry)
             content_type = CONTENT_TYPE_LATEST
         else:

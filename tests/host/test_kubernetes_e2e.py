@@ -72,7 +72,8 @@ def test_run_with_kubeconfig_programs_and_follows_the_api(topo: Topology,
     kubeconfig = server.kubeconfig(tmp_path / "kubeconfig")
     svcproxy = str(Path(sys.executable).parent / "svcproxy")
     proc = subprocess.Popen([svcproxy, "run", "--kubeconfig", str(kubeconfig), "--config",
-                             str(config), "--node", "node-a"],
+                             str(config), "--node", "node-a",
+                             "--status-socket", str(tmp_path / "status.sock")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     topo.processes.append(proc)
     try:

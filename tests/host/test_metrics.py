@@ -105,11 +105,13 @@ def test_metrics_follow_real_syncs(topo: Topology) -> None:
                       (("ip_family", "IPv4"), ("traffic_policy", "external")))] == 1
         assert third[("kubeproxy_sync_proxy_rules_iptables_total",
                       (("ip_family", "IPv4"), ("table", "nat")))] > nat_rules
-        # what `svcproxy status` asks the daemon for: the plan the kernel holds
-        status, plan, _ = get(f"http://{address}/svcproxy/frontends")
-        assert status == 200
-        assert {(f["address"], f["port"], f["service"]) for f in plan} >= {
-            ("10.96.0.10", 80, "default/web:http"), ("10.96.0.20", 80, "default/np:http")}
+        # the plan (every service and endpoint) is not served here: `svcproxy
+        # status` asks for it on a root-only unix socket (tests/unit/test_run.py)
+        try:
+            urllib.request.urlopen(f"http://{address}/svcproxy/frontends", timeout=5)
+            raise AssertionError("/svcproxy/frontends is served on the metrics address")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404
     finally:
         n.host.stop()
 

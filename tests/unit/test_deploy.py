@@ -180,3 +180,9 @@ def test_state_directory_is_on_the_node() -> None:
     assert volume["hostPath"] == {"path": "/var/lib/svcproxy", "type": "DirectoryOrCreate"}
     from svcproxy.plugins.kernel.sysctl import DEFAULT_BACKUP
     assert DEFAULT_BACKUP.startswith("/var/lib/svcproxy/")
+    # and the status socket's directory, so `svcproxy status` works from the node
+    from svcproxy.status import DEFAULT_SOCKET
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/run/svcproxy")
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert volume["hostPath"]["path"] == "/run/svcproxy"
+    assert DEFAULT_SOCKET.startswith("/run/svcproxy/")

@@ -104,7 +104,7 @@ def wait_for(cond, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-de
 
 def args(tmp: Path, *extra: str) -> list[str]:
     return [SVCPROXY, "run", "--config", str(tmp / "config.yaml"), "--manifests",
-            str(tmp / "cluster"), *extra]
+            str(tmp / "cluster"), "--status-socket", str(tmp / "run" / "status.sock"), *extra]
 
 
 def test_run_once_falls_back_with_one_plain_message(tmp_path: Path,
@@ -158,3 +158,72 @@ def test_run_follows_manifest_changes_and_stops_on_sigterm(tmp_path: Path,
         _, err = proc.communicate()
     assert "received SIGTERM; stopping" in err and "Traceback" not in err
     assert "failed; the previous rules stay in place: OSError: kernel said no" in err
+
+
+def test_status_socket_serves_the_plan_and_the_metrics_address_does_not(
+        tmp_path: Path, env: dict[str, str]) -> None:
+    """The plan names every service and endpoint: it is served to `svcproxy
+    status` on a root-only unix socket, never on the metrics address (which the
+    DaemonSet binds on 0.0.0.0 for Prometheus)."""
+    import socket
+    import stat
+    import urllib.error
+    import urllib.request
+
+    from svcproxy.inspect import frontends_from_daemon
+    from svcproxy.status import ask_socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    (tmp_path / "config.yaml").write_text(CONFIG.replace(
+        "iptables:", f"metricsBindAddress: 127.0.0.1:{ports[0]}\n"
+        f"healthzBindAddress: 127.0.0.1:{ports[1]}\niptables:"))
+    sock = tmp_path / "run" / "status.sock"
+    proc = subprocess.Popen(args(tmp_path), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(applied(env)) >= 1 and sock.exists())
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        wait_for(lambda: bool(ask_socket(sock, "/svcproxy/frontends")))
+        plan = ask_socket(sock, "/svcproxy/frontends")
+        assert {"address": "10.96.0.1", "port": 443} in [
+            {"address": f["address"], "port": f["port"]} for f in plan]
+        index, where = frontends_from_daemon(str(sock))
+        assert index is not None and where == str(sock)
+        assert index[("10.96.0.1", 443, "TCP")]["service"] == "default/kubernetes:https"
+        status = ask_socket(sock, "/svcproxy/status")
+        assert status["datapath"] == "file"
+        assert status["fallbacks"] == [{"datapath": "broken",
+                                        "reason": "broken.ko kernel module missing"}]
+        metrics = f"http://127.0.0.1:{ports[0]}"
+        with urllib.request.urlopen(f"{metrics}/metrics", timeout=5) as resp:
+            assert resp.status == 200
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(f"{metrics}/svcproxy/frontends", timeout=5)
+        assert exc.value.code == 404
+        # a second svcproxy does not take the socket over: it says so and runs on
+        second = subprocess.Popen(args(tmp_path), env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            assert second.stderr is not None
+            line = ""
+            while "status" not in line:
+                line = second.stderr.readline()
+                assert line, "the second svcproxy exited"
+            assert f"cannot serve `svcproxy status` on {sock}: another svcproxy answers" \
+                in line
+        finally:
+            second.kill()
+            second.communicate()
+        assert ask_socket(sock, "/svcproxy/status")["datapath"] == "file"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert not sock.exists()  # removed on a clean stop
+    assert frontends_from_daemon(str(sock))[0] is None
