@@ -191,3 +191,98 @@ def test_plan_against_kernel_reads_the_live_cluster_and_changes_nothing(
         assert sorted(lines) == sorted(changes)
     finally:
         server.close()
+
+
+def test_sigkill_and_restart_of_the_process_is_invisible(topo: Topology,
+                                                          tmp_path: Path) -> None:
+    """The real process: `svcproxy run` SIGKILLed with connections open, then
+    started again; the connections answer throughout, the new process finds
+    nothing to change (its preview is empty), and nothing was flushed (every
+    chain keeps its packet counters)."""
+    import signal
+    import time
+
+    from svcproxy.status import ask_socket
+
+    for name, (ip, _) in PODS.items():
+        topo.add_pod(name, ip)
+    manifests = tmp_path / "cluster"
+    manifests.mkdir()
+    objs = [node("node-a", ips=[NODE_IP]),
+            service("web", cluster_ip=WEB_VIP, type="NodePort", ports=WEB),
+            service("dns", cluster_ip=DNS_VIP, type="NodePort", ports=DNS),
+            slice_("web", ports=WEB_EP, endpoints=[endpoint(*PODS[p]) for p in ("a", "b")]),
+            slice_("dns", ports=DNS_EP, endpoints=[endpoint(*PODS["u"])])]
+    (manifests / "cluster.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List",
+                                                        "items": objs}))
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        apiVersion: kubeproxy.config.k8s.io/v1alpha1
+        kind: KubeProxyConfiguration
+        mode: iptables
+        clusterCIDR: 10.244.0.0/16
+        healthzBindAddress: ""
+        metricsBindAddress: ""
+        ---
+        apiVersion: svcproxy.io/v1alpha1
+        kind: SvcProxyConfiguration
+        disable: [metrics, conntrack]
+        datapaths: [iptables]
+        datapathOptions:
+          iptables: {{netns: {topo.node}, backend: nft}}
+    """))
+    svcproxy = str(Path(sys.executable).parent / "svcproxy")
+    sock = tmp_path / "status.sock"
+    run = [svcproxy, "run", "--manifests", str(manifests), "--config", str(config),
+           "--node", "node-a", "--status-socket", str(sock)]
+
+    def start() -> subprocess.Popen[str]:
+        proc = subprocess.Popen(run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                text=True)
+        topo.processes.append(proc)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if ask_socket(sock, "/svcproxy/status")["last_successful_sync"]:
+                    return proc
+            except (OSError, ValueError):
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "no first sync"
+            time.sleep(0.2)
+
+    first = start()
+    holds = {}
+    for name, (host, port) in {"cluster-ip": (WEB_VIP, 80),
+                               "node-port": (NODE_IP, 30080)}.items():
+        proc = topo.hold("c1", host, port)
+        assert proc.stdout is not None
+        holds[name] = (proc, json.loads(proc.stdout.readline())["first"])
+    udp = topo.hold_udp("c1", DNS_VIP, 53)
+    assert udp.ask() == "u"
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    before = save(topo.node)
+    assert udp.ask() == "u"  # nobody runs: the kernel serves what it holds
+    plan = subprocess.run([svcproxy, "plan", "--manifests", str(manifests), "--config",
+                           str(config), "--node", "node-a", "--against-kernel", "-o", "json"],
+                          capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["changes"] == []
+    second = start()  # the stale socket of the killed process is replaced
+    rules, counters = save(topo.node)
+    assert rules == before[0]  # not one rule rewritten
+    for chain, counts in before[1].items():
+        # no rule's packet counter reset to zero: nothing was flushed
+        packets = [int(c.strip("[").split(":")[0]) for c in counts]
+        now = [int(c.strip("[").split(":")[0]) for c in counters[chain]]
+        assert all(n >= p for n, p in zip(now, packets, strict=True)), chain
+    assert any(int(c.strip("[").split(":")[0]) for cs in before[1].values() for c in cs)
+    assert udp.ask() == "u"
+    for name, (proc, was) in holds.items():
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("again\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == {"first": was, "second": was}, name
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=20) == 0
+    assert not sock.exists()
