@@ -160,7 +160,8 @@ def kernel_view(ns: str) -> dict[str, Any]:
                 name = rule.split()[1]
                 chains.setdefault(f"{table}/{name}", []).append(rule)
                 counters.setdefault(f"{table}/{name}", []).append(count)
-    addrs = json.loads(sh("ip", "-j", "addr", "show", "kube-ipvs0", netns=ns).stdout)
+    shown = sh("ip", "-j", "addr", "show", "kube-ipvs0", netns=ns, check=False)
+    addrs = json.loads(shown.stdout) if shown.returncode == 0 else []
     bound = {a["local"] for link in addrs for a in link.get("addr_info", [])}
     return {"ipvs": ipvs, "chains": chains, "counters": counters,
             "sets": ipset_save(ns), "bound": bound}
