@@ -117,7 +117,8 @@ def main() -> int:
         """))
         svcproxy = str(Path(sys.executable).parent / "svcproxy")
         proc = subprocess.Popen(
-            [svcproxy, "--log-level", "warning", "run", "--kubeconfig", str(server.kubeconfig(tmp / "kubeconfig")),
+            [svcproxy, "--log-level", "warning", "run",
+             "--kubeconfig", str(server.kubeconfig(tmp / "kubeconfig")),
              "--config", str(config), "--node", "node-a", "--status-socket",
              str(tmp / "status.sock")],
             stdout=subprocess.DEVNULL, stderr=(tmp / "svcproxy.log").open("w"), text=True)
