@@ -200,7 +200,7 @@ def _any(value: Any) -> Any:
 
 
 def _node_port_addresses(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list):
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _FieldError(f"must be a list of CIDRs or the keyword 'primary' (got {show(value)})")
     keywords = {"primary", "all", "localhost"}
     if any(v in keywords for v in value) and len(value) > 1:

@@ -34,7 +34,7 @@ import yaml
 
 from ..bus import Event, EventType
 from ..datapath import WatchedKind
-from ..errors import ObjectError, UsageError
+from ..errors import ObjectError, UsageError, show
 from ..hookspecs import hookimpl
 from ..model import (
     ClusterObject,
@@ -267,15 +267,22 @@ class Reflector:
             self._resp = None
             resp.release_conn()
 
-    def _handle(self, event: Mapping[str, Any]) -> None:
+    def _handle(self, event: Any) -> None:
+        raw = event.get("object") if isinstance(event, Mapping) else None
+        if not isinstance(raw, Mapping):
+            log.warning("watch of %s: skipping an event that is not {type, object} "
+                        "(got %s)", self.r.name, show(event))
+            return
         etype = event.get("type")
-        raw = event.get("object") or {}
         if etype == "ERROR":
             code = raw.get("code")
             if code == 410:
                 raise Gone(str(raw.get("message", "resource version expired")))
             raise RetryLater(f"watch of {self.r.name}: {raw.get('message') or raw}")
-        rv = (raw.get("metadata") or {}).get("resourceVersion")
+        meta = raw.get("metadata")
+        rv = meta.get("resourceVersion") if isinstance(meta, Mapping) else None
+        if rv is not None and not isinstance(rv, str):
+            rv = None
         if etype == "BOOKMARK":
             if rv:
                 self.resource_version = rv
