@@ -62,13 +62,20 @@ class VmRun:
         return code, self.summary(), out[-6000:] + err[-2000:]
 
     def summary(self) -> str:
-        junit = self.results / "vm-junit.xml"
-        if not junit.exists():
+        """Both inner runs (the IPVS-path host tests, then tests/vm), summed."""
+        if not (self.results / "vm-junit.xml").exists():
             return ""
-        suite = ET.parse(junit).getroot()
-        suite = suite if suite.tag == "testsuite" else suite[0]
-        return (f"{suite.get('tests')} tests, {suite.get('failures')} failures, "
-                f"{suite.get('errors')} errors, {suite.get('skipped')} skipped")
+        totals = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
+        for name in ("host-junit.xml", "vm-junit.xml"):
+            junit = self.results / name
+            if not junit.exists():
+                continue
+            suite = ET.parse(junit).getroot()
+            suite = suite if suite.tag == "testsuite" else suite[0]
+            for key in totals:
+                totals[key] += int(suite.get(key) or 0)
+        return (f"{totals['tests']} tests, {totals['failures']} failures, "
+                f"{totals['errors']} errors, {totals['skipped']} skipped")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
