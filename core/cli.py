@@ -137,6 +137,19 @@ def _state(b: Any) -> str:
     return ",".join(parts)
 
 
+def _kubernetes_source(args: argparse.Namespace, config: Config, host: PluginHost,
+                       proxy: Proxy) -> KubernetesSource:
+    """The API server source of `run` and `plan`, feeding `proxy`; not started.
+    --kubeconfig wins over clientConnection.kubeconfig, as with kube-proxy."""
+    api = load_client(args.kubeconfig or config.kube_proxy.client_connection.kubeconfig)
+    proxy.set_node_name(_resolve_node_name(args.node, config, None))
+    for name in KubernetesSource.REQUIRED:
+        proxy.bus.expect(name)
+    return KubernetesSource(api, proxy.node_name, proxy.bus.publish, proxy.bus.mark_synced,
+                            resync_period=config.kube_proxy.config_sync_period,
+                            extra_kinds=host.watch_kinds())
+
+
 def _read_cluster(args: argparse.Namespace, config: Config, host: PluginHost,
                   proxy: Proxy) -> None:
     """Fill `proxy.state` as `run` would before its first sync: from the manifest
@@ -153,15 +166,9 @@ def _read_cluster(args: argparse.Namespace, config: Config, host: PluginHost,
         where = args.manifests
     else:
         try:
-            api = load_client(args.kubeconfig or config.kube_proxy.client_connection.kubeconfig)
+            k8s = _kubernetes_source(args, config, host, proxy)
         except UsageError as exc:
             raise UsageError(f"{exc} (or plan a manifest directory: --manifests DIR)") from None
-        proxy.set_node_name(_resolve_node_name(args.node, config, None))
-        for name in KubernetesSource.REQUIRED:
-            proxy.bus.expect(name)
-        k8s = KubernetesSource(api, proxy.node_name, proxy.bus.publish, proxy.bus.mark_synced,
-                               resync_period=config.kube_proxy.config_sync_period,
-                               extra_kinds=host.watch_kinds())
         k8s.start()
         try:
             if not proxy.bus.wait_ready(args.sync_timeout):
@@ -281,14 +288,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             background.append(threading.Thread(target=source.watch, args=(stop,),
                                                name="manifests", daemon=True))
     else:
-        # --kubeconfig wins over clientConnection.kubeconfig, as with kube-proxy
-        api = load_client(args.kubeconfig or config.kube_proxy.client_connection.kubeconfig)
-        proxy.set_node_name(_resolve_node_name(args.node, config, None))
-        for name in KubernetesSource.REQUIRED:
-            proxy.bus.expect(name)
-        k8s = KubernetesSource(api, proxy.node_name, proxy.bus.publish, proxy.bus.mark_synced,
-                               resync_period=config.kube_proxy.config_sync_period,
-                               extra_kinds=host.watch_kinds())
+        k8s = _kubernetes_source(args, config, host, proxy)
         host.register("kubernetes-events", k8s)
     _status_observers(args, host, proxy.node_name)
     host.start(datapath, skipped, proxy.node_name)

@@ -115,6 +115,37 @@ class UdpSession:
         self.proc.wait(timeout=10)
 
 
+class HeldFlows:
+    """TCP connections and UDP flows held open through service addresses
+    (Topology.hold_flows): `first` is the backend each answered from."""
+
+    def __init__(self, tcp: dict[str, subprocess.Popen[str]], udp: dict[str, UdpSession]
+                 ) -> None:
+        self.tcp = tcp
+        self.udp = udp
+        self.first: dict[str, str] = {}
+        for name, proc in tcp.items():
+            assert proc.stdout is not None
+            self.first[name] = json.loads(proc.stdout.readline())["first"]
+        for name, session in udp.items():
+            self.first[name] = session.ask()
+
+    def udp_answers(self) -> dict[str, str]:
+        """Each UDP flow asked again (same source port): who answers."""
+        return {name: s.ask() for name, s in self.udp.items()}
+
+    def check(self) -> None:
+        """Every flow still answers, from the backend it started with (the TCP
+        connections are used once more and then closed)."""
+        assert self.udp_answers() == {n: self.first[n] for n in self.udp}
+        for name, proc in self.tcp.items():
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write("again\n")
+            proc.stdin.flush()
+            answer = json.loads(proc.stdout.readline())
+            assert answer == {"first": self.first[name], "second": self.first[name]}, name
+
+
 @dataclass
 class Topology:
     prefix: str = field(default_factory=lambda: f"svp{os.getpid() % 100000}x{next(_ids)}")
@@ -226,6 +257,13 @@ class Topology:
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.processes.append(proc)
         return UdpSession(proc)
+
+    def hold_flows(self, client: str, tcp: dict[str, tuple[str, int]],
+                   udp: dict[str, tuple[str, int]] | None = None) -> HeldFlows:
+        """Open one TCP connection per `tcp` entry and one UDP flow per `udp`
+        entry (name -> (host, port)) from `client`, each answered once."""
+        return HeldFlows({n: self.hold(client, h, p) for n, (h, p) in tcp.items()},
+                         {n: self.hold_udp(client, h, p) for n, (h, p) in (udp or {}).items()})
 
     def close(self) -> None:
         for server in self.servers:

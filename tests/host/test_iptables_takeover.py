@@ -34,6 +34,9 @@ WEB = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080, "node
 DNS = [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353, "nodePort": 30053}]
 WEB_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
 DNS_EP = [{"name": "dns", "port": 5353, "protocol": "UDP"}]
+#: flows held across each step: TCP through a ClusterIP and a NodePort, UDP too
+TCP_FLOWS = {"cluster-ip": (WEB_VIP, 80), "node-port": (NODE_IP, 30080)}
+UDP_FLOWS = {"udp-cluster-ip": (DNS_VIP, 53), "udp-node-port": (NODE_IP, 30053)}
 PODS = {"a": ("10.244.1.11", "node-a"), "b": ("10.244.2.12", "node-b"),
         "c": ("10.244.3.13", "node-c"), "u": ("10.244.1.53", "node-a")}
 
@@ -84,16 +87,8 @@ def kube_proxy_node(topo: Topology) -> None:
 def test_takeover_from_kube_proxy_iptables_mode(topo: Topology) -> None:
     ns = topo.node
     kube_proxy_node(topo)
-    holds = {}
-    for name, (host, port) in {"cluster-ip": (WEB_VIP, 80),
-                               "node-port": (NODE_IP, 30080)}.items():
-        proc = topo.hold("c1", host, port)
-        assert proc.stdout is not None
-        holds[name] = (proc, json.loads(proc.stdout.readline())["first"])
-    udp = {name: topo.hold_udp("c1", host, port)
-           for name, (host, port) in {"cluster-ip": (DNS_VIP, 53),
-                                      "node-port": (NODE_IP, 30053)}.items()}
-    assert {name: s.ask() for name, s in udp.items()} == {"cluster-ip": "u", "node-port": "u"}
+    flows = topo.hold_flows("c1", TCP_FLOWS, UDP_FLOWS)
+    assert flows.udp_answers() == {"udp-cluster-ip": "u", "udp-node-port": "u"}
     before, counts = save(ns)
 
     # the cluster now: c added to web, old deleted
@@ -118,12 +113,7 @@ def test_takeover_from_kube_proxy_iptables_mode(topo: Topology) -> None:
         if chain not in changed:
             assert counts_after[chain] == c, chain
 
-    assert {name: s.ask() for name, s in udp.items()} == {"cluster-ip": "u", "node-port": "u"}
-    for name, (proc, first) in holds.items():
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write("again\n")
-        proc.stdin.flush()
-        assert json.loads(proc.stdout.readline()) == {"first": first, "second": first}, name
+    flows.check()
     assert set(topo.answers("c1", "http", WEB_VIP, 80, 30)) == {"a", "b", "c"}
 
     # a restart of svcproxy (a fresh process knows nothing): nothing to change
@@ -251,18 +241,12 @@ def test_sigkill_and_restart_of_the_process_is_invisible(topo: Topology,
             time.sleep(0.2)
 
     first = start()
-    holds = {}
-    for name, (host, port) in {"cluster-ip": (WEB_VIP, 80),
-                               "node-port": (NODE_IP, 30080)}.items():
-        proc = topo.hold("c1", host, port)
-        assert proc.stdout is not None
-        holds[name] = (proc, json.loads(proc.stdout.readline())["first"])
-    udp = topo.hold_udp("c1", DNS_VIP, 53)
-    assert udp.ask() == "u"
+    flows = topo.hold_flows("c1", TCP_FLOWS, UDP_FLOWS)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
     before = save(topo.node)
-    assert udp.ask() == "u"  # nobody runs: the kernel serves what it holds
+    # nobody runs: the kernel serves what it holds
+    assert flows.udp_answers() == {"udp-cluster-ip": "u", "udp-node-port": "u"}
     plan = subprocess.run([svcproxy, "plan", "--manifests", str(manifests), "--config",
                            str(config), "--node", "node-a", "--against-kernel", "-o", "json"],
                           capture_output=True, text=True, timeout=120)
@@ -277,12 +261,7 @@ def test_sigkill_and_restart_of_the_process_is_invisible(topo: Topology,
         now = [int(c.strip("[").split(":")[0]) for c in counters[chain]]
         assert all(n >= p for n, p in zip(now, packets, strict=True)), chain
     assert any(int(c.strip("[").split(":")[0]) for cs in before[1].values() for c in cs)
-    assert udp.ask() == "u"
-    for name, (proc, was) in holds.items():
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write("again\n")
-        proc.stdin.flush()
-        assert json.loads(proc.stdout.readline()) == {"first": was, "second": was}, name
+    flows.check()
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=20) == 0
     assert not sock.exists()

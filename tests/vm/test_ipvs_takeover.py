@@ -34,6 +34,9 @@ WEB = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080, "node
 DNS = [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353, "nodePort": 30053}]
 WEB_EP = [{"name": "http", "port": 8080, "protocol": "TCP"}]
 DNS_EP = [{"name": "dns", "port": 5353, "protocol": "UDP"}]
+#: flows held across the takeover: TCP through a ClusterIP and a NodePort, UDP too
+TCP_FLOWS = {"cluster-ip": (WEB_VIP, 80), "node-port": (NODE_IP, 30080)}
+UDP_FLOWS = {"udp-cluster-ip": (DNS_VIP, 53), "udp-node-port": (NODE_IP, 30053)}
 PODS = {"a": ("10.244.1.11", "node-a"), "b": ("10.244.2.12", "node-b"),
         "c": ("10.244.3.13", "node-c"), "d": ("10.244.4.14", "node-d"),
         "u": ("10.244.1.53", "node-a")}
@@ -239,17 +242,11 @@ def test_takeover_from_kube_proxy_ipvs_mode(topo: Topology, tmp_path: Path) -> N
     sh("ipvsadm", "-e", "-t", f"{WEB_VIP}:80", "-r", f"{PODS['d'][0]}:8080", "-m", "-w", "0",
        netns=ns)
     # connections through kube-proxy's rules, held across the takeover
-    holds = {}
-    for name, (host, port) in {"cluster-ip": (WEB_VIP, 80),
-                               "node-port": (NODE_IP, 30080)}.items():
-        proc = topo.hold("c1", host, port)
-        assert proc.stdout is not None
-        holds[name] = (proc, json.loads(proc.stdout.readline())["first"])
-        assert holds[name][1] in ("a", "b")
-    udp = {name: topo.hold_udp("c1", host, port)
-           for name, (host, port) in {"cluster-ip": (DNS_VIP, 53),
-                                      "node-port": (NODE_IP, 30053)}.items()}
-    assert {name: s.ask() for name, s in udp.items()} == {"cluster-ip": "u", "node-port": "u"}
+    flows = topo.hold_flows("c1", TCP_FLOWS, UDP_FLOWS)
+    assert flows.first == {"cluster-ip": flows.first["cluster-ip"],
+                           "node-port": flows.first["node-port"],
+                           "udp-cluster-ip": "u", "udp-node-port": "u"}
+    assert {flows.first["cluster-ip"], flows.first["node-port"]} <= {"a", "b"}
     before = kernel_view(ns)
 
     n = Node(topo, tmp_path)
@@ -289,12 +286,7 @@ def test_takeover_from_kube_proxy_ipvs_mode(topo: Topology, tmp_path: Path) -> N
             assert after["counters"][chain] == counts, chain
 
     # every connection still answers, on the same backend
-    assert {name: s.ask() for name, s in udp.items()} == {"cluster-ip": "u", "node-port": "u"}
-    for name, (proc, first) in holds.items():
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write("again\n")
-        proc.stdin.flush()
-        assert json.loads(proc.stdout.readline()) == {"first": first, "second": first}, name
+    flows.check()
     on_d.stdin.write("again\n")
     on_d.stdin.flush()
     assert json.loads(on_d.stdout.readline()) == {"first": "d", "second": "d"}
@@ -311,7 +303,7 @@ def test_takeover_from_kube_proxy_ipvs_mode(topo: Topology, tmp_path: Path) -> N
     assert again.preview() == []
     assert again.sync().apply.changes == 0
     assert differences(settled, kernel_view(ns)) == []
-    assert {name: s.ask() for name, s in udp.items()} == {"cluster-ip": "u", "node-port": "u"}
+    assert flows.udp_answers() == {"udp-cluster-ip": "u", "udp-node-port": "u"}
 
 
 def test_takeover_from_kube_proxy_iptables_mode_by_the_ipvs_datapath(
@@ -341,14 +333,7 @@ def test_takeover_from_kube_proxy_iptables_mode_by_the_ipvs_datapath(
     iptables_mode = {c for c in kernel_view(ns)["chains"]
                      if c.split("/")[1].startswith(("KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-"))}
     assert len(iptables_mode) >= 8
-    holds = {}
-    for name, (host, port) in {"cluster-ip": (WEB_VIP, 80),
-                               "node-port": (NODE_IP, 30080)}.items():
-        proc = topo.hold("c1", host, port)
-        assert proc.stdout is not None
-        holds[name] = (proc, json.loads(proc.stdout.readline())["first"])
-    udp = topo.hold_udp("c1", DNS_VIP, 53)
-    assert udp.ask() == "u"
+    flows = topo.hold_flows("c1", TCP_FLOWS, UDP_FLOWS)
 
     n = Node(topo, tmp_path)
     preview = n.preview()
@@ -365,12 +350,7 @@ def test_takeover_from_kube_proxy_iptables_mode_by_the_ipvs_datapath(
                    for r in after["chains"]["filter/FORWARD"])  # iptables mode's jump
     assert f"-t {WEB_VIP}:80" in after["ipvs"]
     # established flows still answer, from the same pod; new ones through IPVS
-    assert udp.ask() == "u"
-    for name, (proc, first) in holds.items():
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write("again\n")
-        proc.stdin.flush()
-        assert json.loads(proc.stdout.readline()) == {"first": first, "second": first}, name
+    flows.check()
     assert topo.answers("c1", "http", WEB_VIP, 80, 9) == {"a": 3, "b": 3, "c": 3}  # rr
     # and a restart finds nothing left to do
     assert Node(topo, tmp_path).preview() == []
