@@ -26,6 +26,11 @@ class Handler(BaseHTTPRequestHandler):
         body = (self.client_address[0] if self.path == "/whoami" else name).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
+        if self.server.terminating:  # type: ignore[attr-defined]
+            # a terminating pod still serves, and closes keep-alive connections
+            # politely: this answer, then the connection
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
 
@@ -66,6 +71,12 @@ class PodServer:
         self.http.socket = tcp
         self.http.daemon_threads = True
         self.http.pod_name = name  # type: ignore[attr-defined]
+        self.http.terminating = False  # type: ignore[attr-defined]
+
+    def terminate(self) -> None:
+        """SIGTERM as a pod gets it: keep serving for the grace period, and tell
+        keep-alive clients to go elsewhere."""
+        self.http.terminating = True  # type: ignore[attr-defined]
 
     def start(self) -> None:
         threading.Thread(target=self.http.serve_forever, daemon=True).start()

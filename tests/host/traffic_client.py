@@ -9,6 +9,16 @@
   sctp HOST PORT COUNT      COUNT new SCTP associations: who answered
   hold HOST PORT            open one HTTP connection, answer once, then wait for a
                             line on stdin and ask again on the same connection
+  load HOST PORT KEEPALIVE RATE PORTS
+                            steady load until stdin closes: KEEPALIVE clients each
+                            sending a request every 20 ms on one keep-alive
+                            connection (reconnecting when the server closes it
+                            politely), plus RATE new connections per second from
+                            the source ports PORTS ("40000-40009", reused over and
+                            over); then one JSON summary: ok, failed (with why),
+                            latency p50/p99/max in seconds, who answered
+  udp-load HOST PORT        a datagram every 20 ms from one socket until stdin
+                            closes; then the summary (a lost datagram is a failure)
 """
 
 from __future__ import annotations
@@ -102,8 +112,135 @@ def run(argv: list[str]) -> dict[str, object]:
     return out
 
 
+class Load:
+    """Outcomes of the load modes' requests (thread-safe enough: one lock)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.latencies: list[float] = []
+        self.failed: Counter[str] = Counter()
+        self.answers: Counter[str] = Counter()
+        self.stop = threading.Event()
+
+    def record(self, started: float, answer: str) -> None:
+        with self.lock:
+            if answer.startswith("!"):
+                self.failed[answer] += 1
+            else:
+                self.latencies.append(time.monotonic() - started)
+                self.answers[answer] += 1
+
+    def summary(self) -> dict[str, object]:
+        lat = sorted(self.latencies) or [0.0]
+        return {"ok": len(self.latencies), "failed": sum(self.failed.values()),
+                "why": dict(self.failed), "answers": dict(self.answers),
+                "p50": lat[len(lat) // 2], "p99": lat[int(len(lat) * 0.99)], "max": lat[-1]}
+
+
+def keepalive_client(load: Load, host: str, port: int) -> None:
+    conn: http.client.HTTPConnection | None = None
+    while not load.stop.is_set():
+        started = time.monotonic()
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection(host, port, timeout=5)
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            answer = resp.read().decode()
+            if resp.getheader("Connection", "").lower() == "close":
+                conn.close()  # the pod is terminating: it said so, reconnect
+                conn = None
+        except (OSError, http.client.HTTPException) as exc:
+            answer = f"!{type(exc).__name__}"
+            if conn is not None:
+                conn.close()
+            conn = None
+        load.record(started, answer)
+        time.sleep(0.02)
+
+
+def fixed_port_client(load: Load, host: str, port: int, rate: float, ports: list[int]) -> None:
+    """New connections from a few source ports, each reused over and over (the
+    server closes first, so the client may rebind at once): IPVS's
+    connection-reuse pitfalls (kubernetes #81775, #90854)."""
+    i = 0
+    while not load.stop.is_set():
+        started = time.monotonic()
+        src = ports[i % len(ports)]
+        i += 1
+        try:
+            sock = socket.socket(family(host), socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.settimeout(5)
+            sock.bind(("::" if ":" in host else "0.0.0.0", src))
+            conn = http.client.HTTPConnection(host, port, timeout=5)
+            conn.sock = sock
+            sock.connect((host, port))
+            conn.request("GET", "/", headers={"Connection": "close"})
+            answer = conn.getresponse().read().decode()
+            conn.close()
+        except OSError as exc:
+            answer = "!EADDRINUSE" if exc.errno == errno.EADDRINUSE else \
+                f"!{type(exc).__name__}"
+        if answer != "!EADDRINUSE":  # our own port still busy: not a request
+            load.record(started, answer)
+        time.sleep(max(0.0, 1.0 / rate - (time.monotonic() - started)))
+
+
+def load_mode(argv: list[str]) -> None:
+    import threading
+
+    host, port, keepalive, rate = argv[0], int(argv[1]), int(argv[2]), float(argv[3])
+    first, _, last = argv[4].partition("-")
+    ports = list(range(int(first), int(last or first) + 1))
+    load = Load()
+    threads = [threading.Thread(target=keepalive_client, args=(load, host, port), daemon=True)
+               for _ in range(keepalive)]
+    if rate > 0:
+        threads.append(threading.Thread(target=fixed_port_client,
+                                        args=(load, host, port, rate, ports), daemon=True))
+    for t in threads:
+        t.start()
+    print("started", flush=True)
+    sys.stdin.read()
+    load.stop.set()
+    for t in threads:
+        t.join(timeout=10)
+    print(json.dumps(load.summary()), flush=True)
+
+
+def udp_load_mode(host: str, port: int) -> None:
+    import threading
+
+    load = Load()
+    sock = socket.socket(family(host), socket.SOCK_DGRAM)
+    sock.settimeout(1.0)
+
+    def loop() -> None:
+        while not load.stop.is_set():
+            started = time.monotonic()
+            load.record(started, udp_once(sock, host, port))
+            time.sleep(0.02)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    print("started", flush=True)
+    sys.stdin.read()
+    load.stop.set()
+    t.join(timeout=5)
+    print(json.dumps(load.summary()), flush=True)
+
+
 def main() -> None:
+    if sys.argv[1] == "load":
+        load_mode(sys.argv[2:])
+        return
     mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if mode == "udp-load":
+        udp_load_mode(host, port)
+        return
     if mode == "udp-hold":
         sock = socket.socket(family(host), socket.SOCK_DGRAM)
         sock.settimeout(TIMEOUT)
