@@ -146,6 +146,27 @@ class HeldFlows:
             assert answer == {"first": self.first[name], "second": self.first[name]}, name
 
 
+class Loader:
+    """One load client process in a client namespace (traffic_client.py load,
+    udp-load): started, then finish() stops it and returns its summary."""
+
+    def __init__(self, topo: Topology, args: list[str], client: str = "c1") -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", topo.clients[client], sys.executable,
+             str(HERE / "traffic_client.py"), *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        topo.processes.append(self.proc)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "started"
+
+    def finish(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        summary: dict[str, Any] = json.loads(self.proc.stdout.readline())
+        self.proc.wait(timeout=30)
+        return summary
+
+
 @dataclass
 class Topology:
     prefix: str = field(default_factory=lambda: f"svp{os.getpid() % 100000}x{next(_ids)}")

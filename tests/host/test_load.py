@@ -8,15 +8,11 @@ alone can hide wrong state)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
-from typing import Any
 
 from conftest import NODE_IP, Node
 from factories import endpoint, service, slice_
-from netns import HERE, Topology
+from netns import Loader, Topology
 
 from svcproxy.bus import EventType
 
@@ -28,26 +24,6 @@ EP_PORTS = [{"name": "http", "port": 8080, "protocol": "TCP"},
 DNS = [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]
 DNS_EP = [{"name": "dns", "port": 5353, "protocol": "UDP"}]
 STEP = 0.7  # seconds of load in each state
-
-
-class Loader:
-    """One load client process in a client namespace (traffic_client.py load)."""
-
-    def __init__(self, topo: Topology, args: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", topo.clients["c1"], sys.executable,
-             str(HERE / "traffic_client.py"), *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        topo.processes.append(self.proc)
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().strip() == "started"
-
-    def finish(self) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.close()
-        summary: dict[str, Any] = json.loads(self.proc.stdout.readline())
-        self.proc.wait(timeout=30)
-        return summary
 
 
 def settled(n: Node) -> None:
