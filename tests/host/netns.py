@@ -147,23 +147,22 @@ class HeldFlows:
 
 
 class Loader:
-    """One load client process in a client namespace (traffic_client.py load,
-    udp-load): started, then finish() stops it and returns its summary."""
+    """One load client (traffic_client.py `load` / `udp-load`) in a client
+    namespace, in-process: its threads run inside the namespace. finish()
+    stops it and returns the summary (ok, failed and why, p50/p99/max)."""
 
     def __init__(self, topo: Topology, args: list[str], client: str = "c1") -> None:
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", topo.clients[client], sys.executable,
-             str(HERE / "traffic_client.py"), *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        topo.processes.append(self.proc)
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().strip() == "started"
+        import traffic_client
+
+        self.load = traffic_client.Load()
+        self.threads = in_namespace(topo.clients[client],
+                                    lambda: traffic_client.start_load(self.load, args))
 
     def finish(self) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.close()
-        summary: dict[str, Any] = json.loads(self.proc.stdout.readline())
-        self.proc.wait(timeout=30)
+        self.load.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+        summary: dict[str, Any] = self.load.summary()
         return summary
 
 

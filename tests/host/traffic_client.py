@@ -30,6 +30,7 @@ import socket
 import sys
 import time
 from collections import Counter
+from typing import Any
 
 TIMEOUT = 1.0
 
@@ -189,58 +190,51 @@ def fixed_port_client(load: Load, host: str, port: int, rate: float, ports: list
         time.sleep(max(0.0, 1.0 / rate - (time.monotonic() - started)))
 
 
-def load_mode(argv: list[str]) -> None:
+def start_load(load: Load, argv: list[str]) -> list[Any]:
+    """Start the threads of a load mode (`load ...` or `udp-load HOST PORT`) in
+    the calling thread's network namespace (threads inherit it); stop them with
+    load.stop. Netns.Loader runs this in-process (a Python start per client
+    costs seconds in the emulated VM)."""
     import threading
 
-    host, port, keepalive, rate = argv[0], int(argv[1]), int(argv[2]), float(argv[3])
-    first, _, last = argv[4].partition("-")
-    ports = list(range(int(first), int(last or first) + 1))
-    load = Load()
-    threads = [threading.Thread(target=keepalive_client, args=(load, host, port), daemon=True)
-               for _ in range(keepalive)]
-    if rate > 0:
-        threads.append(threading.Thread(target=fixed_port_client,
-                                        args=(load, host, port, rate, ports), daemon=True))
+    mode, host, port = argv[0], argv[1], int(argv[2])
+    if mode == "udp-load":
+        sock = socket.socket(family(host), socket.SOCK_DGRAM)
+        sock.settimeout(1.0)
+
+        def loop() -> None:
+            while not load.stop.is_set():
+                started = time.monotonic()
+                load.record(started, udp_once(sock, host, port))
+                time.sleep(0.02)
+
+        threads = [threading.Thread(target=loop, daemon=True)]
+    else:
+        keepalive, rate = int(argv[3]), float(argv[4])
+        first, _, last = argv[5].partition("-")
+        ports = list(range(int(first), int(last or first) + 1))
+        threads = [threading.Thread(target=keepalive_client, args=(load, host, port),
+                                    daemon=True) for _ in range(keepalive)]
+        if rate > 0:
+            threads.append(threading.Thread(target=fixed_port_client,
+                                            args=(load, host, port, rate, ports), daemon=True))
     for t in threads:
         t.start()
-    print("started", flush=True)
-    sys.stdin.read()
-    load.stop.set()
-    for t in threads:
-        t.join(timeout=10)
-    print(json.dumps(load.summary()), flush=True)
-
-
-def udp_load_mode(host: str, port: int) -> None:
-    import threading
-
-    load = Load()
-    sock = socket.socket(family(host), socket.SOCK_DGRAM)
-    sock.settimeout(1.0)
-
-    def loop() -> None:
-        while not load.stop.is_set():
-            started = time.monotonic()
-            load.record(started, udp_once(sock, host, port))
-            time.sleep(0.02)
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    print("started", flush=True)
-    sys.stdin.read()
-    load.stop.set()
-    t.join(timeout=5)
-    print(json.dumps(load.summary()), flush=True)
+    return threads
 
 
 def main() -> None:
-    if sys.argv[1] == "load":
-        load_mode(sys.argv[2:])
+    if sys.argv[1] in ("load", "udp-load"):
+        load = Load()
+        threads = start_load(load, sys.argv[1:])
+        print("started", flush=True)
+        sys.stdin.read()
+        load.stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        print(json.dumps(load.summary()), flush=True)
         return
     mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    if mode == "udp-load":
-        udp_load_mode(host, port)
-        return
     if mode == "udp-hold":
         sock = socket.socket(family(host), socket.SOCK_DGRAM)
         sock.settimeout(TIMEOUT)

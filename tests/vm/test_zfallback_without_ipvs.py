@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import yaml
-from factories import endpoint, node, service, slice_
+from factories import ProxyHarness, endpoint, node, service, slice_
 from netns import Topology
 
 NODE_IP = "192.168.100.1"
@@ -78,13 +78,22 @@ def test_iptables_takes_over_when_ipvs_modules_are_unavailable(tmp_path: Path) -
         topo.add_pod("a", "10.244.1.11")
         topo.add_pod("b", "10.244.2.12")
         # the iptables datapath's own modules load now, while loading still works
-        config.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
-                          "kind: KubeProxyConfiguration\nmode: iptables\n"
-                          "metricsBindAddress: ''\nhealthzBindAddress: ''\n")
-        warm = run(topo, ["run", "--once", "--manifests", str(manifests), "--config",
-                          str(config)])
-        assert warm.returncode == 0, warm.stderr
-        assert run(topo, ["cleanup", "--config", str(config)]).returncode == 0
+        # (in-process: a Python start costs seconds under emulation)
+        warm = ProxyHarness(textwrap.dedent(f"""\
+            apiVersion: kubeproxy.config.k8s.io/v1alpha1
+            kind: KubeProxyConfiguration
+            mode: iptables
+            ---
+            apiVersion: svcproxy.io/v1alpha1
+            kind: SvcProxyConfiguration
+            disable: [metrics, conntrack, metallb]
+            datapaths: [iptables]
+            datapathOptions: {{iptables: {{netns: {topo.node}}}}}
+        """), "iptables", [NODE_IP])
+        for obj in yaml.safe_load_all((manifests / "all.yaml").read_text()):
+            warm.publish(obj)
+        warm.sync()
+        assert warm.host.cleanup()
 
         unload_ipvs()
         MODPROBE.write_text("/bin/false\n")
