@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for item in vm:
             items.remove(item)
         items.extend(vm)
-        vm_tier.current = vm_tier.VmRun()
+        vm_tier.current = vm_tier.VmTier()
         vm_tier.current.start()
 
 

@@ -13,7 +13,7 @@ import vm_tier
 def test_vm_tier() -> None:
     run = vm_tier.current
     if run is None:  # not started early (e.g. this test alone): start it now
-        run = vm_tier.current = vm_tier.VmRun()
+        run = vm_tier.current = vm_tier.VmTier()
         run.start()
     code, summary, tail = run.wait()
     print(f"VM tier: {summary}\n{tail}")

@@ -23,11 +23,26 @@ CACHE = ROOT / ".cache"
 TIMEOUT = 1500.0
 
 
+#: the VM tier in two halves of about equal emulated time, each in its own VM:
+#: once the other tiers are done, the machine's two cores run one each
+#: (test_zfallback_without_ipvs.py, which unloads IPVS, stays last in its VM)
+SPLIT: tuple[tuple[str, ...], ...] = (
+    ("tests/vm/test_ipvs_datapath.py",),
+    ("tests/vm/test_ipvs_load.py", "tests/vm/test_ipvs_netlink.py",
+     "tests/vm/test_ipvs_takeover.py", "tests/vm/test_node_integration.py",
+     "tests/vm/test_zfallback_without_ipvs.py"),
+)
+
+
 @dataclass
 class VmRun:
     results: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="svp-vm-")))
     proc: subprocess.Popen[str] | None = None
     error: str = ""
+    #: the test files this VM runs (empty: all of tests/vm)
+    files: tuple[str, ...] = ()
+    #: the IPVS-path host tests too (scripts/vm-run-tests.sh --with-host-tests)
+    host_tests: bool = False
 
     def start(self) -> None:
         prep = subprocess.run([str(ROOT / "scripts" / "vm-prepare.sh")], capture_output=True,
@@ -40,7 +55,9 @@ class VmRun:
         cmd = ["nice", "-n", "10", "vng", "--disable-kvm", "--force-9p", "-r", kernel,
                "--memory", "2G", "--cpus", "2", "--cwd", str(ROOT),
                "--rwdir", str(self.results), "--exec",
-               f"bash scripts/vm-guest-wrap.sh bash scripts/vm-run-tests.sh {self.results}"]
+               f"bash scripts/vm-guest-wrap.sh bash scripts/vm-run-tests.sh {self.results}"
+               + (" --with-host-tests" if self.host_tests else "")
+               + (f" --tests '{' '.join(self.files)}'" if self.files else "")]
         # qemu sets O_NONBLOCK on inherited descriptors: give it private files
         # (not pipes nobody reads while the other tiers run)
         self.proc = subprocess.Popen(
@@ -87,5 +104,45 @@ class VmRun:
         shutil.rmtree(self.results, ignore_errors=True)
 
 
-#: the run conftest.py started for this session, if any
-current: VmRun | None = None
+class VmTier:
+    """The VM tier as the VMs of SPLIT, started together; wait() reports them
+    as one run."""
+
+    def __init__(self) -> None:
+        host_tests = bool(os.environ.get("SVCPROXY_VM_HOST_TESTS"))
+        self.runs = [VmRun(files=files, host_tests=host_tests and i == 0)
+                     for i, files in enumerate(SPLIT)]
+
+    @property
+    def error(self) -> str:
+        return "; ".join(r.error for r in self.runs if r.error)
+
+    def start(self) -> None:
+        for run in self.runs:
+            run.start()
+
+    def wait(self) -> tuple[int | None, str, str]:
+        """(the worst vng exit code, the summed summary, each VM's output tail)."""
+        results = [run.wait() for run in self.runs]
+        codes = [code for code, _, _ in results]
+        code = None if None in codes else max(c for c in codes if c is not None)
+        totals = [0, 0, 0, 0]
+        for _, summary, _ in results:
+            if not summary:
+                return code, "", "\n".join(tail for _, _, tail in results)
+            for i, word in enumerate(summary.split(",")):
+                totals[i] += int(word.split()[0])
+        summary = (f"{totals[0]} tests, {totals[1]} failures, {totals[2]} errors, "
+                   f"{totals[3]} skipped (in {len(self.runs)} VMs)")
+        tails = "\n".join(f"--- VM {i + 1} ({' '.join(run.files) or 'tests/vm'}):\n{tail}"
+                          for i, (run, (_, _, tail)) in enumerate(zip(self.runs, results,
+                                                                      strict=True)))
+        return code, summary, tails
+
+    def close(self) -> None:
+        for run in self.runs:
+            run.close()
+
+
+#: the tier conftest.py started for this session, if any
+current: VmTier | None = None

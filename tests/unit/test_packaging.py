@@ -25,3 +25,18 @@ def test_test_module_names_are_unique_across_tiers() -> None:
     and two with the same name stop collection of the whole suite."""
     names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+def test_the_vm_split_runs_every_vm_test_file_once() -> None:
+    """tests/host/vm_tier.py splits tests/vm between two VMs: a new file not in
+    the split would never run."""
+    import re
+
+    text = (ROOT / "tests" / "host" / "vm_tier.py").read_text()
+    split = text[text.index("SPLIT"):text.index("@dataclass")]
+    listed = re.findall(r'"(tests/vm/test_[a-z_]+\.py)"', split)
+    found = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests" / "vm").glob("test_*.py"))
+    assert sorted(listed) == found
+    assert len(listed) == len(set(listed))
+    # the file that unloads IPVS runs last in its VM
+    assert listed[-1] == "tests/vm/test_zfallback_without_ipvs.py"
