@@ -32,7 +32,7 @@ if [ "${1:-}" = "--tests" ]; then
     shift 2
 fi
 # shellcheck disable=SC2086  # $targets is a list of paths
-timeout 1200 .venv/bin/pytest $targets -q -p no:cacheprovider -o addopts="" \
+timeout 2400 .venv/bin/pytest $targets -q -p no:cacheprovider -o addopts="" \
     --durations=8 --junitxml="$results/vm-junit.xml" "$@"
 vm=$?
 [ $host -eq 0 ] && exit $vm

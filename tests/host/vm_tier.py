@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
 CACHE = ROOT / ".cache"
-TIMEOUT = 1500.0
+TIMEOUT = 2700.0
 
 
 #: the VMs of the tier and the test files each runs. One VM: two VMs at once
