@@ -64,7 +64,8 @@ class StatusSocket:
 
     def __init__(self, path: str | Path, node: str = "") -> None:
         self.path = Path(path)
-        self.frontends: list[dict[str, Any]] = []
+        #: the plan of the last successful sync, serialized only when asked
+        self.plan: Any = None
         self.status: dict[str, Any] = {"node": node, "datapath": None, "fallbacks": [],
                                        "last_successful_sync": None}
         self.server: Any = None
@@ -79,7 +80,7 @@ class StatusSocket:
     @hookimpl
     def svcproxy_observe_sync(self, result: SyncResult) -> None:
         if result.ok and result.plan is not None:
-            self.frontends = result.plan.to_json()
+            self.plan = result.plan
             self.status["last_successful_sync"] = result.started
 
     @hookimpl
@@ -104,7 +105,7 @@ class StatusSocket:
             def do_GET(self) -> None:
                 body: Any
                 if self.path == "/svcproxy/frontends":
-                    body = owner.frontends
+                    body = owner.plan.to_json() if owner.plan is not None else []
                 elif self.path == "/svcproxy/status":
                     body = owner.status
                 else:
