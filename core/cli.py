@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import logging
 import os
@@ -147,7 +148,9 @@ def _kubernetes_source(args: argparse.Namespace, config: Config, host: PluginHos
         proxy.bus.expect(name)
     return KubernetesSource(api, proxy.node_name, proxy.bus.publish, proxy.bus.mark_synced,
                             resync_period=config.kube_proxy.config_sync_period,
-                            extra_kinds=host.watch_kinds())
+                            extra_kinds=host.watch_kinds(),
+                            on_error=functools.partial(host.observe_source_error, "kubernetes"),
+                            backoff_cap=getattr(args, "api_backoff_cap", 30.0))
 
 
 def _read_cluster(args: argparse.Namespace, config: Config, host: PluginHost,
@@ -280,7 +283,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.manifests:
         source = ManifestSource(args.manifests, publish=proxy.bus.publish,
                                 poll_interval=args.poll_interval,
-                                extra_kinds=host.watch_kinds())
+                                extra_kinds=host.watch_kinds(),
+                                on_error=functools.partial(host.observe_source_error,
+                                                           "manifests"))
         source.check_directory()
         source.scan()
         proxy.set_node_name(_resolve_node_name(args.node, config, proxy.state))
@@ -471,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="answer `svcproxy status` on this unix socket (root only; default "
                     f"{DEFAULT_SOCKET}; '' = none)")
     sp.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    sp.add_argument("--api-backoff-cap", type=float, default=30.0, help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("status", help="the live kernel view, with service names "

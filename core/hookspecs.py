@@ -233,6 +233,16 @@ def svcproxy_report_object(kind: str, namespace: str, name: str, reason: str,
 
 
 @hookspec
+def svcproxy_observe_source_error(source: str, resource: str, message: str) -> None:
+    """A source failed to read the cluster: a request to the API server that
+    failed (`source` "kubernetes", `resource` "services", "endpointslices",
+    ...: called on every failed attempt, each retry included) or a manifest
+    file or directory that cannot be used (`source` "manifests", `resource`
+    "files": called once per new problem). What was read before keeps being
+    served. Metrics count these."""
+
+
+@hookspec
 def svcproxy_observe_sync(result: SyncResult) -> None:
     """Called after every sync attempt, successful or not, with its outcome,
     counts and phase durations (metrics, logs, traces)."""

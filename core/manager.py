@@ -410,6 +410,10 @@ class PluginHost:
     def observe_sync(self, result: SyncResult) -> None:
         self._observe("svcproxy_observe_sync", result=result)
 
+    def observe_source_error(self, source: str, resource: str, message: str) -> None:
+        self._observe("svcproxy_observe_source_error", source=source, resource=resource,
+                      message=message)
+
     def collect_metrics(self) -> list[MetricSample]:
         """Every plugin's scrape-time samples; a failing plugin is logged and skipped."""
         out: list[MetricSample] = []

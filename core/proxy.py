@@ -73,6 +73,10 @@ class Proxy:
         self._followup = False
         self.runner: SyncRunner | None = None
         self.last_result: SyncResult | None = None
+        #: consecutive failed syncs and the reason last logged: a failure that
+        #: repeats is logged once (then at debug level), its end once
+        self.failures = 0
+        self._failure_logged = ""
 
     def set_node_name(self, name: str) -> None:
         """Set the node once the sources have been read (it may come from them)."""
@@ -164,8 +168,7 @@ class Proxy:
                     self._oldest_change = oldest
             reason = f"{type(exc).__name__}: {exc}" if not str(exc).startswith(
                 type(exc).__name__) else str(exc)
-            log.error("%s sync with the %s datapath failed; the previous rules stay in place: %s",
-                      "full" if full else "partial", self.datapath, reason)
+            self._log_failure(full, reason)
             result = SyncResult(datapath=self.datapath, full=full, ok=False, started=started_wall,
                                 duration=self.clock() - t0, error=reason, phases=phases,
                                 frontends=len(self.applied),
@@ -176,6 +179,11 @@ class Proxy:
             self.plugins.observe_sync(result)
             return result
         self.applied = plan
+        if self.failures:
+            log.warning("the %s datapath synced again after %d failed attempt%s",
+                        self.datapath, self.failures, "" if self.failures == 1 else "s")
+            self.failures = 0
+            self._failure_logged = ""
         if full:
             self._last_full = t0
             self._last_full_duration = self.clock() - t0
@@ -191,6 +199,17 @@ class Proxy:
         self.last_result = result
         self.plugins.observe_sync(result)
         return result
+
+    def _log_failure(self, full: bool, reason: str) -> None:
+        """Log a failed sync once: the same reason again (the retries of one
+        fault) goes to debug level; a different one is logged again."""
+        self.failures += 1
+        level = logging.DEBUG if reason == self._failure_logged else logging.ERROR
+        self._failure_logged = reason
+        log.log(level, "%s sync with the %s datapath failed%s; the previous rules stay in "
+                "place and it is retried with backoff: %s", "full" if full else "partial",
+                self.datapath, f" (attempt {self.failures})" if self.failures > 1 else "",
+                reason)
 
     # -- running --------------------------------------------------------------------------
 

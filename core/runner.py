@@ -176,6 +176,9 @@ class SyncRunner:
                 self._running = False
                 self.policy.ran(started, ok, covered)
                 if not ok:
-                    log.warning("sync failed; retrying in %.1fs (attempt %d)",
-                                self.policy.backoff(), self.policy.failures)
+                    # the sync logged why (once per fault); the retries are quiet
+                    log.log(logging.WARNING if self.policy.failures == 1 else logging.DEBUG,
+                            "sync failed; retrying in %.1fs (attempt %d), backing off up "
+                            "to %.0fs", self.policy.backoff(), self.policy.failures,
+                            self.policy.max_interval)
                 self._schedule_locked()

@@ -14,13 +14,15 @@ What it implements, as the API server does:
 
 Faults a test can inject: answer the next N requests with a status (500, 429
 with Retry-After, 410), drop a watch stream in the middle of an event, delay
-responses, and "restart" (close all watches, jump the resourceVersion, forget
-history).
+responses, "restart" (close all watches, jump the resourceVersion, forget
+history), and go away altogether for a while (`go_away`: every connection
+closed, new ones refused, until `come_back` listens on the same port again).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import threading
@@ -90,8 +92,20 @@ class FakeAPIServer:
         self.generation = 0  # bumped by restart(); open watches end
         server = self
 
+        self.connections: set[Any] = set()
+
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with server.cond:
+                    server.connections.add(self.connection)
+
+            def finish(self) -> None:
+                with server.cond:
+                    server.connections.discard(self.connection)
+                super().finish()
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -102,10 +116,35 @@ class FakeAPIServer:
             def do_POST(self) -> None:
                 server._post(self)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.handler = Handler
+        self._listen(0)
+
+    def _listen(self, port: int) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self.handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
+
+    def go_away(self) -> None:
+        """The API server is gone (a control-plane outage): open watches end,
+        every open connection is closed, new ones are refused. The objects stay
+        and can still be changed (they are what it serves when it is back)."""
+        import socket
+
+        self.port = self.httpd.server_address[1]
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        with self.cond:
+            self.generation += 1
+            self.cond.notify_all()
+            for conn in list(self.connections):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+    def come_back(self) -> None:
+        """Listen again on the same address (the objects as they are now; the
+        history kept, so watches resume from their resourceVersion)."""
+        self._listen(self.port)
 
     # -- set-up ----------------------------------------------------------------------
 

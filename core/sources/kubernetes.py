@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import random
+import re
 import socket
 import threading
 import time
@@ -62,6 +63,17 @@ class RetryLater(Exception):
         self.delay = delay
 
 
+def connection_error(exc: BaseException) -> str:
+    """What went wrong reaching the server, the same text for every retry of
+    one fault: urllib3's underlying reason, without the request's URL (a
+    watch's carries its resourceVersion) or object addresses."""
+    cause = getattr(exc, "reason", None)
+    err: BaseException = cause if isinstance(cause, BaseException) else exc
+    text = re.sub(r"<[^<>]* at 0x[0-9a-f]+>:? ?", "", str(err))
+    text = re.sub(r"^\w+\(host='[^']*', port=\d+\): ", "", text)
+    return f"{type(err).__name__}: {text}"
+
+
 @dataclass
 class Backoff:
     """Jittered exponential backoff: 0.8 s, 1.6 s, ... up to `cap`."""
@@ -80,11 +92,27 @@ class Backoff:
         self.attempts = 0
 
 
+class _QuietRetries(logging.Filter):
+    """urllib3 retries a failed connection up to three times within one
+    request, warning each time; the reflector reports the request's failure
+    itself, once per fault (Reflector._failure), so those warnings go."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Retrying (")
+
+
+_QUIET = _QuietRetries()
+
+
 def load_client(kubeconfig: str | None) -> Any:
     """An ApiClient from a kubeconfig file, $KUBECONFIG or the in-cluster
     service account. Raises UsageError naming what is wrong."""
     from kubernetes import client, config
     from kubernetes.config.config_exception import ConfigException
+
+    pool_log = logging.getLogger("urllib3.connectionpool")
+    if _QUIET not in pool_log.filters:
+        pool_log.addFilter(_QUIET)
 
     try:
         if kubeconfig:
@@ -136,7 +164,8 @@ class Reflector:
     def __init__(self, resource: Resource, publish: Callable[[Event], object],
                  on_synced: Callable[[str], None], stop: threading.Event,
                  resync_period: float, watch_timeout: tuple[int, int] = (240, 480),
-                 request_timeout: float = 30.0) -> None:
+                 request_timeout: float = 30.0, backoff_cap: float = 30.0,
+                 on_error: Callable[[str, str], object] | None = None) -> None:
         self.r = resource
         self.publish = publish
         self.on_synced = on_synced
@@ -147,7 +176,14 @@ class Reflector:
         self.store: dict[str, ClusterObject | WatchedObject] = {}
         self.resource_version = ""
         self.synced = False
-        self.backoff = Backoff()
+        self.backoff = Backoff(cap=backoff_cap)
+        #: called with (resource, message) on every failed request
+        self.on_error = on_error
+        #: the current run of failed requests: how many, since when, and the
+        #: message last logged (a fault is logged once, not on every retry)
+        self.failed = 0
+        self.failing_since = 0.0
+        self._logged = ""
         self._resp: Any = None
         self.lists = 0  # how many full lists ran (tests watch relists)
 
@@ -158,7 +194,7 @@ class Reflector:
         from urllib3.exceptions import HTTPError
 
         try:
-            return self.r.list_fn(_preload_content=False, **self.r.selector, **kwargs)
+            resp = self.r.list_fn(_preload_content=False, **self.r.selector, **kwargs)
         except ApiException as exc:
             if exc.status == 410:
                 raise Gone(str(exc.reason)) from None
@@ -172,10 +208,13 @@ class Reflector:
                     retry = float(exc.headers["Retry-After"])
                 except ValueError:
                     retry = None
-            raise RetryLater(f"API server answered {exc.status} {exc.reason}", retry) from None
+            raise RetryLater(f"{self.r.name}: the API server answered {exc.status} "
+                             f"{exc.reason}", retry) from None
         except (HTTPError, OSError) as exc:
-            raise RetryLater(f"cannot reach the API server: {type(exc).__name__}: {exc}") \
-                from None
+            raise RetryLater(f"{self.r.name}: cannot reach the API server: "
+                             f"{connection_error(exc)}") from None
+        self._recovered()
+        return resp
 
     # -- list ------------------------------------------------------------------------
 
@@ -321,12 +360,40 @@ class Reflector:
                 need_list = True
             except RetryLater as exc:
                 delay = self.backoff.next(exc.delay)
-                log.warning("%s; retrying in %.1fs", exc, delay)
+                self._failure(str(exc), delay)
                 self.stop.wait(delay)
-            except Exception:
+            except Exception as exc:
                 delay = self.backoff.next()
                 log.exception("%s reflector failed; retrying in %.1fs", self.r.name, delay)
+                self._failure(f"{type(exc).__name__}: {exc}", delay, logged=True)
                 self.stop.wait(delay)
+
+    def _failure(self, message: str, delay: float, logged: bool = False) -> None:
+        """A failed request: counted every time, logged when the fault is new
+        (the first failure, or a different message), the retries at debug."""
+        if not self.failed:
+            self.failing_since = time.monotonic()
+        self.failed += 1
+        if self.on_error is not None:
+            self.on_error(self.r.name, message)
+        if logged:
+            self._logged = message
+        elif message != self._logged:
+            self._logged = message
+            log.warning("%s; serving what was read before, retrying in %.1fs with backoff "
+                        "up to %.0fs (retries logged at debug level)", message, delay,
+                        self.backoff.cap)
+        else:
+            log.debug("%s; retrying in %.1fs (attempt %d)", message, delay, self.failed)
+
+    def _recovered(self) -> None:
+        """A request succeeded: end the current run of failures, saying so once."""
+        if self.failed:
+            log.warning("%s: the API server answers again after %d failed attempt%s over "
+                        "%.0fs", self.r.name, self.failed, "" if self.failed == 1 else "s",
+                        time.monotonic() - self.failing_since)
+            self.failed = 0
+            self._logged = ""
 
     def interrupt(self) -> None:
         resp = self._resp
@@ -349,7 +416,9 @@ class KubernetesSource:
     def __init__(self, api_client: Any, node_name: str, publish: Callable[[Event], object],
                  on_synced: Callable[[str], None], resync_period: float = 900.0,
                  watch_timeout: tuple[int, int] = (240, 480),
-                 extra_kinds: Sequence[WatchedKind] = ()) -> None:
+                 extra_kinds: Sequence[WatchedKind] = (),
+                 on_error: Callable[[str, str], object] | None = None,
+                 backoff_cap: float = 30.0) -> None:
         from kubernetes import client
 
         self.api_client = api_client
@@ -375,7 +444,8 @@ class KubernetesSource:
                                                 extra.group, extra.version, extra.plural),
                 extra.parse, extra.kind, extra.api_version, {}))
         self.reflectors = [Reflector(r, publish, on_synced, self.stop_event, resync_period,
-                                     watch_timeout) for r in resources]
+                                     watch_timeout, backoff_cap=backoff_cap, on_error=on_error)
+                           for r in resources]
         self.threads: list[threading.Thread] = []
 
     #: sources whose initial list gates the first sync (kube-proxy waits for the

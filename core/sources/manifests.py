@@ -6,14 +6,30 @@ Each scan re-reads files whose content changed and publishes ADDED, MODIFIED and
 DELETED events for objects whose content differs. A bad file is reported with
 its name and line and skipped; its last good objects, and every other file's,
 keep being served. Objects of other kinds (Pods, Deployments, ...) are ignored.
+
+Files caught while being written are not used half-written. A file rewritten
+in place (same inode) is not used while a process has it open for writing
+(where the filesystem grants read leases, which tell), nor while it was
+modified less than a poll interval ago until a later scan finds the same
+content; a file replaced by a rename (a new
+inode: `mv`, a ConfigMap volume's `..data` symlink swap) or new is used at
+once; a file that disappears is dropped only when it is still gone at the next
+scan (`rm` then `cp`). A directory that disappears keeps everything served
+until it is back. Each problem is logged once and reported to the
+`svcproxy_observe_source_error` observers (metrics count them).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import logging
+import os
 import re
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,16 +94,48 @@ def _items(doc: Any) -> Iterator[Any]:
 @dataclass
 class _FileState:
     digest: str = ""
+    #: (device, inode) of the content in use: another one means the file was
+    #: replaced whole, not being rewritten in place
+    inode: tuple[int, int] = (0, 0)
     objects: dict[ObjectKey, ClusterObject | WatchedObject] = field(default_factory=dict)
     errors: list[ManifestError] = field(default_factory=list)
+
+
+F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+
+
+def being_written(path: Path) -> bool:
+    """Whether some process has `path` open for writing: the kernel refuses a
+    read lease on such a file (EAGAIN). Tried only where a broken lease cannot
+    hurt (SIGIO ignored) and the filesystem supports leases; False otherwise."""
+    if signal.getsignal(signal.SIGIO) != signal.SIG_IGN:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:  # a symlink (ConfigMap volume: replaced whole, never in place)
+        return False
+    try:
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return exc.errno == errno.EAGAIN
+    else:
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 class ManifestSource:
     """Reads and watches one directory of manifests."""
 
+    #: how long a file open for writing is waited for before it is used anyway
+    WRITE_WAIT = 30.0
+
     def __init__(self, directory: str | Path, publish: Callable[[Event], object], *,
                  poll_interval: float = 1.0,
-                 extra_kinds: Sequence[WatchedKind] = ()) -> None:
+                 extra_kinds: Sequence[WatchedKind] = (),
+                 on_error: Callable[[str, str], object] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.directory = Path(directory)
         #: kind -> parser: the core's kinds and those plugins asked for
         self.parsers: dict[str, Callable[[Any], Any]] = {
@@ -98,6 +146,20 @@ class ManifestSource:
         self._files: dict[Path, _FileState] = {}
         self._served: dict[ObjectKey, ClusterObject | WatchedObject] = {}
         self._reported: set[str] = set()
+        #: called with ("files", message) once for each new problem
+        self.on_error = on_error
+        self.clock = clock
+        #: files seen changed (digest) or gone ("") at the last scan and not
+        #: used yet: a later scan that sees the same uses them
+        self._pending: dict[Path, str] = {}
+        self._scans = 0
+        self._missing = False
+        #: files found open for writing, since when (monotonic; -1: waited enough)
+        self._writing: dict[Path, float] = {}
+        if threading.current_thread() is threading.main_thread():
+            # a read lease (being_written) that a writer breaks raises SIGIO at
+            # its holder, whose default action would end the process
+            signal.signal(signal.SIGIO, signal.SIG_IGN)
 
     @property
     def errors(self) -> list[ManifestError]:
@@ -156,30 +218,87 @@ class ManifestSource:
 
     def scan(self) -> list[Event]:
         """Re-read changed files, publish the events and return them."""
+        self._scans += 1
+        if not self.directory.is_dir():
+            if not self._missing and self._scans > 1:
+                self._missing = True
+                message = (f"{self.directory}: the manifest directory is gone (or not a "
+                           "directory); serving what it held until it is back")
+                log.error("%s", message)
+                self._error(message)
+            return []
+        if self._missing:
+            self._missing = False
+            log.warning("%s: the manifest directory is back", self.directory)
         seen: set[Path] = set()
         for path in self._paths():
             seen.add(path)
-            previous = self._files.get(path, _FileState())
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                msg = exc.strerror if isinstance(exc, OSError) else "not a UTF-8 text file"
-                self._files[path] = _FileState(digest="", objects=previous.objects,
-                                               errors=[ManifestError(str(path),
-                                                                     f"cannot read: {msg}")])
-                continue
-            if hashlib.sha256(text.encode()).hexdigest() == previous.digest:
-                continue
-            self._files[path] = self._parse_file(path, text, previous)
+            self._scan_file(path)
         for gone in set(self._files) - seen:
-            del self._files[gone]
+            # dropped only if still gone at the next scan (rm, then cp)
+            if self._scans == 1 or self._pending.get(gone) == "":
+                del self._files[gone]
+                self._pending.pop(gone, None)
+            else:
+                self._pending[gone] = ""
+        for path in [p for p in self._pending if p not in self._files and p not in seen]:
+            del self._pending[path]
         self._report()
         return self._publish_changes()
+
+    def _scan_file(self, path: Path) -> None:
+        previous = self._files.get(path, _FileState())
+        try:
+            st = path.stat()
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            msg = exc.strerror if isinstance(exc, OSError) else "not a UTF-8 text file"
+            self._files[path] = _FileState(digest="", objects=previous.objects,
+                                           errors=[ManifestError(str(path),
+                                                                 f"cannot read: {msg}")])
+            return
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if digest == previous.digest:
+            self._pending.pop(path, None)
+            self._writing.pop(path, None)
+            return
+        if self._scans > 1 and self._held_open(path):
+            return
+        inode = (st.st_dev, st.st_ino)
+        rewritten = path in self._files and inode == previous.inode
+        recent = self.clock() - st.st_mtime < self.poll_interval
+        if rewritten and recent and self._pending.get(path) != digest and self._scans > 1:
+            self._pending[path] = digest  # maybe half-written: use it if it stays so
+            return
+        self._pending.pop(path, None)
+        state = self._parse_file(path, text, previous)
+        state.inode = inode
+        self._files[path] = state
+
+    def _held_open(self, path: Path) -> bool:
+        """Whether a process has the file open for writing (so it may be half
+        written): wait, but not for ever (WRITE_WAIT seconds, then use it)."""
+        if not being_written(path):
+            self._writing.pop(path, None)
+            return False
+        since = self._writing.setdefault(path, time.monotonic())
+        if time.monotonic() - since < self.WRITE_WAIT:
+            return True
+        if since > 0:
+            log.warning("%s is still open for writing after %.0fs; using it as it is", path,
+                        self.WRITE_WAIT)
+            self._writing[path] = -1.0  # said once
+        return False
+
+    def _error(self, message: str) -> None:
+        if self.on_error is not None:
+            self.on_error("files", message)
 
     def _report(self) -> None:
         current = {str(e) for e in self.errors}
         for text in sorted(current - self._reported):
             log.error("%s; skipped", text)
+            self._error(text)
         self._reported = current
 
     def _publish_changes(self) -> list[Event]:

@@ -314,23 +314,29 @@ class IpvsPlugin:
                 early = self._early_masquerade(plan)
         # Sets and helper rules first: a VIP is in KUBE-IPVS-IPS (and so its
         # node-originated traffic masqueraded) before it is bound to kube-ipvs0.
+        # A refused set member does not stop the rest: everything else is
+        # written, the sync fails naming the refusals, and the retry (a full
+        # sync, with back-off) reads back what was refused and tries again.
         helper_changes = 0
+        refused: list[str] = []
         families = {4} | plan.families() | set(self.helpers)
         with phase("helpers"):
             for family in sorted(families):
-                helper_changes += self._helper(family).sync(
+                helper = self._helper(family)
+                helper_changes += helper.sync(
                     plan, None if full else delta.changed, self._helper_options(family, plan))
+                refused += helper.refused
         result = state.sync(plan, None if full else delta.changed)
-        if full and not result.failures:
+        if full and not result.failures and not refused:
             # the IPVS datapath serves now: what iptables mode left can go
             with phase("leftovers"):
                 helper_changes += self._remove_iptables_mode()
-        if result.failures:
-            shown = "; ".join(result.failures[:5])
-            more = f" (and {len(result.failures) - 5} more)" if len(result.failures) > 5 else ""
-            total = result.batch_ops + result.bound + result.unbound
-            raise SyncError(f"the kernel refused {len(result.failures)} of {total} IPVS and "
-                            f"kube-ipvs0 changes: {shown}{more}")
+        if result.failures or refused:
+            failures = refused + result.failures
+            shown = "; ".join(failures[:5])
+            more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+            raise SyncError(f"the kernel refused {len(failures)} IPVS, kube-ipvs0 and ipset "
+                            f"changes; the rest was written: {shown}{more}")
         return ApplyResult(changes=result.batch_ops + result.bound + result.unbound
                            + helper_changes + early,
                            details={"bound": result.bound, "unbound": result.unbound,

@@ -25,6 +25,7 @@ from svcproxy.diffstore import Diff, DiffStore
 from svcproxy.ir import FrontendKey, ServiceMap
 from svcproxy.phases import phase
 from svcproxy.plugins.kernel.doors import IpsetDoor, IptablesDoor
+from svcproxy.plugins.kernel.ipset import IpsetFailure
 from svcproxy.plugins.kernel.iptables import ChainKey, restore_text
 
 from .helpers import (
@@ -67,6 +68,9 @@ class HelperState:
         self.opts: HelperOptions | None = None
         #: early() read the kernel and nothing else wrote since
         self.just_read = False
+        #: what the kernel refused in the last sync, each naming the Services it
+        #: concerns; the rest of the sync was written (the datapath reports it)
+        self.refused: list[str] = []
 
     @property
     def sets(self) -> dict[str, set[str]]:
@@ -141,6 +145,7 @@ class HelperState:
                 self.read()
         self.just_read = False
         self.opts = opts
+        self.refused = []
         with phase("sets"):
             if full or changed is None:
                 diff = self._members_full(plan, opts)
@@ -151,7 +156,7 @@ class HelperState:
             if missing:
                 self._create(missing)
             if diff:
-                self._write(diff)
+                diff = self._write(diff, plan)
         with phase("rules"):
             written = self._write_chains(opts, self._missing_jumps() if full else [])
         return len(diff) + written
@@ -234,23 +239,40 @@ class HelperState:
             raise
         self.existing.update(names)
 
-    def _write(self, diff: Diff[Member, bool]) -> None:
-        self._write_members(list(diff.created), list(diff.deleted))
+    def _write(self, diff: Diff[Member, bool], plan: ServiceMap | None = None
+               ) -> Diff[Member, bool]:
+        """Members through batched netlink. What the kernel refuses is left out
+        of the store (unknown: the next sync reads it back) and described in
+        `refused`; the rest is recorded as written. Returns what was written."""
+        failures = self.ipset.write(list(diff.created), list(diff.deleted), self.family)
+        if failures:
+            bad = {(f.set_name, f.member) for f in failures}
+            diff = Diff({k: v for k, v in diff.created.items() if k not in bad}, diff.updated,
+                        {k: v for k, v in diff.deleted.items() if k not in bad})
+            self.members.forget(bad)
+            self.refused.extend(self._describe(f, plan) for f in failures)
         self.members.applied(diff)
         for name, _ in diff.created:
             self.sizes[name] += 1
         for name, _ in diff.deleted:
             self.sizes[name] -= 1
+        return diff
 
-    def _write_members(self, adds: list[Member], dels: list[Member]) -> None:
-        """Members through batched netlink; a refusal makes the members this
-        write touched unknown, and the next sync reads the sets back."""
-        failures = self.ipset.write(adds, dels, self.family)
-        if failures:
-            self.members.forget([*adds, *dels])
-            shown = "; ".join(str(f) for f in failures[:5])
-            raise OSError(f"the kernel refused {len(failures)} of {len(adds) + len(dels)} "
-                          f"ipset changes: {shown}")
+    def _describe(self, failure: IpsetFailure, plan: ServiceMap | None) -> str:
+        """A refused member with the Services it is there for."""
+        base = next((b for b, n in self.names.items() if n == failure.set_name), "")
+        if base == HEALTH:
+            owners = sorted(k for k, port in self.health_port.items() if port == failure.member)
+        else:
+            entry = (base, failure.member)
+            keys = [fk for fk, entries in self.index.contrib.items() if entry in entries]
+            frontends = plan.frontends if plan is not None else {}
+            owners = sorted({frontends[k].service if k in frontends else str(k) for k in keys})
+        shown = ", ".join(owners[:3]) + (f" and {len(owners) - 3} more" if len(owners) > 3
+                                         else "")
+        target = f" (Service {shown})" if owners else ""
+        return (f"ipset {failure.set_name}: cannot {failure.op} {failure.member}{target}: "
+                f"{failure.reason}")
 
     def _write_chains(self, opts: HelperOptions, jumps: list[tuple[str, str, str]]) -> int:
         sizes: Mapping[str, int] = self.sizes

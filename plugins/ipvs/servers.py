@@ -53,6 +53,7 @@ from svcproxy.plugins.kernel.ipvs import (
     ipvsadm_dest,
     ipvsadm_service,
 )
+from svcproxy.plugins.kernel.netlink import Failure
 
 from .helpers import SetIndex, net_changes
 
@@ -78,6 +79,15 @@ def to_ipvs(fe: Frontend) -> tuple[VirtualServer, RealServers]:
         timeout = fe.persistence_timeout
     vs = VirtualServer(fe.address, fe.port, fe.protocol, fe.scheduler, flags, timeout)
     return vs, {(b.address, b.port): RealServer(b.address, b.port, b.weight) for b in backends}
+
+
+def describe_failures(failures: Iterable[Failure], plan: ServiceMap) -> list[str]:
+    """Refused IPVS operations, each with the Service port it was for."""
+    out = []
+    for f in failures:
+        fe = plan.frontends.get(FrontendKey(*f.key)) if f.key is not None else None
+        out.append(f"{f} (Service {fe.service})" if fe is not None else str(f))
+    return out
 
 
 def graceful(protocol: str) -> bool:
@@ -268,7 +278,7 @@ class IpvsState:
         address_failures: list[str] = []
         try:
             with phase("ipvs"):
-                failures = [str(f) for f in work.ops.commit()]
+                failures = describe_failures(work.ops.commit(), plan)
         finally:
             # only the part that did not overlap with the IPVS work
             with phase("addresses"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from .ipset import IpsetFailure
 from .ipvs import RealServer, VirtualServer
 from .netlink import Failure
 
@@ -57,7 +58,7 @@ class IpsetDoor(Protocol):
 
     def read(self, wanted: Callable[[str], bool]) -> dict[str, set[str]]: ...
     def write(self, adds: Sequence[tuple[str, str]], dels: Sequence[tuple[str, str]],
-              family: int) -> Sequence[object]:
+              family: int) -> Sequence[IpsetFailure]:
         """Add and delete (set, member) pairs; what the kernel refused."""
         ...
     def restore(self, text: str) -> None:

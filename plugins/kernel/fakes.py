@@ -15,6 +15,7 @@ import errno
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from .ipset import IPSET_ERR_HASH_FULL, IpsetFailure
 from .ipvs import RealServer, VirtualServer
 from .netlink import Failure
 
@@ -145,7 +146,7 @@ class FakeBatch:
             code = self.ipvs.apply(op, vs, rs)
             if code:
                 target = str(vs) if rs is None else f"{vs} -> {rs.address}:{rs.port}"
-                failures.append(Failure(op, target, code))
+                failures.append(Failure(op, target, code, (vs.address, vs.port, vs.protocol)))
         self.ops = []
         return failures
 
@@ -237,14 +238,14 @@ class FakeIpset:
         return {name: set(members) for name, members in self.sets.items() if wanted(name)}
 
     def write(self, adds: Sequence[tuple[str, str]], dels: Sequence[tuple[str, str]],
-              family: int) -> list[str]:
+              family: int) -> list[IpsetFailure]:
         failures = []
         for op, pairs in (("add", adds), ("del", dels)):
             for name, member in pairs:
                 if name not in self.sets:
-                    failures.append(f"{op} {name} {member}: no such set")
+                    failures.append(IpsetFailure(op, name, member, errno.ENOENT))
                 elif op == "add" and (name, member) in self.refuse:
-                    failures.append(f"add {name} {member}: set is full")
+                    failures.append(IpsetFailure(op, name, member, IPSET_ERR_HASH_FULL))
                 else:
                     (self.sets[name].add if op == "add" else self.sets[name].discard)(member)
                     self.writes.append((op, name, member))

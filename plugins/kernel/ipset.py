@@ -95,9 +95,28 @@ class IpsetFailure:
     member: str
     errno: int
 
+    @property
+    def reason(self) -> str:
+        if self.errno < 4096:
+            return os.strerror(self.errno)
+        return IPSET_ERRORS.get(self.errno, f"ipset error {self.errno}")
+
     def __str__(self) -> str:
-        reason = os.strerror(self.errno) if self.errno < 4096 else f"ipset error {self.errno}"
-        return f"{self.op} {self.set_name} {self.member}: {reason}"
+        return f"{self.op} {self.set_name} {self.member}: {self.reason}"
+
+
+IPSET_ERR_HASH_FULL = 4352
+
+#: ipset's own error numbers (linux/netfilter/ipset/ip_set.h, ip_set_hash.h)
+IPSET_ERRORS = {
+    4097: "protocol error", 4099: "too many sets", 4100: "the set is in use",
+    4102: "the set type does not match", 4103: "the element already exists",
+    4104: "invalid CIDR", 4106: "invalid address family", 4107: "timeout not supported",
+    4108: "the set is referenced", 4109: "an IPv4 address was expected",
+    4110: "an IPv6 address was expected",
+    4352: "the set is full (its maxelem is reached; kube-proxy's sets hold 65536)",
+    4353: "invalid element", 4354: "invalid protocol", 4355: "missing protocol",
+}
 
 
 class IpsetNetlink:

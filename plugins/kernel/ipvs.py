@@ -523,7 +523,7 @@ class IPVSNetlink:
         for seq, code in refused.items():
             _, _, op, vs, rs = by_seq[seq]
             target = str(vs) if rs is None else f"{vs} -> {rs.address}:{rs.port}"
-            failures.append(Failure(op, target, code))
+            failures.append(Failure(op, target, code, (vs.address, vs.port, vs.protocol)))
         return failures
 
 

@@ -105,6 +105,8 @@ class Failure:
     op: str
     target: str
     errno: int
+    #: (address, port, protocol) of the virtual server concerned, if any
+    key: tuple[str, int, str] | None = None
 
     def __str__(self) -> str:
         return f"{self.op} {self.target}: {os.strerror(self.errno)} (errno {self.errno})"

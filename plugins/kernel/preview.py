@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .doors import IpsetDoor, IpvsDoor, LinkDoor, VSKey
+from .ipset import IpsetFailure
 from .ipvs import RealServer, VirtualServer, ipvsadm_dest, ipvsadm_service
 from .netlink import Failure
 
@@ -126,7 +127,7 @@ class PreviewIpset:
         return self.real.read(wanted)
 
     def write(self, adds: Sequence[tuple[str, str]], dels: Sequence[tuple[str, str]],
-              family: int) -> Sequence[object]:
+              family: int) -> Sequence[IpsetFailure]:
         self.changes.extend(f"ipset add {name} {member}" for name, member in adds)
         self.changes.extend(f"ipset del {name} {member}" for name, member in dels)
         return []

@@ -185,6 +185,10 @@ class MetricsPlugin:
         self.health.queued_update()
 
     @hookimpl
+    def svcproxy_observe_source_error(self, source: str, resource: str) -> None:
+        self.metrics.source_errors.labels(source, resource).inc()
+
+    @hookimpl
     def svcproxy_observe_sync(self, result: SyncResult) -> None:
         if result.ok:
             self.health.updated()

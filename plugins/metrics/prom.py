@@ -175,6 +175,11 @@ class ProxyMetrics:
                               registry=r)
         self.changes = Counter("svcproxy_sync_kernel_changes_total",
                                "Kernel objects written or removed by syncs", registry=r)
+        self.source_errors = Counter(
+            "svcproxy_source_errors_total",
+            "Failed reads of the cluster: API server requests that failed (each retry "
+            "counted) and manifest problems; what was read before keeps being served",
+            ["source", "resource"], registry=r)
         self.pending_triggers: list[tuple[float, int]] = []
 
     def add_samples(self, source: Callable[[], Sequence[MetricSample]]) -> None:

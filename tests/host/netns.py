@@ -301,3 +301,74 @@ class Topology:
         for ns in reversed(self.namespaces):
             sh("ip", "netns", "del", ns, check=False)
         self.namespaces.clear()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SvcProxyRun:
+    """The real `svcproxy run` process, as the DaemonSet runs it: its log kept
+    in a file, its first sync awaited on its status socket, its /metrics
+    scraped on loopback. Registered with the topology, so it is killed with it."""
+
+    def __init__(self, topo: Topology, workdir: Path, args: list[str], config: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.topo = topo
+        self.workdir = workdir
+        self.metrics_address = f"127.0.0.1:{free_port()}"
+        (workdir / "config.yaml").write_text(config.replace("METRICS", self.metrics_address))
+        self.sock = workdir / "status.sock"
+        self.log_path = workdir / "svcproxy.log"
+        self.cmd = [str(Path(sys.executable).parent / "svcproxy"), "run", "--config",
+                    str(workdir / "config.yaml"), "--status-socket", str(self.sock), *args]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 60) -> None:
+        import time
+
+        from svcproxy.status import ask_socket
+
+        log = open(self.log_path, "a")  # noqa: SIM115 (the process owns it)
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=log,
+                                     text=True, env=self.env)
+        log.close()
+        self.topo.processes.append(self.proc)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if ask_socket(self.sock, "/svcproxy/status")["last_successful_sync"]:
+                    return
+            except (OSError, ValueError):
+                pass
+            assert self.proc.poll() is None, f"svcproxy exited:\n{self.log()}"
+            assert time.monotonic() < deadline, f"no first sync:\n{self.log()}"
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a metric's samples whose labels include `labels`."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://{self.metrics_address}/metrics",
+                                    timeout=10) as resp:
+            text = resp.read().decode()
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and labels.items() <= s.labels.items())
+
+    def stop(self) -> int:
+        """SIGTERM; the exit code."""
+        import signal
+
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)

@@ -160,20 +160,28 @@ def test_only_the_net_difference_is_written() -> None:
 
 
 def test_a_refused_member_is_reported_and_the_sets_read_back() -> None:
-    """A set that refuses a member (at maxelem, say): the sync raises naming
-    it, the members it touched become unknown, and the next sync reads the sets
-    back and converges once the set takes it."""
+    """A set that refuses a member (at maxelem, say): the rest of the sync is
+    written, the refusal is reported naming the set, the member and the
+    Service it is for, that member becomes unknown, and the next sync reads
+    the sets back and converges once the set takes it."""
     h = Helpers()
     h.sync(service("svc1", cluster_ip="10.20.30.41", ports=[TCP80]), EPS)
     h.ipset.refuse = {("KUBE-CLUSTER-IP", "10.20.30.42,tcp:80")}
     two = (service("svc1", cluster_ip="10.20.30.41", ports=[TCP80]), EPS,
            service("svc2", cluster_ip="10.20.30.42", ports=[TCP80]))
-    with pytest.raises(OSError, match=r"KUBE-CLUSTER-IP 10\.20\.30\.42,tcp:80"):
-        h.sync(*two, partial=True)
+    h.sync(*two, partial=True)
+    assert h.state.refused == [
+        "ipset KUBE-CLUSTER-IP: cannot add 10.20.30.42,tcp:80 (Service default/svc2:p80): "
+        "the set is full (its maxelem is reached; kube-proxy's sets hold 65536)"]
+    # everything else of the sync went in: the VIP's other set, the rules
+    assert "10.20.30.42" in h.members("KUBE-IPVS-IPS")
+    assert h.members("KUBE-CLUSTER-IP") == {"10.20.30.41,tcp:80"}
     assert not h.state.members.known
+    assert h.state.members.unknown() == {("KUBE-CLUSTER-IP", "10.20.30.42,tcp:80")}
     h.ipset.refuse = set()
     h.plan = ServiceMap()  # as the core: the failed plan was not adopted; next is full
     h.sync(*two)
+    assert h.state.refused == []
     assert h.members("KUBE-CLUSTER-IP") == {"10.20.30.41,tcp:80", "10.20.30.42,tcp:80"}
     assert h.state.members.known
 

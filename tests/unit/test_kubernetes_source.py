@@ -218,3 +218,47 @@ def test_bad_kubeconfig_is_a_usage_error(tmp_path: Path) -> None:
             load_client(str(bad))
     with pytest.raises(UsageError, match="--kubeconfig: cannot load"):
         load_client(str(tmp_path / "missing"))
+
+
+def test_api_server_gone_for_a_while_then_back(server: FakeAPIServer, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The API server goes away (every connection closed, new ones refused)
+    while the cluster changes, then comes back. Meanwhile what was listed
+    stays served (no event), every failed request is reported (the metrics
+    count them) but logged once per resource, the retries back off (a few per
+    second at most, not a busy loop), and once it is back the source
+    converges on the changes it missed and says so once per resource."""
+    import logging
+
+    populate(server, 3)
+    rec = Recorder()
+    errors: list[tuple[str, str]] = []
+    api = load_client(str(server.kubeconfig(tmp_path / "kubeconfig")))
+    src = KubernetesSource(api, "node-a", rec.publish, rec.mark_synced, resync_period=3600,
+                           watch_timeout=(20, 30), backoff_cap=0.6,
+                           on_error=lambda r, m: errors.append((r, m)))
+    caplog.set_level(logging.INFO, logger="svcproxy.sources.kubernetes")
+    try:
+        src.start()
+        wait_for(lambda: converged(server, rec))
+        seen = len(rec.events)
+        server.go_away()
+        server.apply(service("new", cluster_ip="10.96.9.9"))
+        server.delete(slice_("s0", endpoints=[]))
+        time.sleep(3.0)
+        assert len(rec.events) == seen  # nothing withdrawn, nothing invented
+        assert len(rec.state.slices) == 3
+        per = {r: sum(1 for x, _ in errors if x == r) for r in ("services", "endpointslices",
+                                                               "nodes")}
+        assert all(2 <= n <= 12 for n in per.values()), per  # retried, backing off
+        warned = [r.getMessage() for r in caplog.records
+                  if r.levelno == logging.WARNING and "cannot reach" in r.getMessage()]
+        assert sorted(m.split(":")[0] for m in warned) == ["endpointslices", "nodes",
+                                                           "services"], warned
+        server.come_back()
+        wait_for(lambda: converged(server, rec), timeout=10)
+        assert "default/new" in rec.state.services and len(rec.state.slices) == 2
+        back = [r.getMessage() for r in caplog.records if "answers again" in r.getMessage()]
+        assert len(back) == 3, back
+    finally:
+        src.stop()

@@ -157,7 +157,8 @@ def test_run_follows_manifest_changes_and_stops_on_sigterm(tmp_path: Path,
             proc.kill()
         _, err = proc.communicate()
     assert "received SIGTERM; stopping" in err and "Traceback" not in err
-    assert "failed; the previous rules stay in place: OSError: kernel said no" in err
+    assert ("failed; the previous rules stay in place and it is retried with backoff: "
+            "OSError: kernel said no") in err
 
 
 def test_status_socket_serves_the_plan_and_the_metrics_address_does_not(
