@@ -364,6 +364,21 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """What a privileged init container does before `run` starts without
+    privileges: the sysctls and modules the selected datapath needs."""
+    _, host = _plugins(args.config)
+    datapath, skipped = host.select_datapath()
+    for name, reason in skipped:
+        sys.stdout.write(f"{name} datapath unusable: {reason}\n")
+    lines = host.prepare_node(datapath)
+    for line in lines:
+        sys.stdout.write(line + "\n")
+    sys.stdout.write(f"node prepared for the {datapath} datapath"
+                     f"{'' if lines else ': nothing to change'}\n")
+    return 0
+
+
 def cmd_cleanup(args: argparse.Namespace) -> int:
     _, host = _plugins(args.config)
     lines = host.cleanup()
@@ -525,6 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("file", metavar="FILE")
     cp.add_argument("--output", "-o", default="yaml", choices=["yaml", "json"])
     cp.set_defaults(func=cmd_config_check)
+
+    sp = sub.add_parser("prepare", help="set the sysctls and load the modules the datapath "
+                        "needs (the DaemonSet's privileged init container), then exit")
+    sp.add_argument("--config", metavar="FILE")
+    sp.set_defaults(func=cmd_prepare)
 
     sp = sub.add_parser("cleanup", help="remove everything svcproxy programmed")
     sp.add_argument("--config", metavar="FILE")

@@ -209,6 +209,15 @@ def svcproxy_check(config: Config) -> Sequence[CheckItem] | None:
 
 
 @hookspec
+def svcproxy_prepare_node(config: Config, datapath: str) -> Sequence[str] | None:
+    """Set what the node needs that a container without privileges cannot:
+    sysctls (a non-privileged container's /proc/sys is read-only) and kernel
+    modules, for the datapath that will run (`svcproxy prepare`, run by the
+    DaemonSet's privileged init container). What `run` finds already right it
+    leaves alone. Return lines describing what was set."""
+
+
+@hookspec
 def svcproxy_cleanup_datapath(config: Config) -> Sequence[str] | None:
     """Remove everything this plugin created in the kernel (`svcproxy cleanup`),
     and nothing else. Return lines describing what was removed."""

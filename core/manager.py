@@ -359,6 +359,12 @@ class PluginHost:
         return self.pm.hook.svcproxy_render_plan(  # type: ignore[no-any-return]
             name=name, plan=plan, output=output)
 
+    def prepare_node(self, datapath: str) -> list[str]:
+        lines: list[str] = []
+        for answer in self.pm.hook.svcproxy_prepare_node(config=self.config, datapath=datapath):
+            lines.extend(answer or ())
+        return lines
+
     def cleanup(self) -> list[str]:
         lines: list[str] = []
         for answer in self.pm.hook.svcproxy_cleanup_datapath(config=self.config):

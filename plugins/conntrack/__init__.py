@@ -120,13 +120,15 @@ class ConntrackPlugin:
         for name, value, only_raise in wanted_settings(self.config, online_cpus()):
             if name.startswith("/") and self.store.netns:
                 continue  # module parameters are global: not from inside a namespace
-            try:
-                if self.store.ensure(name, value, only_raise=only_raise):
-                    written.append(name)
-            except OSError as exc:
-                # e.g. nf_conntrack_max is read-only outside the initial namespace
-                log.warning("conntrack: cannot set %s to %s: %s", name, value, exc)
+            # (nf_conntrack_max, say, is read-only outside the initial namespace)
+            if self.store.ensure_or_warn(name, value, only_raise=only_raise):
+                written.append(name)
         return written
+
+    @hookimpl
+    def svcproxy_prepare_node(self, config: Config, datapath: str) -> list[str]:
+        self.store.follow_datapath(config, datapath, self.explicit_backup)
+        return [f"sysctl {name.strip('/').replace('/', '.')}" for name in self.apply()]
 
     def usage(self) -> tuple[int, int] | None:
         count = self.store.read(f"{NF}nf_conntrack_count")

@@ -213,7 +213,7 @@ class IptablesPlugin:
             if opts.localnet and not self.localnet_set:
                 # NodePorts on 127.0.0.1 need the kernel to route loopback
                 # sources (kube-proxy sets it too; svcproxy restores it on cleanup)
-                self.sysctls.ensure(ROUTE_LOCALNET, "1")
+                self.sysctls.ensure_or_warn(ROUTE_LOCALNET, "1")
                 self.localnet_set = True
             try:
                 with phase(f"ipv{family}"):
@@ -277,6 +277,16 @@ class IptablesPlugin:
             tool = "iptables-save" if family == 4 else "ip6tables-save"
             parts.append(f"# {tool}\n{text}")
         return "".join(parts)
+
+    @hookimpl
+    def svcproxy_prepare_node(self, datapath: str) -> list[str] | None:
+        """route_localnet for NodePorts on 127.0.0.1 (localhostNodePorts, on by
+        default), as kube-proxy sets it at start."""
+        if datapath != NAME or not rule_options(self.config, 4, ServiceMap()).localnet:
+            return None
+        if self.sysctls.ensure_or_warn(ROUTE_LOCALNET, "1"):
+            return [f"sysctl {ROUTE_LOCALNET.replace('/', '.')}=1"]
+        return []
 
     @hookimpl
     def svcproxy_cleanup_datapath(self) -> list[str]:

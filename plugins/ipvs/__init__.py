@@ -288,12 +288,21 @@ class IpvsPlugin:
             self.kernel = IpvsKernel(self.netns)
         return self.kernel
 
-    def _ensure_sysctls(self, kernel: IpvsKernel) -> None:
+    def _ensure_sysctls(self, kernel: IpvsKernel | None = None) -> list[str]:
         """Set what the datapath needs, recording each previous value once (the
-        first time svcproxy changes it) so cleanup can restore it."""
+        first time svcproxy changes it) so cleanup can restore it. Returns the
+        names written."""
         store = SysctlStore(self.backup_path, self.netns)
-        for name, value in self._wanted_sysctls().items():
-            store.ensure(name, value)
+        return [name for name, value in self._wanted_sysctls().items()
+                if store.ensure_or_warn(name, value)]
+
+    @hookimpl
+    def svcproxy_prepare_node(self, datapath: str) -> list[str] | None:
+        if datapath != NAME:
+            return None
+        written = self._ensure_sysctls()
+        return [f"sysctl {name.replace('/', '.')}={value}"
+                for name, value in self._wanted_sysctls().items() if name in written]
 
     @staticmethod
     def _wanted_sysctls() -> dict[str, str]:

@@ -31,6 +31,10 @@ def dotted(name: str) -> str:
     return name if name.startswith("/") else name.replace("/", ".")
 
 
+#: (namespace, sysctl) already warned about as unwritable
+_WARNED: set[tuple[str | None, str]] = set()
+
+
 class SysctlStore:
     def __init__(self, backup_path: str | None = DEFAULT_BACKUP,
                  netns: str | None = None) -> None:
@@ -108,6 +112,22 @@ class SysctlStore:
         self.write(name, value)
         log.info("%s: %s -> %s", dotted(name), current, value)
         return True
+
+    def ensure_or_warn(self, name: str, value: str, only_raise: bool = False) -> bool:
+        """ensure(), but a setting that cannot be written (a container without
+        privileges has a read-only /proc/sys) is logged once, with the way out,
+        and svcproxy goes on without it."""
+        try:
+            return self.ensure(name, value, only_raise)
+        except OSError as exc:
+            key = (self.netns, name)
+            if key not in _WARNED:
+                _WARNED.add(key)
+                log.warning("cannot set %s to %s (%s); run `svcproxy prepare` before "
+                            "svcproxy starts (the DaemonSet's privileged init container "
+                            "does) or run svcproxy privileged", dotted(name), value,
+                            exc.strerror or exc)
+            return False
 
     def restore(self, names: Iterable[str]) -> list[str]:
         """Put back the recorded previous values of `names`; returns what it did."""

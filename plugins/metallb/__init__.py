@@ -170,9 +170,17 @@ class MetallbPlugin:
         written = []
         for iface in self.scope_interfaces():
             for name, value in zip(arp_names(iface), ARP.values(), strict=True):
-                if self.store.ensure(name, value):
+                if self.store.ensure_or_warn(name, value):
                     written.append(name)
         return written
+
+    @hookimpl
+    def svcproxy_prepare_node(self, config: Config, datapath: str) -> list[str] | None:
+        """strictARP's sysctls, when it is on and IPVS will run."""
+        if not (config.kube_proxy.ipvs.strict_arp and datapath == "ipvs"):
+            return None
+        self.store.follow_datapath(config, datapath, self.explicit_backup)
+        return [f"sysctl {name.replace('/', '.')}" for name in self.apply()]
 
     @hookimpl
     def svcproxy_observe_event(self, event: Event) -> None:

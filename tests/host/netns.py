@@ -372,3 +372,44 @@ class SvcProxyRun:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=30)
+
+
+# ---- the DaemonSet's privileges -------------------------------------------------------
+
+def daemonset_containers() -> dict[str, dict]:  # type: ignore[type-arg]
+    """deploy/daemonset.yaml's containers (init containers too) by name."""
+    import yaml
+
+    docs = yaml.safe_load_all((HERE.parents[1] / "deploy" / "daemonset.yaml").read_text())
+    ds = next(d for d in docs if d and d.get("kind") == "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    return {c["name"]: c for c in [*pod.get("initContainers", []), *pod["containers"]]}
+
+
+def shipped_capabilities() -> list[str]:
+    """The main container's capabilities, as `setpriv --bounding-set` spells them."""
+    main = daemonset_containers()["svcproxy"]
+    sc = main["securityContext"]
+    assert not sc.get("privileged"), "the main container is privileged"
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    return [c.lower() for c in sc["capabilities"]["add"]]
+
+
+def has_capability(name: str) -> bool:
+    """Whether this machine lets root have `name` at all (its bounding set)."""
+    bits = {"net_admin": 12, "net_raw": 13, "sys_resource": 24}
+    status = Path("/proc/self/status").read_text()
+    bounding = int(next(line.split()[1] for line in status.splitlines()
+                        if line.startswith("CapBnd:")), 16)
+    return bool(bounding >> bits[name] & 1)
+
+
+def unprivileged(netns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`svcproxy ARGS` inside `netns` with the shipped capabilities only and
+    /proc/sys read-only (in the private mount namespace `ip netns exec` makes)."""
+    caps = ",".join(f"+{c}" for c in shipped_capabilities() if has_capability(c))
+    script = ("mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && "
+              f"exec setpriv --bounding-set=-all,{caps} --inh-caps=-all -- \"$@\"")
+    svcproxy = str(Path(sys.executable).parent / "svcproxy")
+    return subprocess.run(["ip", "netns", "exec", netns, "sh", "-c", script, "sh", svcproxy,
+                           *args], capture_output=True, text=True, timeout=300)

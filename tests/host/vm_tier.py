@@ -27,7 +27,8 @@ TIMEOUT = 2700.0
 #: (one per core) were measured slower than one, the datapath half timing out
 #: after 20 minutes. test_zfallback_without_ipvs.py, which unloads IPVS, last.
 SPLIT: tuple[tuple[str, ...], ...] = (
-    ("tests/vm/test_ipvs_datapath.py", "tests/vm/test_ipvs_netlink.py",
+    ("tests/vm/test_ipvs_datapath.py", "tests/vm/test_ipvs_faults.py",
+     "tests/vm/test_ipvs_netlink.py",
      "tests/vm/test_ipvs_takeover.py", "tests/vm/test_node_integration.py",
      "tests/vm/test_zfallback_without_ipvs.py"),
 )

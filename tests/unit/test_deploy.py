@@ -63,13 +63,18 @@ def test_daemonset_is_a_node_proxy() -> None:
     assert {"operator": "Exists"} in spec["tolerations"]
     assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
     (c,) = spec["containers"]
-    assert c["securityContext"].get("privileged") is True
+    # privileges: tests/host/test_least_privilege.py runs svcproxy with them
+    assert c["securityContext"]["privileged"] is False
+    (init,) = spec["initContainers"]
+    assert init["securityContext"]["privileged"] is True
+    assert {m["mountPath"] for m in init["volumeMounts"]} >= {"/lib/modules", "/etc/svcproxy",
+                                                            "/var/lib/svcproxy"}
     assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert c["readinessProbe"]["httpGet"]["path"] == "/healthz"
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
-    assert {"/lib/modules", "/run/xtables.lock", "/etc/svcproxy"} <= mounts
+    assert {"/run/xtables.lock", "/etc/svcproxy", "/var/lib/svcproxy", "/run/svcproxy"} <= mounts
     assert spec["serviceAccountName"] == by_kind("ServiceAccount")["metadata"]["name"]
 
 
