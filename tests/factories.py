@@ -220,6 +220,19 @@ class ProxyHarness:
         return changes
 
 
+def config_text(kube_proxy: dict[str, Any] | None = None, **svcproxy: Any) -> str:
+    """A config file: a KubeProxyConfiguration with these fields and, when
+    svcproxy fields are given, a SvcProxyConfiguration with them."""
+    import yaml
+
+    docs: list[dict[str, Any]] = [{"apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+                                   "kind": "KubeProxyConfiguration", **(kube_proxy or {})}]
+    if svcproxy:
+        docs.append({"apiVersion": "svcproxy.io/v1alpha1", "kind": "SvcProxyConfiguration",
+                     **svcproxy})
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
 def only_plugins(*names: str) -> str:
     """A SvcProxyConfiguration `disable:` line that keeps only these default
     plugins (and clusterip, which cannot be disabled): tests that isolate one."""

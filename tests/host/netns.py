@@ -100,33 +100,54 @@ class Pod:
 
 
 class UdpSession:
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
+    """One UDP socket made inside a client namespace (a socket stays in the
+    namespace it was made in, whichever thread uses it): each ask() sends a
+    datagram from the same source port and returns who answered."""
+
+    def __init__(self, sock: Any, host: str, port: int) -> None:
+        self.sock, self.host, self.port = sock, host, port
 
     def ask(self) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("x\n")
-        self.proc.stdin.flush()
-        return self.proc.stdout.readline().strip()
+        import traffic_client
+
+        return str(traffic_client.udp_once(self.sock, self.host, self.port))
 
     def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=10)
+        self.sock.close()
+
+
+class TcpHold:
+    """One HTTP connection made inside a client namespace and answered once
+    (`first`); again() uses the same connection once more and closes it. It
+    never reconnects: a new socket would be outside the namespace."""
+
+    def __init__(self, conn: Any, first: str) -> None:
+        self.conn = conn
+        self.first = first
+
+    def again(self) -> dict[str, str]:
+        try:
+            self.conn.request("GET", "/")
+            second = self.conn.getresponse().read().decode()
+        except OSError as exc:
+            second = f"!{type(exc).__name__}"
+        except Exception as exc:  # http.client.NotConnected and friends
+            second = f"!{type(exc).__name__}"
+        self.close()
+        return {"first": self.first, "second": second}
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class HeldFlows:
     """TCP connections and UDP flows held open through service addresses
     (Topology.hold_flows): `first` is the backend each answered from."""
 
-    def __init__(self, tcp: dict[str, subprocess.Popen[str]], udp: dict[str, UdpSession]
-                 ) -> None:
+    def __init__(self, tcp: dict[str, TcpHold], udp: dict[str, UdpSession]) -> None:
         self.tcp = tcp
         self.udp = udp
-        self.first: dict[str, str] = {}
-        for name, proc in tcp.items():
-            assert proc.stdout is not None
-            self.first[name] = json.loads(proc.stdout.readline())["first"]
+        self.first: dict[str, str] = {name: hold.first for name, hold in tcp.items()}
         for name, session in udp.items():
             self.first[name] = session.ask()
 
@@ -138,11 +159,8 @@ class HeldFlows:
         """Every flow still answers, from the backend it started with (the TCP
         connections are used once more and then closed)."""
         assert self.udp_answers() == {n: self.first[n] for n in self.udp}
-        for name, proc in self.tcp.items():
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write("again\n")
-            proc.stdin.flush()
-            answer = json.loads(proc.stdout.readline())
+        for name, hold in self.tcp.items():
+            answer = hold.again()
             assert answer == {"first": self.first[name], "second": self.first[name]}, name
 
 
@@ -174,6 +192,8 @@ class Topology:
     pods: dict[str, Pod] = field(default_factory=dict)
     clients: dict[str, str] = field(default_factory=dict)
     servers: list[Any] = field(default_factory=list)
+    #: held connections and UDP sockets, closed with the topology
+    holds: list[Any] = field(default_factory=list)
     _links = itertools.count()
 
     @property
@@ -262,21 +282,35 @@ class Topology:
                 count: int) -> dict[str, int]:
         return self.client(client, mode, host, str(port), str(count))["answers"]  # type: ignore[return-value]
 
-    def hold(self, client: str, host: str, port: int) -> subprocess.Popen[str]:
-        """Open one HTTP connection; write a line to stdin to use it again."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self.clients[client], sys.executable,
-                                 str(HERE / "traffic_client.py"), "hold", host, str(port)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.processes.append(proc)
-        return proc
+    def hold(self, client: str, host: str, port: int) -> TcpHold:
+        """Open one HTTP connection from `client` (in-process: a Python start
+        per connection costs seconds under emulation) and use it once."""
+        import http.client
+
+        def connect() -> TcpHold:
+            conn = http.client.HTTPConnection(host, port, timeout=5)
+            conn.auto_open = 0  # type: ignore[attr-defined]
+            conn.connect()
+            conn.request("GET", "/")
+            return TcpHold(conn, conn.getresponse().read().decode())
+
+        hold = in_namespace(self.clients[client], connect)
+        self.holds.append(hold)
+        return hold
 
     def hold_udp(self, client: str, host: str, port: int) -> UdpSession:
         """One UDP socket in `client`; each ask() sends from the same source port."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self.clients[client], sys.executable,
-                                 str(HERE / "traffic_client.py"), "udp-hold", host, str(port)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.processes.append(proc)
-        return UdpSession(proc)
+        import socket
+
+        def make() -> UdpSession:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                 socket.SOCK_DGRAM)
+            sock.settimeout(1.0)
+            return UdpSession(sock, host, port)
+
+        session = in_namespace(self.clients[client], make)
+        self.holds.append(session)
+        return session
 
     def hold_flows(self, client: str, tcp: dict[str, tuple[str, int]],
                    udp: dict[str, tuple[str, int]] | None = None) -> HeldFlows:
@@ -286,6 +320,10 @@ class Topology:
                          {n: self.hold_udp(client, h, p) for n, (h, p) in (udp or {}).items()})
 
     def close(self) -> None:
+        for hold in self.holds:
+            with contextlib.suppress(Exception):
+                hold.close()
+        self.holds.clear()
         for server in self.servers:
             with contextlib.suppress(Exception):
                 server.close()

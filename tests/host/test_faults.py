@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import yaml
 from apiserver import FakeAPIServer
 from conftest import NODE_IP
-from factories import endpoint, node, service, slice_
+from factories import config_text, endpoint, node, service, slice_
 from netns import SvcProxyRun, Topology
 
 WEB_VIP, DNS_VIP, NEW_VIP = "10.96.0.10", "10.96.0.53", "10.96.0.20"
@@ -35,22 +34,12 @@ UDP_FLOWS = {"udp-cluster-ip": (DNS_VIP, 53)}
 PODS = {"a": "10.244.1.11", "b": "10.244.2.12", "c": "10.244.3.13", "u": "10.244.1.53"}
 
 
-def config(backend: str, topo: Topology, source: str = "") -> str:
-    return textwrap.dedent(f"""\
-        apiVersion: kubeproxy.config.k8s.io/v1alpha1
-        kind: KubeProxyConfiguration
-        mode: iptables
-        clusterCIDR: 10.244.0.0/16
-        healthzBindAddress: ""
-        metricsBindAddress: METRICS
-        ---
-        apiVersion: svcproxy.io/v1alpha1
-        kind: SvcProxyConfiguration
-        disable: [conntrack]
-        datapaths: [iptables]
-        datapathOptions:
-          iptables: {{netns: {topo.node}, backend: {backend}}}
-    """) + source
+def config(backend: str, topo: Topology) -> str:
+    return config_text(
+        {"mode": "iptables", "clusterCIDR": "10.244.0.0/16", "healthzBindAddress": "",
+         "metricsBindAddress": "METRICS"},
+        disable=["conntrack"], datapaths=["iptables"],
+        datapathOptions={"iptables": {"netns": topo.node, "backend": backend}})
 
 
 def web(*pods: str) -> list[dict]:  # type: ignore[type-arg]

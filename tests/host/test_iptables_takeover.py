@@ -23,7 +23,7 @@ from pathlib import Path
 
 from apiserver import FakeAPIServer
 from conftest import NODE_IP, Node
-from factories import endpoint, node, service, slice_
+from factories import config_text, endpoint, node, service, slice_
 from netns import Topology, sh
 
 from svcproxy.plugins.iptables import rule_options
@@ -206,21 +206,11 @@ def test_sigkill_and_restart_of_the_process_is_invisible(topo: Topology,
     (manifests / "cluster.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List",
                                                         "items": objs}))
     config = tmp_path / "config.yaml"
-    config.write_text(textwrap.dedent(f"""\
-        apiVersion: kubeproxy.config.k8s.io/v1alpha1
-        kind: KubeProxyConfiguration
-        mode: iptables
-        clusterCIDR: 10.244.0.0/16
-        healthzBindAddress: ""
-        metricsBindAddress: ""
-        ---
-        apiVersion: svcproxy.io/v1alpha1
-        kind: SvcProxyConfiguration
-        disable: [metrics, conntrack]
-        datapaths: [iptables]
-        datapathOptions:
-          iptables: {{netns: {topo.node}, backend: nft}}
-    """))
+    config.write_text(config_text(
+        {"mode": "iptables", "clusterCIDR": "10.244.0.0/16", "healthzBindAddress": "",
+         "metricsBindAddress": ""},
+        disable=["metrics", "conntrack"], datapaths=["iptables"],
+        datapathOptions={"iptables": {"netns": topo.node, "backend": "nft"}}))
     svcproxy = str(Path(sys.executable).parent / "svcproxy")
     sock = tmp_path / "status.sock"
     run = [svcproxy, "run", "--manifests", str(manifests), "--config", str(config),

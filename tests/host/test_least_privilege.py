@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 from conftest import NODE_IP
-from factories import endpoint, node, service, slice_
+from factories import config_text, endpoint, node, service, slice_
 from netns import (
     Topology,
     daemonset_containers,
@@ -57,22 +56,12 @@ def test_run_without_privileges_after_prepare(topo: Topology, tmp_path: Path,
                    endpoints=[endpoint("10.244.1.11", "node-a")])]
     (d / "cluster.json").write_text(json.dumps({"kind": "List", "items": objs}))
     config = tmp_path / "config.yaml"
-    config.write_text(textwrap.dedent(f"""\
-        apiVersion: kubeproxy.config.k8s.io/v1alpha1
-        kind: KubeProxyConfiguration
-        mode: iptables
-        clusterCIDR: 10.244.0.0/16
-        healthzBindAddress: ""
-        metricsBindAddress: ""
-        oomScoreAdj: -999
-        ---
-        apiVersion: svcproxy.io/v1alpha1
-        kind: SvcProxyConfiguration
-        disable: [conntrack]
-        datapaths: [iptables]
-        datapathOptions:
-          iptables: {{backend: {backend}, sysctlBackup: {tmp_path / 'sysctl.json'}}}
-    """))
+    config.write_text(config_text(
+        {"mode": "iptables", "clusterCIDR": "10.244.0.0/16", "healthzBindAddress": "",
+         "metricsBindAddress": "", "oomScoreAdj": -999},
+        disable=["conntrack"], datapaths=["iptables"],
+        datapathOptions={"iptables": {"backend": backend,
+                                      "sysctlBackup": str(tmp_path / "sysctl.json")}}))
     run = ["run", "--once", "--manifests", str(d), "--config", str(config), "--node", "node-a",
            "--status-socket", ""]
     assert sh("sysctl", "-n", LOCALNET, netns=topo.node).stdout.strip() == "0"

@@ -91,8 +91,7 @@ def test_established_connection_survives_endpoint_removal(topo: Topology,
     n.publish(slice_("web", endpoints=eps))
     n.sync()
     hold = topo.hold("c1", "10.96.0.10", 80)
-    assert hold.stdout is not None and hold.stdin is not None
-    first = json.loads(hold.stdout.readline())["first"]
+    first = hold.first
     gone = topo.pods[first].ip
     n.publish(slice_("web", endpoints=[e for e in eps if e["addresses"][0] != gone]),
               EventType.MODIFIED)
@@ -106,11 +105,8 @@ def test_established_connection_survives_endpoint_removal(topo: Topology,
     time.sleep(3)
     n.sync()
     assert f"-r {gone}:8080 -m -w 0" in " ".join(ipvsadm(topo))
-    hold.stdin.write("again\n")
-    hold.stdin.flush()
-    final = json.loads(hold.stdout.readline())
+    final = hold.again()
     assert final == {"first": first, "second": first}  # same connection, same pod
-    hold.wait(timeout=10)
     # the connection is closed: the next sync deletes the drained real server
     subprocess.run(["sleep", "1"], check=True)
     n.sync()
@@ -472,8 +468,7 @@ def test_status_matches_ipvsadm_and_names_services(topo: Topology, tmp_path: Pat
     n.sync()
     assert topo.answers("c1", "http", "10.96.0.10", 80, 6) == {"a": 3, "b": 3}
     hold = topo.hold("c1", "10.96.0.10", 80)
-    assert hold.stdout is not None
-    first = json.loads(hold.stdout.readline())["first"]
+    first = hold.first
     gone = topo.pods[first].ip
     n.publish(slice_("web", endpoints=[e for e in objects[1]["endpoints"]  # type: ignore[index]
                                        if e["addresses"][0] != gone]), EventType.MODIFIED)
@@ -521,7 +516,4 @@ def test_status_matches_ipvsadm_and_names_services(topo: Topology, tmp_path: Pat
     live = ipvs_status(n.plugin.state.kernel.nl, topo.node, frontends, False)
     states = {b["address"]: b["state"] for b in live["frontends"][0]["backends"]}
     assert states[gone] == "draining" and list(states.values()).count("ok") == 1
-    assert hold.stdin is not None
-    hold.stdin.write("again\n")
-    hold.stdin.flush()
-    hold.wait(timeout=10)
+    hold.again()
