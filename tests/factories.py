@@ -220,6 +220,35 @@ class ProxyHarness:
         return changes
 
 
+def run_cli(*argv: str) -> tuple[int, str]:
+    """A `svcproxy` command run in this process, as `main` runs it (its parser,
+    its command function, its exit code for usage errors) but without a Python
+    start, which costs tens of seconds under the VM's emulation, and without
+    touching logging (the caller's caplog sees the records). The signal
+    handlers `run` installs are put back. Returns (exit code, stdout)."""
+    import contextlib
+    import io
+    import signal
+
+    from svcproxy.cli import build_parser
+    from svcproxy.errors import SvcProxyError
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            args = build_parser().parse_args(list(argv))
+            try:
+                code = int(args.func(args))
+            except SvcProxyError as exc:
+                out.write(f"svcproxy: {exc}\n")
+                code = exc.exit_code
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return code, out.getvalue()
+
+
 def config_text(kube_proxy: dict[str, Any] | None = None, **svcproxy: Any) -> str:
     """A config file: a KubeProxyConfiguration with these fields and, when
     svcproxy fields are given, a SvcProxyConfiguration with them."""

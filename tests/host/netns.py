@@ -67,6 +67,20 @@ def sh(*args: str, netns: str | None = None, check: bool = True,
     return proc
 
 
+def ip_batch(netns: str, commands: list[str]) -> None:
+    """Several `ip` commands in one run inside `netns` (`ip -n NS -batch -`)."""
+    sh("ip", "-n", netns, "-batch", "-", stdin="\n".join(commands) + "\n")
+
+
+def write_sysctl(netns: str, key: str, value: str) -> None:
+    """/proc/sys/net/KEY inside `netns`, from a thread there (no process)."""
+    def write() -> None:
+        with open(f"/proc/sys/net/{key}", "w") as f:
+            f.write(value)
+
+    in_namespace(netns, write)
+
+
 def in_namespace(netns: str, fn: Callable[[], T], timeout: float = 120) -> T:
     """Run `fn` on a thread inside `netns` (sockets it opens stay there)."""
     from svcproxy.plugins.kernel.netns import in_netns
@@ -200,11 +214,14 @@ class Topology:
     def node(self) -> str:
         return f"{self.prefix}-node"
 
+    # Each namespace is configured with one `ip -n NS -batch -` per side: every
+    # `ip` run costs a fraction of a second under the VM's emulation, and a pod
+    # took eighteen of them.
+
     def _ns(self, name: str) -> str:
         ns = f"{self.prefix}-{name}"
         sh("ip", "netns", "add", ns)
         self.namespaces.append(ns)
-        sh("ip", "link", "set", "lo", "up", netns=ns)
         return ns
 
     def _veth(self, peer_ns: str) -> tuple[str, str]:
@@ -212,48 +229,49 @@ class Topology:
         node_if, peer_if = f"v{n}n", f"v{n}p"
         sh("ip", "link", "add", node_if, "netns", self.node, "type", "veth",
            "peer", "name", peer_if, "netns", peer_ns)
-        sh("ip", "link", "set", node_if, "up", netns=self.node)
-        sh("ip", "link", "set", peer_if, "up", netns=peer_ns)
         return node_if, peer_if
 
     def create_node(self) -> str:
         self._ns("node")
-        for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
-            sh("sysctl", "-qw", key, netns=self.node)
+        ip_batch(self.node, ["link set lo up"])
+        for key in ("ipv4/ip_forward", "ipv6/conf/all/forwarding"):
+            write_sysctl(self.node, key, "1")
         return self.node
 
     def add_client(self, name: str, ip: str, node_ip: str, prefix: int = 24,
                    ip6: str | None = None, node_ip6: str | None = None) -> str:
         ns = self._ns(name)
         node_if, peer_if = self._veth(ns)
-        sh("ip", "addr", "add", f"{node_ip}/{prefix}", "dev", node_if, netns=self.node)
-        sh("ip", "addr", "add", f"{ip}/{prefix}", "dev", peer_if, netns=ns)
-        sh("ip", "route", "add", "default", "via", node_ip, netns=ns)
+        node = [f"link set {node_if} up", f"addr add {node_ip}/{prefix} dev {node_if}"]
+        peer = ["link set lo up", f"link set {peer_if} up",
+                f"addr add {ip}/{prefix} dev {peer_if}", f"route add default via {node_ip}"]
         if ip6 and node_ip6:
-            sh("ip", "-6", "addr", "add", f"{node_ip6}/64", "dev", node_if, "nodad",
-               netns=self.node)
-            sh("ip", "-6", "addr", "add", f"{ip6}/64", "dev", peer_if, "nodad", netns=ns)
-            sh("ip", "-6", "route", "add", "default", "via", node_ip6, netns=ns)
+            node.append(f"addr add {node_ip6}/64 dev {node_if} nodad")
+            peer += [f"addr add {ip6}/64 dev {peer_if} nodad",
+                     f"route add default via {node_ip6}"]
+        ip_batch(self.node, node)
+        ip_batch(ns, peer)
         self.clients[name] = ns
         return ns
 
     def set_default_route(self, via: str) -> None:
-        sh("ip", "route", "add", "default", "via", via, netns=self.node)
+        ip_batch(self.node, [f"route add default via {via}"])
 
     def add_pod(self, name: str, ip: str, ip6: str | None = None) -> Pod:
         ns = self._ns(name)
         node_if, peer_if = self._veth(ns)
-        sh("ip", "addr", "add", "169.254.1.1/32", "dev", node_if, netns=self.node)
-        sh("ip", "route", "add", f"{ip}/32", "dev", node_if, netns=self.node)
-        sh("ip", "addr", "add", f"{ip}/32", "dev", peer_if, netns=ns)
-        sh("ip", "route", "add", "169.254.1.1", "dev", peer_if, netns=ns)
-        sh("ip", "route", "add", "default", "via", "169.254.1.1", "dev", peer_if, netns=ns)
+        node = [f"link set {node_if} up", f"addr add 169.254.1.1/32 dev {node_if}",
+                f"route add {ip}/32 dev {node_if}"]
+        peer = ["link set lo up", f"link set {peer_if} up", f"addr add {ip}/32 dev {peer_if}",
+                f"route add 169.254.1.1 dev {peer_if}",
+                f"route add default via 169.254.1.1 dev {peer_if}"]
         if ip6:
-            sh("ip", "-6", "addr", "add", "fe80::1/64", "dev", node_if, "nodad", netns=self.node)
-            sh("ip", "-6", "route", "add", f"{ip6}/128", "dev", node_if, netns=self.node)
-            sh("ip", "-6", "addr", "add", f"{ip6}/128", "dev", peer_if, "nodad", netns=ns)
-            sh("ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", peer_if,
-               netns=ns)
+            node += [f"addr add fe80::1/64 dev {node_if} nodad",
+                     f"route add {ip6}/128 dev {node_if}"]
+            peer += [f"addr add {ip6}/128 dev {peer_if} nodad",
+                     f"route add default via fe80::1 dev {peer_if}"]
+        ip_batch(self.node, node)
+        ip_batch(ns, peer)
         pod = Pod(name, ip, ns, ip6)
         pod.process = self._serve(name, ns, ipv6=bool(ip6))
         self.pods[name] = pod

@@ -1,14 +1,11 @@
-"""Client for host tests, run inside a client namespace. Prints one JSON object.
+"""Client for host tests, run inside a client namespace (in-process, on a thread
+there: Topology.client, Loader; held connections are netns.TcpHold/UdpSession).
 
   http HOST PORT COUNT      COUNT new TCP connections, one GET each: who answered
   whoami HOST PORT COUNT    the same, answered with the client address the pod saw
   udp HOST PORT COUNT       COUNT datagrams from fresh sockets
   udp-same HOST PORT COUNT  COUNT datagrams from one socket (one conntrack entry)
-  udp-hold HOST PORT        one UDP socket; per line on stdin send a datagram and
-                            print who answered (a line each)
   sctp HOST PORT COUNT      COUNT new SCTP associations: who answered
-  hold HOST PORT            open one HTTP connection, answer once, then wait for a
-                            line on stdin and ask again on the same connection
   load HOST PORT KEEPALIVE RATE PORTS
                             steady load until stdin closes: KEEPALIVE clients each
                             sending a request every 20 ms on one keep-alive
@@ -233,26 +230,6 @@ def main() -> None:
         for t in threads:
             t.join(timeout=10)
         print(json.dumps(load.summary()), flush=True)
-        return
-    mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    if mode == "udp-hold":
-        sock = socket.socket(family(host), socket.SOCK_DGRAM)
-        sock.settimeout(TIMEOUT)
-        for _ in sys.stdin:
-            print(udp_once(sock, host, port), flush=True)
-        return
-    if mode == "hold":
-        conn = http.client.HTTPConnection(host, port, timeout=5)
-        conn.request("GET", "/")
-        first = conn.getresponse().read().decode()
-        print(json.dumps({"first": first}), flush=True)
-        sys.stdin.readline()
-        try:
-            conn.request("GET", "/")
-            second = conn.getresponse().read().decode()
-        except OSError as exc:
-            second = f"!{type(exc).__name__}"
-        print(json.dumps({"first": first, "second": second}), flush=True)
         return
     print(json.dumps(run(sys.argv[1:])), flush=True)
 

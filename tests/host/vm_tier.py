@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -28,13 +29,22 @@ TIMEOUT = 2700.0
 #: after 20 minutes. test_zfallback_without_ipvs.py, which unloads IPVS, last.
 SPLIT: tuple[tuple[str, ...], ...] = (
     ("tests/vm/test_ipvs_datapath.py", "tests/vm/test_ipvs_faults.py",
-     "tests/vm/test_ipvs_netlink.py",
-     "tests/vm/test_ipvs_takeover.py", "tests/vm/test_node_integration.py",
+     "tests/vm/test_ipvs_netlink.py", "tests/vm/test_ipvs_takeover.py",
+     "tests/vm/test_node_integration.py", "tests/vm/test_ipvs_load.py",
      "tests/vm/test_zfallback_without_ipvs.py"),
 )
 #: run only with SVCPROXY_VM_LOAD=1 (in the first VM, before the last file):
-#: the IPVS load test, which failed in its one run so far (issue #13)
-OPT_IN: tuple[str, ...] = ("tests/vm/test_ipvs_load.py",)
+#: none at the moment (the IPVS load test, once opt-in, passes and is in SPLIT)
+OPT_IN: tuple[str, ...] = ()
+
+
+def precompile() -> None:
+    """Byte-compile svcproxy's and the tests' modules on the host: the guest's
+    root is read-only, so without .pyc files every Python process in it (each
+    CLI call) compiled them again, seconds of emulated CPU each time."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0",
+                    *(str(ROOT / d) for d in ("core", "plugins", "demo", "tests"))],
+                   capture_output=True, timeout=300, check=False)
 
 
 @dataclass
@@ -54,6 +64,7 @@ class VmRun:
             self.error = f"cannot prepare the VM: {prep.stderr}"
             return
         kernel = prep.stdout.strip().splitlines()[-1]
+        precompile()
         env = {**os.environ, "PATH": f"{CACHE / 'vng-venv' / 'bin'}:{os.environ['PATH']}"}
         cmd = ["nice", "-n", "10", "vng", "--disable-kvm", "--force-9p", "-r", kernel,
                "--memory", "2G", "--cpus", "2", "--cwd", str(ROOT),

@@ -33,10 +33,11 @@ def test_refusals_leave_the_rest_serving_and_converge(topo: Topology, tmp_path: 
     middle of svcproxy's batch). One sync then adds two Services and changes a
     third: the kernel refuses two set members and one IPVS message; everything
     else is written (the changed Service answers from its new endpoints at
-    once), the error names each refusal and its Service, the retry fails the
-    same way and is not logged again, and when the set is replaced by a large
-    one the next sync converges: every Service answers and every helper set
-    equals the plan."""
+    once) and the error names each refusal and its Service. The retry adopts
+    the virtual server (a different fault: logged), the next fails the same
+    way and is not logged again, and when the set is replaced by a large one
+    the next sync converges: every Service answers and every helper set equals
+    the plan."""
     from svcproxy.plugins.ipvs.helpers import SETS, set_entries
 
     for name, ip in PODS.items():
@@ -66,10 +67,15 @@ def test_refusals_leave_the_rest_serving_and_converge(topo: Topology, tmp_path: 
     # svc3 is refused quickly (in KUBE-IPVS-IPS, not yet in KUBE-CLUSTER-IP), not
     # blackholed
     assert topo.answers("c1", "http", "10.96.0.13", 80, 1) == {"!refused": 1}
-    again = n.proxy.sync()  # the retry (full, as after any failure): same fault
+    # the retry (full, as after any failure) adopts the virtual server the other
+    # program made at svc4's address (it is planned); the set is still full
+    again = n.proxy.sync()
     assert not again.ok and again.full
+    assert "File exists" not in again.error and "svc3" in again.error
+    third = n.proxy.sync()  # the same fault again: not logged again
+    assert third.error == again.error
     logged = [r for r in caplog.records if r.name == "svcproxy.proxy" and "failed" in r.message]
-    assert [r.levelno for r in logged] == [logging.ERROR, logging.DEBUG]
+    assert [r.levelno for r in logged] == [logging.ERROR, logging.ERROR, logging.DEBUG]
     # the fault clears: the set is replaced by one with kube-proxy's room
     sh("ipset", "create", "KUBE-CLUSTER-IP-NEW", "hash:ip,port", "maxelem", "65536",
        netns=topo.node)
@@ -84,4 +90,4 @@ def test_refusals_leave_the_rest_serving_and_converge(topo: Topology, tmp_path: 
     have = ipset_save(topo.node)
     for name in SETS:
         assert have.get(name) == want[name], name
-    assert any("synced again after 2 failed attempts" in r.message for r in caplog.records)
+    assert any("synced again after 3 failed attempts" in r.message for r in caplog.records)

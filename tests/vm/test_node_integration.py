@@ -4,14 +4,14 @@ cleanup."""
 
 from __future__ import annotations
 
-import sys
+import socket
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from factories import ProxyHarness, endpoint, only_plugins, service, slice_
-from netns import Topology, sh
+from netns import Topology, in_namespace, sh
 
 from svcproxy.config import parse_config
 from svcproxy.manager import PluginHost
@@ -76,9 +76,15 @@ def node(t: Topology, tmp: Path, strict: bool, scope: str = "all") -> ProxyHarne
 
 def node_answers_arp(peer: str) -> bool:
     sh("ip", "neigh", "flush", "dev", "lan0", netns=peer)
-    # any packet to the LB IP makes the peer resolve it on the LAN
-    sh(sys.executable, "-c", "import socket; s = socket.socket(); s.settimeout(1.5); "
-       f"s.connect_ex(('{LB_IP}', 80))", netns=peer, check=False)
+    # any packet to the LB IP makes the peer resolve it on the LAN (a socket
+    # made inside the peer's namespace, in-process: a Python start costs
+    # seconds under emulation)
+    def knock() -> None:
+        with socket.socket() as s:
+            s.settimeout(1.5)
+            s.connect_ex((LB_IP, 80))
+
+    in_namespace(peer, knock)
     neigh = sh("ip", "neigh", "show", LB_IP, "dev", "lan0", netns=peer).stdout
     return "lladdr" in neigh
 
