@@ -106,6 +106,14 @@ def _host_port(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
+def json_lines(items: list[Any]) -> str:
+    """A JSON list with one item per line, each encoded by json's C encoder
+    (indent= makes json use its pure-Python encoder: seconds for a large plan)."""
+    if not items:
+        return "[]\n"
+    return "[\n" + ",\n".join(json.dumps(item) for item in items) + "\n]\n"
+
+
 def render_table(plan: ServiceMap) -> str:
     """Like `ipvsadm -L -n`, with the kind and service port of each frontend."""
     lines = ["Prot LocalAddress:Port Scheduler Flags",
@@ -200,7 +208,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return _print_preview(host, datapath, plan, args.output)
     output = args.output
     if output == "json":
-        sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n")
+        sys.stdout.write(json_lines(plan.to_json()))
     elif output == "table":
         sys.stdout.write(render_table(plan))
     else:

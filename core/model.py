@@ -9,7 +9,9 @@ the API server's (for example a port's protocol is TCP when unset).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import socket
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -108,6 +110,12 @@ class _Reader:
     def ip(self, value: Any, path: str) -> str:
         if not isinstance(value, str):
             raise self.error(path, value, "must be an IP address")
+        if ":" not in value:
+            # the common case, in C: a canonical dotted quad round-trips
+            # (ipaddress took a third of reading 10,000 EndpointSlices)
+            with contextlib.suppress(OSError):
+                if socket.inet_ntoa(socket.inet_pton(socket.AF_INET, value)) == value:
+                    return value
         try:
             return str(ipaddress.ip_address(value))
         except ValueError:
@@ -404,9 +412,9 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
             addresses = tuple(str(a) for a in addrs)
         else:
             addresses = tuple(r.ip(a, f"{path}.addresses[{j}]") for j, a in enumerate(addrs))
-            want = 4 if address_type == "IPv4" else 6
+            want = address_type == "IPv6"
             for j, a in enumerate(addresses):
-                if ipaddress.ip_address(a).version != want:
+                if (":" in a) != want:  # canonical addresses: only IPv6 has a colon
                     raise r.error(f"{path}.addresses[{j}]", a,
                                   f"not an {address_type} address in an {address_type} slice")
         cond = r.mapping(ep, "conditions", f"{path}.conditions")

@@ -180,3 +180,36 @@ def test_ip_address_pool_ranges_and_errors() -> None:
         parse_object({"apiVersion": "metallb.io/v1beta1", "kind": "IPAddressPool",
                       "metadata": {"name": "p", "namespace": "m"},
                       "spec": {"addresses": ["10.0.0.0/8", "10.0.0.9-10.0.0.5"]}})
+
+
+def test_ip_fast_path_agrees_with_ipaddress() -> None:
+    """The dotted-quad fast path (socket.inet_pton) accepts and spells exactly
+    what ipaddress does: canonical addresses pass, leading zeros and other
+    non-canonical spellings are refused or normalised as before."""
+    import ipaddress
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from svcproxy.model import _Reader
+
+    part = st.one_of(st.integers(0, 300).map(str), st.sampled_from(["00", "010", "0x1", "", " 1"]))
+    text = st.one_of(st.lists(part, min_size=1, max_size=5).map(".".join),
+                     st.sampled_from(["::1", "fd00::10", "::ffff:1.2.3.4", "1.2.3.4 "]))
+
+    reader = _Reader("EndpointSlice", {"metadata": {"name": "x"}})
+
+    @settings(max_examples=300, deadline=None)
+    @given(text)
+    def check(value: str) -> None:
+        try:
+            want: str | None = str(ipaddress.ip_address(value))
+        except ValueError:
+            want = None
+        try:
+            got: str | None = reader.ip(value, "x")
+        except ObjectError:
+            got = None
+        assert got == want, value
+
+    check()
