@@ -13,7 +13,7 @@ the reconcilers' unit tests use.
     netlink.py    one netlink transport: sockets, batches acked on refusals and the
                   last message only, attribute packing and walking
     ipvs.py       IPVS generic netlink on that transport: virtual/real servers, batched
-                  writes, dumps, timeouts; the functional probe (pyroute2)
+                  writes, dumps, timeouts; the functional probe
     rtnl.py       rtnetlink on that transport: links (kube-ipvs0) and their addresses
     ipset.py      ipset over nfnetlink on that transport: grouped member writes, dumps
     iptables.py   iptables save / restore / parse, both backends, restore input

@@ -81,6 +81,21 @@ def write_sysctl(netns: str, key: str, value: str) -> None:
     in_namespace(netns, write)
 
 
+def syn_retransmits(netns: str) -> int:
+    """TcpExt TCPSynRetrans of `netns`: SYNs its clients sent again because the
+    first went unanswered (a dropped SYN) — the direct count of what a 1 s
+    latency outlier only suggests."""
+    def read() -> int:
+        lines = Path("/proc/thread-self/net/netstat").read_text().splitlines()
+        for names, values in zip(lines[::2], lines[1::2], strict=True):
+            if names.startswith("TcpExt:"):
+                return int(dict(zip(names.split(), values.split(), strict=True))
+                           ["TCPSynRetrans"])
+        raise AssertionError("no TcpExt line in /proc/net/netstat")
+
+    return in_namespace(netns, read)
+
+
 def in_namespace(netns: str, fn: Callable[[], T], timeout: float = 120) -> T:
     """Run `fn` on a thread inside `netns` (sockets it opens stay there)."""
     from svcproxy.plugins.kernel.netns import in_netns

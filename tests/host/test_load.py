@@ -12,7 +12,7 @@ import time
 
 from conftest import NODE_IP, Node
 from factories import endpoint, service, slice_
-from netns import Loader, Topology
+from netns import Loader, Topology, syn_retransmits
 
 from svcproxy.bus import EventType
 
@@ -55,6 +55,7 @@ def test_rolling_update_of_a_dual_stack_multi_port_service_under_load(topo: Topo
     states = {p: dict(ready) for p in ("old-1", "old-2", "old-3")}
     publish(states)
     settled(n)
+    syns = syn_retransmits(topo.clients["c1"])
     loads = {
         # keep-alive clients, and new connections from 10 source ports reused
         "v4:80": Loader(topo, ["load", VIP4, "80", "3", "20", "40000-40009"]),
@@ -97,6 +98,7 @@ def test_rolling_update_of_a_dual_stack_multi_port_service_under_load(topo: Topo
             time.sleep(STEP)
     time.sleep(STEP)
     results = {name: loader.finish() for name, loader in loads.items()}
+    assert syn_retransmits(topo.clients["c1"]) == syns  # no SYN went unanswered
     for name, r in results.items():
         assert r["failed"] == 0, (name, r)
         assert r["ok"] > 50, (name, r)

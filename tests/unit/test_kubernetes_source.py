@@ -258,6 +258,8 @@ def test_api_server_gone_for_a_while_then_back(server: FakeAPIServer, tmp_path: 
         server.come_back()
         wait_for(lambda: converged(server, rec), timeout=10)
         assert "default/new" in rec.state.services and len(rec.state.slices) == 2
+        # each reflector is back on its own schedule (the next retry)
+        wait_for(lambda: sum("answers again" in r.getMessage() for r in caplog.records) >= 3)
         back = [r.getMessage() for r in caplog.records if "answers again" in r.getMessage()]
         assert len(back) == 3, back
     finally:

@@ -3,7 +3,9 @@ rolling update of every pod of a Service under steady load, keep-alive
 clients and new connections from a few reused source ports (IPVS's
 connection-reuse pitfalls, kubernetes #81775 and #90854: a SYN from a reused
 port meeting the connection entry of a removed real server), and a restart
-of svcproxy halfway. Counted failures must be 0 and p99 < 1 s; after every step
+of svcproxy halfway. Counted failures must be 0 and no SYN retransmitted
+(TcpExt TCPSynRetrans of the client namespace: the host tier's p99 < 1 s
+proxy for a dropped SYN is too tight for the emulator's speed); after every step
 the kernel is read back (virtual and real servers, helper sets and chains): a
 fresh first sync would change nothing, apart from the drained real servers
 still waiting for their connections to end."""
@@ -15,7 +17,7 @@ import time
 from pathlib import Path
 
 from factories import ProxyHarness, endpoint, service, slice_
-from netns import Loader, Topology
+from netns import Loader, Topology, syn_retransmits
 
 from svcproxy.bus import EventType
 
@@ -74,6 +76,7 @@ def test_rolling_update_under_load(tmp_path: Path) -> None:
         states = {p: dict(ready) for p in ("old-1", "old-2")}
         publish(states)
         settled(n)
+        syns = syn_retransmits(topo.clients["c1"])
         loads = {"cluster-ip": Loader(topo, ["load", VIP, "80", "2", "5", "40000-40004"]),
                  "node-port": Loader(topo, ["load", NODE_IP, "30080", "1", "5",
                                             "40100-40104"])}
@@ -100,10 +103,14 @@ def test_rolling_update_under_load(tmp_path: Path) -> None:
                 settled(n)
         time.sleep(STEP)
         results = {name: loader.finish() for name, loader in loads.items()}
+        # no SYN went unanswered (a refused or dropped one would be retransmitted
+        # after 1 s); latency itself only bounds stalls, the emulator being slow
+        # and of varying speed (a p99 of 1.18 s with 0 retransmits was seen)
+        assert syn_retransmits(topo.clients["c1"]) == syns
         for name, r in results.items():
             assert r["failed"] == 0, (name, r)
             assert r["ok"] > 20, (name, r)
-            assert r["p99"] < 1.0, (name, r)
+            assert r["p99"] < 3.0, (name, r)
             assert {"new-1", "new-2"} <= set(r["answers"]), (name, r)
     finally:
         topo.close()
