@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from factories import ProxyHarness, endpoint, node, run_cli, service, slice_
+from factories import ProxyHarness, config_text, endpoint, node, run_cli, service, slice_
 from netns import Topology
 
 NODE_IP = "192.168.100.1"
@@ -90,19 +90,9 @@ def test_iptables_takes_over_when_ipvs_modules_are_unavailable(
 
         unload_ipvs()
         MODPROBE.write_text("/bin/false\n")
-        config.write_text(textwrap.dedent(f"""\
-            apiVersion: kubeproxy.config.k8s.io/v1alpha1
-            kind: KubeProxyConfiguration
-            mode: ipvs
-            metricsBindAddress: ""
-            healthzBindAddress: ""
-            ---
-            apiVersion: svcproxy.io/v1alpha1
-            kind: SvcProxyConfiguration
-            datapathOptions:
-              ipvs: {{netns: {topo.node}}}
-              iptables: {{netns: {topo.node}}}
-        """))
+        config.write_text(config_text(
+            {"mode": "ipvs", "metricsBindAddress": "", "healthzBindAddress": ""},
+            datapathOptions={"ipvs": {"netns": topo.node}, "iptables": {"netns": topo.node}}))
         # `svcproxy run` in this process (run_cli: a Python start costs tens of
         # seconds under emulation); svcproxy's modprobe finds no modules
         monkeypatch.setenv("MODPROBE_OPTIONS", "--dirname=/nonexistent")
