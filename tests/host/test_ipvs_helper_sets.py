@@ -201,13 +201,14 @@ def test_a_member_kept_across_a_change_is_not_written(ns: str) -> None:
         plan = plan_of(cluster())
         helper.sync(plan, None, OPTS)
         sent: list[tuple[list[tuple[str, str]], list[tuple[str, str]]]] = []
-        real = helper._write_members
+        real = ipset.write
 
-        def recording(adds: list[tuple[str, str]], dels: list[tuple[str, str]]) -> None:
+        def recording(adds: list[tuple[str, str]], dels: list[tuple[str, str]],
+                      family: int) -> list[Any]:
             sent.append((list(adds), list(dels)))
-            real(adds, dels)
+            return real(adds, dels, family)
 
-        helper._write_members = recording  # type: ignore[method-assign]
+        ipset.write = recording  # type: ignore[method-assign]
         new = plan_of(cluster(**{"web-eps": slice_("web", endpoints=[
             endpoint("10.244.1.11", "node-a"), endpoint("10.244.1.14", "node-a")],
             ports=WEB_PORTS)}))

@@ -486,6 +486,12 @@ def test_status_matches_ipvsadm_and_names_services(topo: Topology, tmp_path: Pat
         datapathOptions:
           ipvs: {{netns: {topo.node}}}
     """))
+    # IPVS folds its per-CPU counters into the totals every 2 s: wait for them
+    deadline = time.monotonic() + 15
+    while parse_ipvsadm_stats(sh("ipvsadm", "-L", "-n", "--stats", "--exact",
+                                 netns=topo.node).stdout)[("TCP", "10.96.0.10:80")][0] < 7:
+        assert time.monotonic() < deadline, "IPVS never counted the 7 connections"
+        time.sleep(0.5)
     # the slice on disk still lists both pods: the plan labels, the kernel decides
     code, printed = run_cli("status", "--config", str(config), "--manifests", str(manifests),
                             "--node", "node-a", "--stats", "-c", "-o", "json")
