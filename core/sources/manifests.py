@@ -186,12 +186,12 @@ class ManifestSource:
                       and not any(part.startswith(".") for part in p.relative_to(
                           self.directory).parts))
 
-    def _parse_file(self, path: Path, text: str, previous: _FileState) -> _FileState:
+    def _parse_file(self, path: Path, text: str, digest: str,
+                    previous: _FileState) -> _FileState:
         """The file's objects, parsed fast (C parsers, no line numbers); when
         something in it is wrong, parsed again remembering lines, so the error
         names the line to fix. (A 10,000-Service List spent nearly all its time
         in the line-remembering pure-Python loader.)"""
-        digest = hashlib.sha256(text.encode()).hexdigest()
         try:
             fast = load_fast(text)
         except (ValueError, yaml.YAMLError):
@@ -265,8 +265,8 @@ class ManifestSource:
                 self._pending.pop(gone, None)
             else:
                 self._pending[gone] = ""
-        for path in [p for p in self._pending if p not in self._files and p not in seen]:
-            del self._pending[path]
+        for path in set(self._writing) - seen:  # a file held open, then removed
+            del self._writing[path]
         self._report()
         return self._publish_changes()
 
@@ -295,7 +295,7 @@ class ManifestSource:
             self._pending[path] = digest  # maybe half-written: use it if it stays so
             return
         self._pending.pop(path, None)
-        state = self._parse_file(path, text, previous)
+        state = self._parse_file(path, text, digest, previous)
         state.inode = inode
         self._files[path] = state
 

@@ -275,7 +275,7 @@ class IpvsPlugin:
     def _state(self) -> IpvsState:
         if self.state is None:
             kernel = self._kernel()
-            self._ensure_sysctls(kernel)
+            self._ensure_sysctls()
             kp = self.config.kube_proxy.ipvs
             if kp.tcp_timeout or kp.tcp_fin_timeout or kp.udp_timeout:
                 kernel.nl.set_timeouts(int(kp.tcp_timeout), int(kp.tcp_fin_timeout),
@@ -288,21 +288,20 @@ class IpvsPlugin:
             self.kernel = IpvsKernel(self.netns)
         return self.kernel
 
-    def _ensure_sysctls(self, kernel: IpvsKernel | None = None) -> list[str]:
+    def _ensure_sysctls(self) -> dict[str, str]:
         """Set what the datapath needs, recording each previous value once (the
-        first time svcproxy changes it) so cleanup can restore it. Returns the
-        names written."""
+        first time svcproxy changes it) so cleanup can restore it. Returns what
+        it wrote (name -> value)."""
         store = SysctlStore(self.backup_path, self.netns)
-        return [name for name, value in self._wanted_sysctls().items()
-                if store.ensure_or_warn(name, value)]
+        return {name: value for name, value in self._wanted_sysctls().items()
+                if store.ensure_or_warn(name, value)}
 
     @hookimpl
     def svcproxy_prepare_node(self, datapath: str) -> list[str] | None:
         if datapath != NAME:
             return None
-        written = self._ensure_sysctls()
         return [f"sysctl {name.replace('/', '.')}={value}"
-                for name, value in self._wanted_sysctls().items() if name in written]
+                for name, value in self._ensure_sysctls().items()]
 
     @staticmethod
     def _wanted_sysctls() -> dict[str, str]:
