@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -218,6 +219,26 @@ class ProxyHarness:
         changes = self.host.preview(self.datapath, self.plan())
         assert changes is not None
         return changes
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 15.0, what: str = "the condition",
+             interval: float = 0.05, retry_on: tuple[type[BaseException], ...] = ()) -> Any:
+    """Call `cond` until it returns something truthy and return that; fail
+    naming `what` after `timeout` seconds. Exceptions of `retry_on` raised by
+    `cond` count as "not yet" (a server still starting), any other fails."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = cond()
+            if value:
+                return value
+        except retry_on:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 def run_cli(*argv: str) -> tuple[int, str]:

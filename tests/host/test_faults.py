@@ -15,13 +15,12 @@ from __future__ import annotations
 import fcntl
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 from apiserver import FakeAPIServer
 from conftest import NODE_IP
-from factories import config_text, endpoint, node, service, slice_
+from factories import config_text, endpoint, node, service, slice_, wait_for
 from netns import SvcProxyRun, Topology
 
 WEB_VIP, DNS_VIP, NEW_VIP = "10.96.0.10", "10.96.0.53", "10.96.0.20"
@@ -63,15 +62,6 @@ def web_answers(topo: Topology) -> set[str]:
     return set(topo.answers("c1", "http", WEB_VIP, 80, 8))
 
 
-def until(cond: Callable[[], bool], timeout: float, what: str) -> float:
-    """Wait for `cond`; the seconds it took."""
-    start = time.monotonic()
-    while not cond():
-        assert time.monotonic() - start < timeout, f"not within {timeout}s: {what}"
-        time.sleep(0.2)
-    return time.monotonic() - start
-
-
 def lines(log: str, text: str) -> list[str]:
     return [line for line in log.splitlines() if text in line]
 
@@ -111,11 +101,15 @@ def test_api_server_gone_for_a_while_and_back(topo: Topology, tmp_path: Path) ->
         # retried (at least twice each), backing off (a busy loop would be thousands)
         assert all(2 <= n <= outage / 0.4 + 1 for n in failed.values()), failed
         server.come_back()
-        took = until(lambda: web_answers(topo) == {"a", "c"}, 20, "converged on the rollout")
+        back = time.monotonic()
+        wait_for(lambda: web_answers(topo) == {"a", "c"}, 20, "converged on the rollout",
+                 interval=0.2)
+        took = time.monotonic() - back
         assert took < 5, took  # the next retry within the 1 s cap (and jitter)
         flows.check()
         # every reflector back (each retries on its own schedule)
-        until(lambda: len(lines(run.log(), "answers again")) == 3, 5, "all three back")
+        wait_for(lambda: len(lines(run.log(), "answers again")) == 3, 5, "all three back",
+                 interval=0.2)
         assert run.stop() == 0
         log = run.log()
         # once per resource, however many retries
@@ -160,7 +154,8 @@ def test_manifest_directory_swapped_half_written_and_moved_away(topo: Topology,
     new = [service("new", cluster_ip=NEW_VIP, ports=WEB[:1]),
            slice_("new", ports=WEB_EP, endpoints=[endpoint(PODS["c"], "node-a")])]
     configmap_version("..v2", [node("node-a", ips=[NODE_IP]), *dns(), *new])
-    until(lambda: topo.answers("c1", "http", NEW_VIP, 80, 2) == {"c": 2}, 10, "the swap")
+    wait_for(lambda: topo.answers("c1", "http", NEW_VIP, 80, 2) == {"c": 2}, 10, "the swap",
+             interval=0.2)
 
     # 2. web.yaml rewritten in place, caught half-way with the writer still on it
     full = yaml.safe_dump_all(web("a", "c"), sort_keys=False)
@@ -172,7 +167,7 @@ def test_manifest_directory_swapped_half_written_and_moved_away(topo: Topology,
         time.sleep(1.5)  # many polls: the slice is not withdrawn meanwhile
         assert web_answers(topo) == {"a", "b"}
         writer.write(full[cut:])
-    until(lambda: web_answers(topo) == {"a", "c"}, 10, "the completed file")
+    wait_for(lambda: web_answers(topo) == {"a", "c"}, 10, "the completed file", interval=0.2)
 
     # 3. the file turns invalid: its last good objects stay; fixed, it converges
     bad = full.replace("port: 80\n", "port: 99999\n", 1)
@@ -191,7 +186,8 @@ def test_manifest_directory_swapped_half_written_and_moved_away(topo: Topology,
     assert topo.answers("c1", "http", NEW_VIP, 80, 2) == {"c": 2}
     (tmp_path / "manifests.old").rename(d)
     dump(d / "web.yaml", web("a", "b", "c"))
-    until(lambda: web_answers(topo) == {"a", "b", "c"}, 10, "the directory back")
+    wait_for(lambda: web_answers(topo) == {"a", "b", "c"}, 10, "the directory back",
+             interval=0.2)
     assert run.metric("svcproxy_source_errors_total", source="manifests") == 2
     flows.check()
     assert run.stop() == 0
@@ -227,13 +223,14 @@ def test_xtables_lock_held_past_the_wait(topo: Topology, tmp_path: Path) -> None
         (d / "cluster.json.tmp").write_text(json.dumps({"apiVersion": "v1", "kind": "List",
                                                         "items": objs}))
         (d / "cluster.json.tmp").rename(d / "cluster.json")
-        until(lambda: run.metric("svcproxy_syncs_total", outcome="error") > errors_before,
-              15, "a failed sync")
+        wait_for(lambda: run.metric("svcproxy_syncs_total", outcome="error") > errors_before,
+                 15, "a failed sync", interval=0.2)
         assert web_answers(topo) == {"a", "b"}  # the last good rules serve
         assert flows.udp_answers() == {"udp-cluster-ip": "u"}
         time.sleep(4)
         fcntl.flock(held, fcntl.LOCK_UN)
-    until(lambda: web_answers(topo) == {"a", "c"}, 20, "the change after the lock is free")
+    wait_for(lambda: web_answers(topo) == {"a", "c"}, 20, "the change after the lock is free",
+             interval=0.2)
     failures = run.metric("svcproxy_syncs_total", outcome="error") - errors_before
     assert 1 <= failures <= 2, failures  # each attempt waits 5 s; backoff between
     assert run.metric("kubeproxy_sync_proxy_rules_iptables_restore_failures_total") == failures

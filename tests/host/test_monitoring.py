@@ -10,7 +10,6 @@ import datetime as dt
 import json
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import Node
-from factories import endpoint, service, slice_
+from factories import endpoint, service, slice_, wait_for
 from netns import Topology
 from test_metrics import free_port
 
@@ -70,20 +69,6 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[Path, str, Callable[[], None]]]
                 proc.wait()
 
 
-def wait_for(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
 def test_dashboard_and_alerts_work_on_a_real_scrape(topo: Topology, prometheus: Any,
                                                     tmp_path: Path) -> None:
     conf, base, start = prometheus
@@ -116,9 +101,9 @@ def test_dashboard_and_alerts_work_on_a_real_scrape(topo: Topology, prometheus: 
         }))
         start()
         wait_for(lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200,
-                 60, "Prometheus to be ready")
+                 60, "Prometheus to be ready", interval=0.5, retry_on=(OSError,))
         wait_for(lambda: query(base, 'count_over_time(up{job="svcproxy-metrics"}[1m]) >= 5'),
-                 60, "five scrapes of svcproxy")
+                 60, "five scrapes of svcproxy", interval=0.5, retry_on=(OSError,))
         assert query(base, 'up{job="svcproxy-metrics"}')[0]["value"][1] == "1"
 
         dash = json.loads((DEPLOY / "monitoring" / "grafana-dashboard.json").read_text())
@@ -136,7 +121,8 @@ def test_dashboard_and_alerts_work_on_a_real_scrape(topo: Topology, prometheus: 
 
         # the rules evaluate on the real series: the skipped datapath is pending
         # (it fires after its `for:`), nothing else is
-        alerts = wait_for(lambda: query(base, "ALERTS"), 30, "the fallback alert")
+        alerts = wait_for(lambda: query(base, "ALERTS"), 30, "the fallback alert",
+                          interval=0.5, retry_on=(OSError,))
         assert {(a["metric"]["alertname"], a["metric"]["alertstate"]) for a in alerts} == {
             ("SvcProxyDatapathFellBack", "pending")}
         (fell_back,) = alerts

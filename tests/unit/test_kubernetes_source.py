@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from apiserver import FakeAPIServer
-from factories import endpoint, node, service, slice_
+from factories import endpoint, node, service, slice_, wait_for
 
 from svcproxy.bus import Event
 from svcproxy.model import parse_endpoint_slice, parse_node, parse_service
@@ -48,15 +48,6 @@ def source(server: FakeAPIServer, tmp_path: Path,
         yield src, rec
     finally:
         src.stop()
-
-
-def wait_for(cond: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError("timed out")
 
 
 def server_state(server: FakeAPIServer) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

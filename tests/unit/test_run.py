@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from factories import install_dist
+from factories import install_dist, wait_for
 
 ROOT = Path(__file__).parents[2]
 SVCPROXY = str(Path(sys.executable).parent / "svcproxy")
@@ -91,15 +91,6 @@ def applied(env: dict[str, str]) -> list[dict]:  # type: ignore[type-arg]
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def wait_for(cond, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 def args(tmp: Path, *extra: str) -> list[str]:
