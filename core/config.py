@@ -30,7 +30,7 @@ SVCPROXY_API = "svcproxy.io/v1alpha1"
 SVCPROXY_KIND = "SvcProxyConfiguration"
 
 #: Datapaths in the order svcproxy tries them when the config does not say.
-DEFAULT_DATAPATHS: tuple[str, ...] = ("ipvs", "iptables")
+DEFAULT_DATAPATHS: tuple[str, ...] = ("ipvs", "nftables", "iptables")
 #: Built-in feature plugins enabled when the config does not list plugins.
 DEFAULT_PLUGINS: tuple[str, ...] = ("clusterip", "nodeport", "externalips", "loadbalancer",
                                     "affinity", "metrics", "conntrack", "metallb")
@@ -376,6 +376,14 @@ class KubeProxyConfiguration:
         if self.mode == "nftables":
             return self.nftables.masquerade_bit
         return self.iptables.masquerade_bit
+
+    @property
+    def effective_node_port_addresses(self) -> tuple[str, ...]:
+        """nodePortAddresses as kube-proxy applies it: unset means every node
+        address, except in nftables mode, where it means the primary one."""
+        if not self.node_port_addresses and self.mode == "nftables":
+            return ("primary",)
+        return self.node_port_addresses
 
     @property
     def effective_detect_local_mode(self) -> str:

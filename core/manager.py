@@ -52,6 +52,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "metallb": "svcproxy.plugins.metallb:MetallbPlugin",
     "ipvs": "svcproxy.plugins.ipvs:IpvsPlugin",
     "iptables": "svcproxy.plugins.iptables:IptablesPlugin",
+    "nftables": "svcproxy.plugins.nftables:NftablesPlugin",
 }
 
 #: Plugins that are always enabled: without them no Service is reachable at all.
@@ -187,13 +188,6 @@ class PluginHost:
         out = []
         for dp in self.config.datapath_order():
             if dp in enabled:
-                continue
-            if dp not in BUILTIN_PLUGINS and dp not in eps and dp in MODES:
-                # a kube-proxy mode svcproxy has no datapath for (nftables, for now)
-                self.missing_datapaths[dp] = (
-                    f"no {dp} datapath in this svcproxy version (built in: "
-                    f"{', '.join(d for d in MODES if d in BUILTIN_PLUGINS)}), and no "
-                    f"installed package provides one")
                 continue
             try:
                 obj, origin = self._resolve(dp, eps)

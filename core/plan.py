@@ -104,8 +104,8 @@ def make_context(config: Config, node_name: str, node: Node | None,
         else:
             fam = tuple(a for a in node_ips if ipaddress.ip_address(a).version == family)
         addresses[family] = fam
-        ports[family] = node_port_addresses(fam, node, config.kube_proxy.node_port_addresses,
-                                            family)
+        ports[family] = node_port_addresses(
+            fam, node, config.kube_proxy.effective_node_port_addresses, family)
     return PlanContext(config=config, node_name=node_name, node=node, node_addresses=addresses,
                        node_port_addresses=ports, report=report)
 

@@ -55,7 +55,7 @@ def rule_options(config: Config, family: int, plan: ServiceMap | None = None) ->
         detector = ("-i", kp.detect_local.bridge_interface)
     elif mode == "InterfaceNamePrefix":
         detector = ("-i", kp.detect_local.interface_name_prefix + "+")
-    setting = list(kp.node_port_addresses)
+    setting = list(kp.effective_node_port_addresses)
     node_ports: tuple[str, ...] | None = None
     if setting and setting != ["all"] and plan is not None:
         node_ports = tuple(a for a in plan.node_port_ips if ip_family(a) == family)

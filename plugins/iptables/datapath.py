@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from svcproxy.diffstore import DiffStore
 from svcproxy.ir import Frontend, FrontendKey, ServiceMap
@@ -244,14 +245,28 @@ def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[Frontend
     result.deleted = sorted(diff.deleted)
     result.jumps = len(jumps)
     with phase("conntrack"):
-        result.conntrack_deleted = clear_stale_udp(state, state.sp_rules, new_sp, plan)
+        result.conntrack_deleted = clear_stale_udp(state.kernel, state.sp_rules, new_sp)
     state.sp_rules = new_sp
     state.plan = plan
     return result
 
 
-def clear_stale_udp(state: FamilyState, old: Mapping[SPKey, ServicePortRules],
-                    new: Mapping[SPKey, ServicePortRules], plan: ServiceMap) -> int:
+class UdpTargets(Protocol):
+    """What conntrack cleanup needs of one service port's rendering."""
+
+    @property
+    def udp_targets(self) -> tuple[tuple[str, int], ...]: ...
+
+    @property
+    def endpoints(self) -> frozenset[str]: ...
+
+
+class ConntrackDoor(Protocol):
+    def conntrack_delete(self, args: list[str]) -> int: ...
+
+
+def clear_stale_udp(kernel: ConntrackDoor, old: Mapping[SPKey, UdpTargets],
+                    new: Mapping[SPKey, UdpTargets]) -> int:
     """Delete UDP conntrack entries that would keep steering clients to an
     endpoint that is gone, or to nothing (entries created while a service had
     no endpoints), as kube-proxy does after each sync."""
@@ -269,12 +284,12 @@ def clear_stale_udp(state: FamilyState, old: Mapping[SPKey, ServicePortRules],
             (after.endpoints if after else frozenset())
         for address, port in targets:
             for ip in sorted(gone):
-                deleted += state.kernel.conntrack_delete(
+                deleted += kernel.conntrack_delete(
                     ["-p", "udp", "--orig-dst", address, "--orig-port-dst", str(port),
                      "--dst-nat", ip])
             if before is not None and not before.endpoints and after is not None \
                     and after.endpoints:
-                deleted += state.kernel.conntrack_delete(
+                deleted += kernel.conntrack_delete(
                     ["-p", "udp", "--orig-dst", address, "--orig-port-dst", str(port)])
     return deleted
 

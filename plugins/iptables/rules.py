@@ -315,7 +315,7 @@ def _endpoint_rules(chain: str, spn: str, proto: str, backends: Sequence[Backend
 
 
 @dataclass
-class _PortPlan:
+class PortPlan:
     """What one service port's frontends mean for its rules (kube-proxy's
     per-service-port variables in syncProxyRules)."""
 
@@ -368,7 +368,7 @@ def _endpoints_by_policy(frontends: Sequence[Frontend]
     return cluster_eps, local_eps, uses_cluster, uses_local
 
 
-def _port_plan(frontends: Sequence[Frontend], opts: RuleOptions) -> _PortPlan:
+def port_plan(frontends: Sequence[Frontend], opts: RuleOptions) -> PortPlan:
     first = frontends[0]
     spn = first.service
     proto = first.protocol.lower()
@@ -387,7 +387,7 @@ def _port_plan(frontends: Sequence[Frontend], opts: RuleOptions) -> _PortPlan:
         filter_target, filter_comment = "DROP", f"{spn} has no local endpoints"
     else:
         filter_target, filter_comment = opts.reject(), f"{spn} has no endpoints"
-    return _PortPlan(
+    return PortPlan(
         spn=spn, proto=proto, svc=svc, svl=svl, ext=ext, fw=fw, cluster_ip=cluster_ip,
         external=external, node_ports=[f for f in external if f.kind == FrontendKind.NODE_PORT],
         ext_ips=[f for f in external if f.kind == FrontendKind.EXTERNAL_IP], lbs=lbs,
@@ -403,13 +403,13 @@ def _port_plan(frontends: Sequence[Frontend], opts: RuleOptions) -> _PortPlan:
         filter_comment=filter_comment)
 
 
-def _reject_external(pp: _PortPlan, f: Frontend) -> str:
+def _reject_external(pp: PortPlan, f: Frontend) -> str:
     return rule("KUBE-EXTERNAL-SERVICES", dst=host(f.address), proto=pp.proto,
                 matches=[comment(pp.filter_comment), port_match(pp.proto, f.port)],
                 target=pp.filter_target)
 
 
-def _fragments(pp: _PortPlan, health_check_node_port: int) -> dict[ChainKey, tuple[str, ...]]:
+def _fragments(pp: PortPlan, health_check_node_port: int) -> dict[ChainKey, tuple[str, ...]]:
     """The service port's rules in the shared top-level chains."""
     proto, spn, pm = pp.proto, pp.spn, port_match
     nat_svc: list[str] = []
@@ -455,7 +455,7 @@ def _fragments(pp: _PortPlan, health_check_node_port: int) -> dict[ChainKey, tup
     return {k: v for k, v in fragments.items() if v}
 
 
-def _node_port_fragments(pp: _PortPlan, health_check_node_port: int, f_ext: list[str]
+def _node_port_fragments(pp: PortPlan, health_check_node_port: int, f_ext: list[str]
                          ) -> tuple[list[str], list[str]]:
     """nat and filter KUBE-NODEPORTS rules (a refused NodePort joins `f_ext`)."""
     proto, spn, pm = pp.proto, pp.spn, port_match
@@ -477,7 +477,7 @@ def _node_port_fragments(pp: _PortPlan, health_check_node_port: int, f_ext: list
     return nat_np, f_np
 
 
-def _ext_chain(pp: _PortPlan, opts: RuleOptions) -> list[str]:
+def _ext_chain(pp: PortPlan, opts: RuleOptions) -> list[str]:
     spn, ext, svc = pp.spn, pp.ext, pp.svc
     rules: list[str] = []
     if not pp.external_local:
@@ -501,7 +501,7 @@ def _ext_chain(pp: _PortPlan, opts: RuleOptions) -> list[str]:
     return rules
 
 
-def _fw_chain(pp: _PortPlan, opts: RuleOptions) -> list[str]:
+def _fw_chain(pp: PortPlan, opts: RuleOptions) -> list[str]:
     spn, fw = pp.spn, pp.fw
     rules = [rule(fw, src=str(ipaddress.ip_network(cidr)),
                   matches=[comment(f"{spn} loadbalancer IP")], target=pp.ext)
@@ -517,7 +517,7 @@ def _fw_chain(pp: _PortPlan, opts: RuleOptions) -> list[str]:
     return rules
 
 
-def _svc_chain(pp: _PortPlan, opts: RuleOptions) -> list[str]:
+def _svc_chain(pp: PortPlan, opts: RuleOptions) -> list[str]:
     rules: list[str] = []
     if pp.cluster_ip is not None:
         args = dict(dst=host(pp.cluster_ip.address), proto=pp.proto)
@@ -530,7 +530,7 @@ def _svc_chain(pp: _PortPlan, opts: RuleOptions) -> list[str]:
     return rules + _endpoint_rules(pp.svc, pp.spn, pp.proto, pp.cluster_eps, pp.affinity, opts)
 
 
-def _endpoint_chains(pp: _PortPlan, opts: RuleOptions) -> dict[ChainKey, list[str]]:
+def _endpoint_chains(pp: PortPlan, opts: RuleOptions) -> dict[ChainKey, list[str]]:
     chains: dict[ChainKey, list[str]] = {}
     proto, spn = pp.proto, pp.spn
     for b in pp.reachable.values():
@@ -551,7 +551,7 @@ def service_port_rules(frontends: Sequence[Frontend], health_check_node_port: in
                        opts: RuleOptions) -> ServicePortRules:
     """kube-proxy's per-service-port block of syncProxyRules, for the frontends of
     one service port in one family."""
-    pp = _port_plan(frontends, opts)
+    pp = port_plan(frontends, opts)
     chains: dict[ChainKey, list[str]] = {}
     if pp.uses_ext:
         chains[("nat", pp.ext)] = _ext_chain(pp, opts)

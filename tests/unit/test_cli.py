@@ -137,7 +137,7 @@ def test_config_check_prints_effective_values(tmp_path: Path,
     assert main(["config", "check", str(cfg), "-o", "json"]) == 0
     values = json.loads(capsys.readouterr().out)
     assert values["effective"]["minSyncPeriod"] == "5s"
-    assert values["effective"]["datapathOrder"] == ["ipvs", "iptables"]
+    assert values["effective"]["datapathOrder"] == ["ipvs", "nftables", "iptables"]
 
 
 def test_plugins_lists_builtins_in_order(capsys: pytest.CaptureFixture[str]) -> None:
@@ -153,7 +153,8 @@ def test_run_once_without_a_usable_datapath_says_why(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
                    "mode: nftables\n---\napiVersion: svcproxy.io/v1alpha1\n"
-                   "kind: SvcProxyConfiguration\ndatapaths: []\n")
+                   "kind: SvcProxyConfiguration\ndatapaths: []\n"
+                   "datapathOptions: {nftables: {netns: svcproxy-no-such-netns}}\n")
     proc = run("run", "--once", "--manifests", str(EXAMPLE), "--config", str(cfg))
     assert proc.returncode == 1
     assert "no usable datapath: nftables:" in proc.stderr and "Traceback" not in proc.stderr

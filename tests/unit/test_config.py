@@ -315,7 +315,7 @@ def test_default_plugins_and_datapath_order() -> None:
     assert [p.name for p in c.svcproxy.plugins] == ["clusterip", "nodeport", "externalips",
                                                      "loadbalancer", "affinity", "metrics",
                                                      "conntrack", "metallb"]
-    assert c.datapath_order() == ("ipvs", "iptables")
+    assert c.datapath_order() == ("ipvs", "nftables", "iptables")
 
 
 @pytest.mark.parametrize("mode,datapaths,order", [
@@ -355,7 +355,7 @@ def test_effective_values_render_durations() -> None:
     values = effective_values(kp("mode: ipvs\nipvs: {syncPeriod: 1h30m}\n"))
     assert values["kubeProxyConfiguration"]["ipvs"]["syncPeriod"] == "1h30m0s"
     assert values["effective"]["syncPeriod"] == "1h30m0s"
-    assert values["effective"]["datapathOrder"] == ["ipvs", "iptables"]
+    assert values["effective"]["datapathOrder"] == ["ipvs", "nftables", "iptables"]
     assert values["effective"]["ipvsScheduler"] == "rr"
 
 

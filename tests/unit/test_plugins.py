@@ -230,14 +230,6 @@ def test_no_fallback_when_list_is_empty() -> None:
     assert "svcproxy does not fall back" in str(exc.value)
 
 
-def test_missing_builtin_datapath_reason() -> None:
-    host = host_for("datapaths: []\n", kube_proxy="mode: nftables\n")
-    result = host.probe("nftables")
-    assert not result.usable
-    assert result.reason == ("no nftables datapath in this svcproxy version (built in: ipvs, "
-                             "iptables), and no installed package provides one")
-
-
 def test_probe_crash_is_a_reason_not_a_crash() -> None:
     class Crashy:
         @hookimpl

@@ -1,0 +1,271 @@
+"""nftables for one table of one IP family (`ip kube-proxy`, `ip6 kube-proxy`),
+in the host or in a network namespace: the door the nftables datapath uses.
+
+Programming goes through `nft -f -`: one transaction per call, applied
+entirely or not at all. Reading goes through `nft list table`, parsed into
+`NftTable` (chains with their rule lines, sets and maps with their elements)
+in the text nft prints, which is also the text the datapath renders, so the
+two compare line by line. Only the named table is ever read, written or
+deleted: the rest of the ruleset belongs to others.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .conntrack import conntrack_delete
+from .tools import KernelError, run_tool
+
+TABLE = "kube-proxy"
+#: kube-proxy's nftables mode needs these (pkg/proxy/nftables, knftables)
+MIN_KERNEL = (5, 13)
+MIN_NFT = (1, 0, 1)
+
+_COUNTER = re.compile(r"counter packets \d+ bytes \d+")
+
+
+@dataclass
+class NftChain:
+    """One chain as `nft list table` shows it: the lines before its rules (a base
+    chain's `type ... hook ... priority ...; policy ...;`, a `comment "..."`)
+    and its rules."""
+
+    header: tuple[str, ...] = ()
+    rules: tuple[str, ...] = ()
+
+
+@dataclass
+class NftSet:
+    """One set or map: its declaration lines (type, size, flags, timeout,
+    comment) and its elements, key -> value ("" for a set)."""
+
+    kind: str = "set"  # or "map"
+    header: tuple[str, ...] = ()
+    elements: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class NftTable:
+    chains: dict[str, NftChain] = field(default_factory=dict)
+    sets: dict[str, NftSet] = field(default_factory=dict)
+    comment: str = ""
+
+
+def family_word(family: int) -> str:
+    return "ip6" if family == 6 else "ip"
+
+
+def split_elements(text: str) -> Iterator[str]:
+    """The elements of `{ a, b : c, ... }` (braces stripped), split at commas
+    outside quotes."""
+    start = 0
+    quoted = False
+    for i, ch in enumerate(text):
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "," and not quoted:
+            part = text[start:i].strip()
+            if part:
+                yield part
+            start = i + 1
+    part = text[start:].strip()
+    if part:
+        yield part
+
+
+_ELEMENT_COMMENT = re.compile(r' comment "[^"]*"')
+
+
+def parse_element(text: str) -> tuple[str, str]:
+    """`key : value` -> (key, value); a set element -> (key, ""). An element's
+    comment and a dynamic element's timeout/expires are not part of its key."""
+    text = _ELEMENT_COMMENT.sub("", text)
+    key, sep, value = text.partition(" : ")
+    key = key.split(" timeout ", 1)[0].split(" expires ", 1)[0]
+    return key.strip(), value.strip() if sep else ""
+
+
+def parse_table(text: str, zero_counters: bool = True) -> NftTable:
+    """`nft list table` output -> NftTable. Counters read as zero unless
+    `zero_counters` is off (comparison wants the rule, status wants the count)."""
+    table = NftTable()
+    lines = text.splitlines()
+    i, n = 0, len(lines)
+    while i < n:
+        line = lines[i].strip()
+        i += 1
+        if line.startswith("comment ") and not table.chains and not table.sets:
+            table.comment = line[len("comment "):].strip('"')
+        elif line.startswith(("chain ", "set ", "map ")) and line.endswith("{"):
+            kind, name = line[:-1].split()[:2]
+            body: list[str] = []
+            while i < n and lines[i].strip() != "}":
+                body.append(lines[i].strip())
+                i += 1
+            i += 1
+            if kind == "chain":
+                table.chains[name] = _chain(body, zero_counters)
+            else:
+                table.sets[name] = _set(kind, body)
+    return table
+
+
+def _chain(body: list[str], zero_counters: bool) -> NftChain:
+    header: list[str] = []
+    rules: list[str] = []
+    for line in body:
+        if not line:
+            continue
+        if not rules and line.startswith(("type ", "comment ")):
+            header.append(line)
+        else:
+            rules.append(_COUNTER.sub("counter packets 0 bytes 0", line)
+                         if zero_counters and "counter packets" in line else line)
+    return NftChain(tuple(header), tuple(rules))
+
+
+def _set(kind: str, body: list[str]) -> NftSet:
+    header: list[str] = []
+    elements: dict[str, str] = {}
+    j = 0
+    while j < len(body):
+        line = body[j]
+        j += 1
+        if line.startswith("elements = {"):
+            text = line[len("elements = {"):]
+            while not text.rstrip().endswith("}") and j < len(body):
+                text += " " + body[j]
+                j += 1
+            for element in split_elements(text.rstrip().removesuffix("}")):
+                key, value = parse_element(element)
+                elements[key] = value
+        elif line:
+            header.append(line)
+    return NftSet(kind, tuple(header), elements)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
+    return tuple(int(g or 0) for g in m.groups()) if m else ()
+
+
+def kernel_version() -> tuple[int, ...]:
+    return _version(os.uname().release)
+
+
+def nft_version() -> tuple[int, ...] | None:
+    """nft's version, None when nft is not installed."""
+    if shutil.which("nft") is None:
+        return None
+    try:
+        return _version(run_tool(["nft", "--version"], timeout=30).stdout)
+    except KernelError:
+        return None
+
+
+def explain_failure(stderr: str, text: str) -> str:
+    """nft's error, with the statement it refused (nft names it by line)."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    first = next((ln for ln in lines if "Error:" in ln), lines[0] if lines else "")
+    m = re.match(r"^/dev/stdin:(\d+):", first)
+    message = first.split("Error:", 1)[-1].strip() if "Error:" in first else first
+    if m:
+        stmts = text.splitlines()
+        number = int(m.group(1))
+        if 0 < number <= len(stmts):
+            stmt = stmts[number - 1]
+            stmt = stmt if len(stmt) <= 300 else stmt[:300] + " ..."
+            return f"{message} (in: {stmt})"
+    return message
+
+
+class NftKernel:
+    """One nftables table (`<family> kube-proxy`) in the host or `netns`."""
+
+    def __init__(self, family: int = 4, netns: str | None = None, table: str = TABLE) -> None:
+        self.family = family
+        self.netns = netns
+        self.table = table
+        self.word = family_word(family)
+        #: transactions committed (tests count them)
+        self.transactions = 0
+
+    @property
+    def prefix(self) -> str:
+        """`ip kube-proxy`: what every statement names."""
+        return f"{self.word} {self.table}"
+
+    def run(self, text: str) -> None:
+        """Commit one transaction (`nft -f -`): all of it or, on error, none."""
+        if not text:
+            return
+        proc = run_tool(["nft", "-f", "-"], self.netns, stdin=text, check=False)
+        if proc.returncode != 0:
+            raise KernelError(f"nft -f (table {self.prefix}) failed: "
+                              f"{explain_failure(proc.stderr, text)}")
+        self.transactions += 1
+
+    def list_text(self) -> str | None:
+        """`nft list table`, None when the table does not exist."""
+        proc = run_tool(["nft", "list", "table", self.word, self.table], self.netns,
+                        check=False)
+        if proc.returncode != 0:
+            if "No such file or directory" in proc.stderr:
+                return None
+            raise KernelError(f"nft list table {self.prefix} failed: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def list_table(self, zero_counters: bool = True) -> NftTable | None:
+        text = self.list_text()
+        return None if text is None else parse_table(text, zero_counters)
+
+    def delete_table(self) -> bool:
+        """Delete the table (and everything in it); False when there was none."""
+        proc = run_tool(["nft", "delete", "table", self.word, self.table], self.netns,
+                        check=False)
+        if proc.returncode == 0:
+            return True
+        if "No such file or directory" in proc.stderr:
+            return False
+        raise KernelError(f"nft delete table {self.prefix} failed: {proc.stderr.strip()}")
+
+    def available(self) -> str | None:
+        """None when nftables works here, else why not: nft present and new
+        enough, and a throwaway table with a verdict map, a NAT base chain and
+        a numgen rule commits and goes away (a functional probe, as the IPVS
+        probe adds a test virtual server)."""
+        version = nft_version()
+        if version is None:
+            return "nft not found (install the nftables package)"
+        if version < MIN_NFT:
+            return (f"nft {'.'.join(map(str, version))} is too old (svcproxy needs "
+                    f"{'.'.join(map(str, MIN_NFT))} or later)")
+        probe = f"svcproxy-probe-{os.getpid()}"
+        name = f"{self.word} {probe}"
+        text = "\n".join([
+            f"add table {name}",
+            f"add chain {name} probe-nat {{ type nat hook prerouting priority -100 ; }}",
+            f"add chain {name} probe-target",
+            f"add map {name} probe-map {{ type {addr_type(self.family)} . inet_proto . "
+            f"inet_service : verdict ; }}",
+            f"add chain {name} probe-target2",
+            f"add rule {name} probe-nat {self.word} daddr . meta l4proto . th dport "
+            "vmap @probe-map",
+            f"add rule {name} probe-target numgen random mod 2 0 goto probe-target2",
+            f"delete table {name}",
+        ]) + "\n"
+        proc = run_tool(["nft", "-f", "-"], self.netns, stdin=text, check=False)
+        if proc.returncode != 0:
+            return f"nftables does not work here: {explain_failure(proc.stderr, text)}"
+        return None
+
+    def conntrack_delete(self, args: list[str]) -> int:
+        return conntrack_delete(args, self.family, self.netns)
+
+
+def addr_type(family: int) -> str:
+    return "ipv6_addr" if family == 6 else "ipv4_addr"

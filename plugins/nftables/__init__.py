@@ -1,0 +1,242 @@
+"""Built-in datapath plugin `nftables`: kube-proxy's nftables-mode layout (tables
+`ip kube-proxy` and `ip6 kube-proxy`), one transaction per sync.
+
+Options, from ``datapathOptions.nftables`` in the SvcProxyConfiguration
+(see docs/nftables.md):
+
+- ``netns``: run every nft/conntrack command inside this network namespace
+  (tests and benchmarks use a namespace as the "node").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from svcproxy import hookimpl
+from svcproxy.config import Config
+from svcproxy.datapath import ApplyResult, CheckItem, MetricSample, ProbeResult
+from svcproxy.errors import PluginError
+from svcproxy.ir import PlanDelta, ServiceMap, ip_family
+from svcproxy.phases import phase
+from svcproxy.plugins.kernel.conntrack import conntrack_samples
+from svcproxy.plugins.kernel.nftables import NftKernel
+from svcproxy.plugins.kernel.tools import KernelError
+
+from .datapath import FamilyState, cleanup_family, render_nft, sync_family
+from .rules import NftOptions
+
+log = logging.getLogger(__name__)
+
+NAME = "nftables"
+FORMAT = "nft"
+
+
+def nft_options(config: Config, family: int, plan: ServiceMap | None = None) -> NftOptions:
+    """Rendering settings from the KubeProxyConfiguration (and the node's addresses)."""
+    kp = config.kube_proxy
+    detector: tuple[str, str] | None = None
+    mode = kp.effective_detect_local_mode
+    if mode in ("ClusterCIDR", "NodeCIDR"):
+        cidrs = kp.cluster_cidr if mode == "ClusterCIDR" else \
+            (plan.node_pod_cidrs if plan is not None else ())
+        cidr = next((c for c in cidrs
+                     if ipaddress.ip_network(c, strict=False).version == family), None)
+        detector = ("saddr", str(ipaddress.ip_network(cidr, strict=False))) if cidr else None
+    elif mode == "BridgeInterface":
+        detector = ("iifname", kp.detect_local.bridge_interface)
+    elif mode == "InterfaceNamePrefix":
+        detector = ("iifname", kp.detect_local.interface_name_prefix + "*")
+    setting = list(kp.effective_node_port_addresses)
+    node_ports: tuple[str, ...] | None = None
+    if setting and setting != ["all"]:
+        node_ports = tuple(a for a in (plan.node_port_ips if plan is not None else ())
+                           if ip_family(a) == family)
+    return NftOptions(family=family, masquerade_bit=kp.masquerade_bit,
+                      masquerade_all=kp.masquerade_all, local_detector=detector,
+                      node_port_ips=node_ports,
+                      node_ip=plan.primary_ip(family) if plan is not None else None)
+
+
+class NftablesPlugin:
+    def __init__(self) -> None:
+        self.config = Config()
+        self.netns: str | None = None
+        self.families: dict[int, FamilyState] = {}
+        #: families nftables cannot program here, with the reason (logged once)
+        self.unusable: dict[int, str] = {}
+        self.active = False
+
+    @hookimpl
+    def svcproxy_configure_plugin(self, config: Config, options: Mapping[str, Any]) -> None:
+        self.config = config
+        opts = dict(options)
+        unknown = sorted(set(opts) - {"netns"})
+        if unknown:
+            raise PluginError(f"nftables: unknown option {unknown[0]!r} (options: netns)")
+        netns = opts.get("netns")
+        if netns is not None and not isinstance(netns, str):
+            raise PluginError(f"nftables: netns must be a namespace name (got {netns!r})")
+        self.netns = netns
+
+    def _family(self, family: int) -> FamilyState:
+        if family not in self.families:
+            self.families[family] = FamilyState(NftKernel(family, self.netns))
+        return self.families[family]
+
+    # -- datapath hooks -----------------------------------------------------------
+
+    @hookimpl
+    def svcproxy_list_datapaths(self) -> list[str]:
+        return [NAME]
+
+    @hookimpl
+    def svcproxy_list_plan_formats(self) -> list[str]:
+        return [FORMAT]
+
+    @hookimpl
+    def svcproxy_render_plan(self, name: str, plan: ServiceMap, output: str) -> str | None:
+        if output != FORMAT:
+            return None
+        families = sorted({f.family for f in plan.frontends.values()} | {4})
+        return "".join(render_nft(plan, nft_options(self.config, family, plan))
+                       for family in families)
+
+    @hookimpl
+    def svcproxy_probe_datapath(self, name: str) -> ProbeResult | None:
+        if name != NAME:
+            return None
+        from .status import kernel_requirement
+
+        reason = kernel_requirement()
+        if not reason:
+            try:
+                reason = NftKernel(4, self.netns).available() or ""
+            except KernelError as exc:
+                reason = str(exc)
+        return ProbeResult.unusable(reason) if reason else ProbeResult.ok()
+
+    @hookimpl
+    def svcproxy_check(self) -> list[CheckItem]:
+        from .status import nftables_checks
+
+        return nftables_checks(self.netns)
+
+    @hookimpl
+    def svcproxy_start_proxy(self, datapath: str) -> None:
+        self.active = datapath == NAME
+
+    @hookimpl
+    def svcproxy_datapath_status(self, name: str) -> dict[str, Any] | None:
+        if name != NAME:
+            return None
+        from .status import nftables_status
+
+        return nftables_status([NftKernel(f, self.netns) for f in (4, 6)])
+
+    @hookimpl
+    def svcproxy_render_status(self, name: str, view: Mapping[str, Any]) -> str | None:
+        if name != NAME:
+            return None
+        from .status import render_nftables
+
+        return render_nftables(view)
+
+    @hookimpl
+    def svcproxy_collect_metrics(self) -> list[MetricSample] | None:
+        if not self.active:
+            return None
+        out = conntrack_samples(self.netns)
+        for family, state in sorted(self.families.items()):
+            if not state.chains.known:
+                continue
+            rules = sum(len(c[1]) for c in state.chains.have.values())
+            out.append(MetricSample("svcproxy_nftables_rules",
+                                    "Rules in svcproxy's nftables table",
+                                    float(rules), {"ip_family": f"IPv{family}"}))
+            out.append(MetricSample("svcproxy_nftables_chains",
+                                    "Chains in svcproxy's nftables table",
+                                    float(len(state.chains.have)), {"ip_family": f"IPv{family}"}))
+            out.append(MetricSample("svcproxy_nftables_elements",
+                                    "Map and set elements in svcproxy's nftables table",
+                                    float(len(state.elements.have)),
+                                    {"ip_family": f"IPv{family}"}))
+        return out
+
+    @hookimpl
+    def svcproxy_apply_plan(self, name: str, plan: ServiceMap, delta: PlanDelta,
+                            full: bool) -> ApplyResult | None:
+        if name != NAME:
+            return None
+        families = {f.family for f in plan.frontends.values()} | {4} | set(self.families)
+        changes = repaired = conntrack = 0
+        followup = False
+        details: dict[str, object] = {}
+        for family in sorted(families):
+            if family == 6 and not self._ipv6_usable():
+                continue
+            state = self._family(family)
+            changed = None if full else [k for k in delta.changed
+                                         if ip_family(k.address) == family]
+            if changed is not None and not changed and state.known and not state.stale:
+                continue
+            opts = nft_options(self.config, family, plan)
+            try:
+                with phase(f"ipv{family}"):
+                    res = sync_family(state, plan, changed, opts)
+            except KernelError as exc:
+                raise KernelError(f"IPv{family}: {exc}") from None
+            changes += res.changes
+            repaired += res.changes if full else 0
+            conntrack += res.conntrack_deleted
+            followup = followup or res.followup
+            details[f"ipv{family}"] = {
+                "chains_written": res.chains_written, "chains_flushed": res.chains_flushed,
+                "chains_deleted": res.chains_deleted, "elements": res.elements,
+                "sets": res.sets, "rebuilt": res.rebuilt, "transactions": res.transactions}
+        details["conntrack_deleted"] = conntrack
+        return ApplyResult(changes=changes, repaired=repaired, details=details,
+                           followup=followup)
+
+    def _ipv6_usable(self) -> bool:
+        if 6 not in self.unusable and 6 not in self.families:
+            try:
+                reason = NftKernel(6, self.netns).available()
+            except KernelError as exc:
+                reason = str(exc)
+            if reason:
+                self.unusable[6] = reason
+                log.warning("IPv6 frontends are not programmed: %s", reason)
+        return 6 not in self.unusable
+
+    @hookimpl
+    def svcproxy_preview_plan(self, name: str, plan: ServiceMap) -> list[str] | None:
+        """A first full sync per family against this node's tables, through a
+        door that records the transaction instead of committing it."""
+        if name != NAME:
+            return None
+        from .status import PreviewNft
+
+        changes: list[str] = []
+        families = {f.family for f in plan.frontends.values()} | {4}
+        for family in sorted(families):
+            if family == 6 and not self._ipv6_usable():
+                continue
+            kernel = PreviewNft(NftKernel(family, self.netns), changes)
+            sync_family(FamilyState(kernel), plan, None,  # type: ignore[arg-type]
+                        nft_options(self.config, family, plan))
+        return changes
+
+    @hookimpl
+    def svcproxy_cleanup_datapath(self) -> list[str]:
+        lines: list[str] = []
+        for family in (4, 6):
+            try:
+                lines += cleanup_family(NftKernel(family, self.netns))
+            except KernelError as exc:
+                if family == 4:
+                    raise
+                log.debug("IPv6 cleanup skipped: %s", exc)
+        return lines

@@ -1,0 +1,508 @@
+"""Reconciling one family's nftables table with the plan.
+
+The desired table is the skeleton (config only) plus one block per service
+port (rules.py). Three diff stores remember what the kernel holds: chains
+(name -> header and rules), sets and maps (name -> declaration) and elements
+((set, key) -> value). Both kinds of sync go through the same comparison,
+over different keys:
+
+- partial: only the service ports the delta touched are re-rendered, and only
+  their chains, sets and elements compared; nothing is listed from the kernel
+  (upstream listed every chain on every sync: 16 minutes at 44,000 services,
+  kubernetes #139513);
+- full: everything is rendered and compared with `nft list table`, so drift is
+  repaired and leftovers flushed. A table whose fixed part differs (a base
+  chain's priority, a map's type, a set svcproxy does not know) is rebuilt in
+  the same transaction: delete and create commit together, so no packet sees
+  it half-built.
+
+Each sync is one `nft -f` transaction. Chains that fall out of use are
+flushed at once and deleted at a later sync, at least a second after: a
+kernel before 6.2 still counts a verdict-map element's reference to a chain
+for a moment after the element is deleted (kube-proxy does the same).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from svcproxy.diffstore import Diff, DiffStore
+from svcproxy.ir import Frontend, FrontendKey, ServiceMap
+from svcproxy.phases import phase
+from svcproxy.plugins.iptables.datapath import clear_stale_udp
+from svcproxy.plugins.kernel.nftables import NftKernel, NftTable
+
+from .rules import (
+    AFFINITY_PREFIX,
+    BASE_CHAINS,
+    CLUSTER_IPS,
+    TABLE_COMMENT,
+    Chain,
+    ElementKey,
+    NftOptions,
+    ServicePortBlock,
+    service_port_block,
+    skeleton,
+)
+
+log = logging.getLogger(__name__)
+
+SPKey = tuple[str, str]  # (service port name, protocol)
+SetDecl = tuple[str, tuple[str, ...]]  # (kind, declaration lines)
+#: a stale chain is deleted this long after it was flushed
+STALE_DELAY = 1.0
+
+
+def group(frontends: Iterable[Frontend]) -> dict[SPKey, list[Frontend]]:
+    out: dict[SPKey, list[Frontend]] = {}
+    for f in frontends:
+        out.setdefault((f.service, f.protocol), []).append(f)
+    for fs in out.values():
+        fs.sort(key=lambda f: f.key)
+    return out
+
+
+def render_blocks(plan: ServiceMap, keys: Iterable[SPKey] | None,
+                  opts: NftOptions) -> dict[SPKey, ServicePortBlock]:
+    """Blocks for the given service ports (all when keys is None) in the family
+    of `opts`; `plan` may hold both families."""
+    family = opts.family
+    if keys is None:
+        groups = group(f for f in plan.frontends.values() if f.family == family)
+    else:
+        wanted = set(keys)
+        services = {k[0].split(":", 1)[0] for k in wanted}
+        frontends = [f for s in services for fk in plan.by_service.get(s, ())
+                     if (f := plan.frontends.get(fk)) is not None and f.family == family]
+        groups = {k: v for k, v in group(frontends).items() if k in wanted}
+    return {key: service_port_block(fes, opts) for key, fes in groups.items()}
+
+
+@dataclass
+class Desired:
+    chains: dict[str, Chain] = field(default_factory=dict)
+    sets: dict[str, SetDecl] = field(default_factory=dict)
+    elements: dict[ElementKey, str] = field(default_factory=dict)
+
+
+def desired_table(blocks: Mapping[SPKey, ServicePortBlock], opts: NftOptions) -> Desired:
+    """The whole table: skeleton first, then the service ports in order."""
+    sk = skeleton(opts)
+    out = Desired(dict(sk.chains), dict(sk.sets), dict(sk.elements))
+    for key in sorted(blocks):
+        block = blocks[key]
+        out.sets.update((name, ("set", decl)) for name, decl in block.sets.items())
+        out.chains.update(block.chains)
+        out.elements.update(block.elements)
+    return out
+
+
+def render_nft(plan: ServiceMap, opts: NftOptions) -> str:
+    """What `svcproxy plan -o nft` prints for one family: the table as `nft list
+    table` shows it after a first sync (elements sorted: the kernel lists a
+    hash set's elements in its own order)."""
+    d = desired_table(render_blocks(plan, None, opts), opts)
+    by_set: dict[str, list[tuple[str, str]]] = {}
+    for (name, key), value in d.elements.items():
+        by_set.setdefault(name, []).append((key, value))
+    word = opts.ip
+    out = [f"table {word} kube-proxy {{", f'\tcomment "{TABLE_COMMENT}"']
+    parts: list[list[str]] = []
+    for name, (kind, decl) in d.sets.items():
+        lines = [f"\t{kind} {name} {{", *(f"\t\t{line}" for line in decl)]
+        elements = sorted(by_set.get(name, ()), key=_element_order)
+        if elements:
+            texts = [f"{k} : {v}" if v else k for k, v in elements]
+            lines.append("\t\telements = { " + ",\n\t\t\t     ".join(texts) + " }")
+        parts.append([*lines, "\t}"])
+    for name, (header, rules) in d.chains.items():
+        parts.append([f"\tchain {name} {{", *(f"\t\t{line}" for line in (*header, *rules)),
+                      "\t}"])
+    for i, part in enumerate(parts):
+        if i:
+            out.append("")
+        out.extend(part)
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def _element_order(item: tuple[str, str]) -> tuple[object, ...]:
+    return tuple(int(p) if p.isdigit() else p for p in item[0].split(" . "))
+
+
+# ---- transactions ------------------------------------------------------------------
+
+class Transaction:
+    """Statements for one `nft -f`, in the order the kernel needs them: sets and
+    chains exist before rules and elements name them, references go before
+    what they reference."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.head: list[str] = []  # table, sets, chains
+        self.flushes: list[str] = []
+        self.element_deletes: list[str] = []
+        self.set_deletes: list[str] = []
+        self.set_adds: list[str] = []
+        self.rules: list[str] = []
+        self.element_adds: list[str] = []
+        self.chain_deletes: list[str] = []
+
+    def __bool__(self) -> bool:
+        return any((self.head, self.flushes, self.element_deletes, self.set_deletes,
+                    self.set_adds, self.rules, self.element_adds, self.chain_deletes))
+
+    def add_table(self) -> None:
+        self.head.append(f'add table {self.prefix} {{ comment "{TABLE_COMMENT}" ; }}')
+
+    def add_set(self, name: str, decl: SetDecl, late: bool = False) -> None:
+        kind, lines = decl
+        text = f"add {kind} {self.prefix} {name} {{ " + " ; ".join(lines) + " ; }"
+        (self.set_adds if late else self.head).append(text)
+
+    def delete_set(self, name: str, kind: str = "set") -> None:
+        self.set_deletes.append(f"delete {kind} {self.prefix} {name}")
+
+    def write_chain(self, name: str, chain: Chain, exists: bool) -> None:
+        header, rules = chain
+        base = next((b for b in BASE_CHAINS if b.name == name), None)
+        if base is not None:
+            self.head.append(f"add chain {self.prefix} {name} {base.declaration()}")
+        elif header:
+            self.head.append(f"add chain {self.prefix} {name} {{ " + " ; ".join(header) + " ; }")
+        else:
+            self.head.append(f"add chain {self.prefix} {name}")
+        if exists:
+            self.flushes.append(f"flush chain {self.prefix} {name}")
+        self.rules.extend(f"add rule {self.prefix} {name} {rule}" for rule in rules)
+
+    def flush_chain(self, name: str) -> None:
+        self.flushes.append(f"flush chain {self.prefix} {name}")
+
+    def delete_chain(self, name: str) -> None:
+        self.chain_deletes.append(f"delete chain {self.prefix} {name}")
+
+    def elements(self, adds: Mapping[ElementKey, str], deletes: Iterable[ElementKey]) -> None:
+        gone: dict[str, list[str]] = {}
+        for name, key in deletes:
+            gone.setdefault(name, []).append(key)
+        for name, keys in gone.items():
+            self.element_deletes.append(f"delete element {self.prefix} {name} {{ "
+                                        + ", ".join(keys) + " }")
+        new: dict[str, list[str]] = {}
+        for (name, key), value in adds.items():
+            new.setdefault(name, []).append(f"{key} : {value}" if value else key)
+        for name, items in new.items():
+            for i in range(0, len(items), 1000):
+                self.element_adds.append(f"add element {self.prefix} {name} {{ "
+                                         + ", ".join(items[i:i + 1000]) + " }")
+
+    def text(self) -> str:
+        lines = [*self.head, *self.flushes, *self.element_deletes, *self.set_deletes,
+                 *self.set_adds, *self.rules, *self.element_adds, *self.chain_deletes]
+        return "\n".join(lines) + "\n" if lines else ""
+
+
+# ---- state and sync ----------------------------------------------------------------------
+
+@dataclass
+class FamilyState:
+    kernel: NftKernel
+    blocks: dict[SPKey, ServicePortBlock] = field(default_factory=dict)
+    chains: DiffStore[str, Chain] = field(default_factory=DiffStore)
+    sets: DiffStore[str, SetDecl] = field(default_factory=DiffStore)
+    elements: DiffStore[ElementKey, str] = field(default_factory=DiffStore)
+    #: how many service ports hold each ClusterIP in cluster-ips (ports of one
+    #: Service share it)
+    cluster_ip_users: dict[str, int] = field(default_factory=dict)
+    #: chains flushed and waiting to be deleted, with when they were flushed
+    stale: dict[str, float] = field(default_factory=dict)
+    plan: ServiceMap = field(default_factory=ServiceMap)
+    clock: Callable[[], float] = time.monotonic
+
+    @property
+    def known(self) -> bool:
+        return self.chains.known and self.sets.known and self.elements.known
+
+    def forget(self) -> None:
+        self.chains.forget()
+        self.sets.forget()
+        self.elements.forget()
+
+
+@dataclass
+class FamilyResult:
+    chains_written: int = 0
+    chains_flushed: int = 0
+    chains_deleted: int = 0
+    elements: int = 0
+    sets: int = 0
+    rebuilt: bool = False
+    transactions: int = 0
+    conntrack_deleted: int = 0
+    #: stale chains are waiting to be deleted: sync again later
+    followup: bool = False
+
+    @property
+    def changes(self) -> int:
+        return self.chains_written + self.chains_flushed + self.chains_deleted + \
+            self.elements + self.sets
+
+
+def _touched(keys: Iterable[FrontendKey], *plans: ServiceMap) -> set[SPKey]:
+    out: set[SPKey] = set()
+    for k in keys:
+        for plan in plans:
+            f = plan.frontends.get(k)
+            if f is not None:
+                out.add((f.service, f.protocol))
+    return out
+
+
+def _cluster_ips(block: ServicePortBlock | None) -> list[str]:
+    if block is None:
+        return []
+    return [key for (name, key) in block.elements if name == CLUSTER_IPS]
+
+
+def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[FrontendKey] | None,
+                opts: NftOptions) -> FamilyResult:
+    """Bring family `opts.family`'s table to `plan` (which may hold both
+    families). `changed` None = full sync."""
+    result = FamilyResult()
+    now = state.clock()
+    _delete_stale(state, now, result)
+    if changed is None or not state.known:
+        with phase("render"):
+            blocks = render_blocks(plan, None, opts)
+            desired = desired_table(blocks, opts)
+        _full(state, desired, result)
+        users: dict[str, int] = {}
+        for block in blocks.values():
+            for ip in _cluster_ips(block):
+                users[ip] = users.get(ip, 0) + 1
+        state.cluster_ip_users = users
+    else:
+        with phase("render"):
+            touched = _touched(changed, plan, state.plan)
+            fresh = render_blocks(plan, touched, opts)
+            blocks = dict(state.blocks)
+            for key in touched:
+                blocks.pop(key, None)
+            blocks.update(fresh)
+        _partial(state, touched, fresh, result)
+    with phase("conntrack"):
+        result.conntrack_deleted = clear_stale_udp(state.kernel, state.blocks, blocks)
+    state.blocks = blocks
+    state.plan = plan
+    result.followup = bool(state.stale)
+    return result
+
+
+def _delete_stale(state: FamilyState, now: float, result: FamilyResult) -> None:
+    """Delete chains flushed at least STALE_DELAY ago, in their own transaction
+    (a refusal is logged and retried: they are empty and harmless)."""
+    due = sorted(c for c, t in state.stale.items() if now - t >= STALE_DELAY)
+    if not due or not state.chains.known:
+        return
+    tx = Transaction(state.kernel.prefix)
+    for name in due:
+        tx.delete_chain(name)
+    try:
+        with phase("stale"):
+            state.kernel.run(tx.text())
+    except Exception as exc:  # logged, and retried at the next sync
+        log.warning("could not delete %d stale nftables chains (retried later): %s",
+                    len(due), exc)
+        return
+    for name in due:
+        state.stale.pop(name, None)
+        state.chains.set(name, None)
+    result.chains_deleted += len(due)
+    result.transactions += 1
+
+
+def _read(state: FamilyState) -> NftTable | None:
+    with phase("read"):
+        table = state.kernel.list_table()
+    if table is None:
+        state.chains.load({})
+        state.sets.load({})
+        state.elements.load({})
+        return None
+    state.chains.load({n: (c.header, c.rules) for n, c in table.chains.items()})
+    state.sets.load({n: (s.kind, s.header) for n, s in table.sets.items()})
+    state.elements.load({(n, k): v for n, s in table.sets.items()
+                         if not n.startswith(AFFINITY_PREFIX) for k, v in s.elements.items()})
+    return table
+
+
+def _fixed_part_differs(state: FamilyState, desired: Desired) -> str:
+    """Why the table must be rebuilt ("" if it need not): a base chain or a
+    shared map/set differs, or the table holds a set svcproxy does not know."""
+    for b in BASE_CHAINS:
+        have = state.chains.get(b.name)
+        if have is not None and have[0] != desired.chains[b.name][0]:
+            return f"base chain {b.name} is {have[0][0] if have[0] else '?'}"
+    for name, decl in state.sets.have.items():
+        want = desired.sets.get(name)
+        if want is None and not name.startswith(AFFINITY_PREFIX):
+            return f"{decl[0]} {name} is not svcproxy's"
+        if want is not None and want[0] != decl[0]:
+            return f"{name} is a {decl[0]}, not a {want[0]}"
+        if want is not None and not name.startswith(AFFINITY_PREFIX) and want != decl:
+            return f"{decl[0]} {name} is declared differently"
+    return ""
+
+
+def _full(state: FamilyState, desired: Desired, result: FamilyResult) -> None:
+    table = _read(state)
+    tx = Transaction(state.kernel.prefix)
+    why = "" if table is None else _fixed_part_differs(state, desired)
+    if table is None or why:
+        if why:
+            log.warning("nftables table %s rebuilt in one transaction: %s",
+                        state.kernel.prefix, why)
+            tx.head.append(f"add table {state.kernel.prefix}")
+            tx.head.append(f"delete table {state.kernel.prefix}")
+            result.rebuilt = True
+        tx.add_table()
+        for name, decl in desired.sets.items():
+            tx.add_set(name, decl)
+        for name, chain in desired.chains.items():
+            tx.write_chain(name, chain, exists=False)
+        tx.elements(desired.elements, ())
+        _commit(state, tx)
+        state.chains.load(desired.chains)
+        state.sets.load(desired.sets)
+        state.elements.load(desired.elements)
+        state.stale.clear()
+        result.chains_written = len(desired.chains)
+        result.sets = len(desired.sets)
+        result.elements = len(desired.elements)
+        result.transactions += 1
+        return
+    chains = state.chains.diff(desired.chains)
+    # chains no longer wanted: flushed now, deleted later (base chains of
+    # another layout reference nothing and go at once)
+    for name in list(chains.deleted):
+        if name in state.stale:
+            del chains.deleted[name]
+    _apply(state, tx, chains, state.sets.diff(desired.sets),
+           state.elements.diff(desired.elements), result)
+
+
+def _partial(state: FamilyState, touched: set[SPKey], fresh: Mapping[SPKey, ServicePortBlock],
+             result: FamilyResult) -> None:
+    want_chains: dict[str, Chain] = {}
+    want_sets: dict[str, SetDecl] = {}
+    want_elements: dict[ElementKey, str] = {}
+    chain_scope: set[str] = set()
+    set_scope: set[str] = set()
+    element_scope: set[ElementKey] = set()
+    users = state.cluster_ip_users
+    for key in touched:
+        old, new = state.blocks.get(key), fresh.get(key)
+        for ip in _cluster_ips(old):
+            users[ip] -= 1
+        for ip in _cluster_ips(new):
+            users[ip] = users.get(ip, 0) + 1
+        for block in (old, new):
+            if block is not None:
+                chain_scope.update(block.chains)
+                set_scope.update(block.sets)
+                element_scope.update(block.elements)
+        if new is not None:
+            want_chains.update(new.chains)
+            want_sets.update((n, ("set", d)) for n, d in new.sets.items())
+            want_elements.update(new.elements)
+    for (name, ip) in list(element_scope):
+        if name == CLUSTER_IPS:
+            if users.get(ip, 0) > 0:
+                want_elements[(name, ip)] = ""
+            else:
+                users.pop(ip, None)
+    tx = Transaction(state.kernel.prefix)
+    chains = state.chains.diff(want_chains, chain_scope)
+    _apply(state, tx, chains, state.sets.diff(want_sets, set_scope),
+           state.elements.diff(want_elements, element_scope), result)
+
+
+def _rewrite_users(state: FamilyState, chains: Diff[str, Chain],
+                   sets: Diff[str, SetDecl]) -> None:
+    """A set declared differently is deleted and added again: every chain that
+    names it is rewritten in the same transaction, so nothing refers to it."""
+    names = {f"@{n}" for n in sets.updated}
+    if not names:
+        return
+    for name, chain in state.chains.have.items():
+        if name not in chains.created and name not in chains.updated and \
+                any(any(n in rule for n in names) for rule in chain[1]):
+            chains.updated[name] = (chain, chain)
+
+
+def _apply(state: FamilyState, tx: Transaction, chains: Diff[str, Chain],
+           sets: Diff[str, SetDecl], elements: Diff[ElementKey, str],
+           result: FamilyResult) -> None:
+    now = state.clock()
+    base_names = {b.name for b in BASE_CHAINS}
+    _rewrite_users(state, chains, sets)
+    for name, decl in sets.created.items():
+        tx.add_set(name, decl)
+    for name, chain in chains.created.items():
+        tx.write_chain(name, chain, exists=False)
+        state.stale.pop(name, None)
+    for name, (_, chain) in chains.updated.items():
+        tx.write_chain(name, chain, exists=True)
+        state.stale.pop(name, None)
+    flushed: list[str] = []
+    for name, (_, rules) in chains.deleted.items():
+        if name in base_names:
+            tx.delete_chain(name)
+        elif rules:
+            tx.flush_chain(name)
+            flushed.append(name)
+        else:
+            flushed.append(name)
+    for name, (old, new) in sets.updated.items():
+        tx.delete_set(name, old[0])
+        tx.add_set(name, new, late=True)
+    for name, decl in sets.deleted.items():
+        tx.delete_set(name, decl[0])
+    adds = {**elements.created, **{k: new for k, (_, new) in elements.updated.items()}}
+    tx.elements(adds, [*elements.updated, *elements.deleted])
+    if tx:
+        _commit(state, tx)
+        result.transactions += 1
+    state.chains.applied(chains)
+    for name in flushed:
+        state.chains.set(name, ((), ()))
+        state.stale.setdefault(name, now)
+    for name in chains.deleted:
+        if name in base_names:
+            state.chains.set(name, None)
+    state.sets.applied(sets)
+    state.elements.applied(elements)
+    result.chains_written += len(chains.created) + len(chains.updated)
+    result.chains_flushed += len(flushed)
+    result.sets += len(sets)
+    result.elements += len(elements)
+
+
+def _commit(state: FamilyState, tx: Transaction) -> None:
+    with phase("transaction"):
+        try:
+            state.kernel.run(tx.text())
+        except Exception:
+            state.forget()  # all or nothing, but say so to the next sync: read back
+            raise
+
+
+def cleanup_family(kernel: NftKernel) -> list[str]:
+    """Delete the table (svcproxy's, or kube-proxy nftables mode's: the same)."""
+    if kernel.delete_table():
+        return [f"nftables: deleted table {kernel.prefix}"]
+    return []
