@@ -59,29 +59,38 @@ def topo() -> Iterator[Topology]:
 
 
 class Node(ProxyHarness):
-    """svcproxy's core and iptables datapath running against the node namespace."""
+    """svcproxy's core and a netfilter datapath (iptables, or nftables) running
+    against the node namespace."""
 
     def __init__(self, topo: Topology, extra_config: str = "", backend: str = "nft",
-                 start: bool = True) -> None:
+                 start: bool = True, datapath: str = "iptables") -> None:
         """`start`: start the plugins now, as `svcproxy run` does (False: the
-        test starts them itself, with its own listeners)."""
+        test starts them itself, with its own listeners). `extra_config` may
+        say MODE for the configured mode's section (masqueradeAll is read from
+        iptables or nftables, as in kube-proxy)."""
+        extra_config = extra_config.replace("MODE:", f"{datapath}:")
         extra_config = extra_config.replace("\n", "\n" + " " * 12)  # for dedent below
         text = textwrap.dedent(f"""\
             apiVersion: kubeproxy.config.k8s.io/v1alpha1
             kind: KubeProxyConfiguration
-            mode: iptables
+            mode: {datapath}
             clusterCIDR: 10.244.0.0/16
             {extra_config}
             ---
             apiVersion: svcproxy.io/v1alpha1
             kind: SvcProxyConfiguration
-            datapaths: [iptables]
+            datapaths: [{datapath}]
             datapathOptions:
               iptables: {{netns: {topo.node}, backend: {backend}}}
+              nftables: {{netns: {topo.node}}}
               ipvs: {{netns: {topo.node}}}
         """)
-        super().__init__(text, "iptables", [NODE_IP, NODE_IP6], start=start)
+        super().__init__(text, datapath, [NODE_IP, NODE_IP6], start=start)
         self.topo = topo
 
     def restores(self) -> int:
         return sum(s.kernel.restores for s in self.plugin.families.values())
+
+    def transactions(self) -> int:
+        """nftables transactions committed so far."""
+        return sum(s.kernel.transactions for s in self.plugin.families.values())

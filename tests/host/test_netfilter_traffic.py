@@ -1,5 +1,6 @@
-"""The iptables datapath with real traffic: clients in their own namespaces
-reach "pods" through the node namespace's rules."""
+"""The netfilter datapaths (iptables and nftables) with real traffic: clients
+in their own namespaces reach "pods" through the node namespace's rules. Every
+test runs against both: they implement the same kube-proxy semantics."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ SLICE_PORTS = [{"name": "http", "port": 8080, "protocol": "TCP"},
                {"name": "dns", "port": 5353, "protocol": "UDP"}]
 
 
+@pytest.fixture(params=["iptables", "nftables"])
+def datapath(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 def pods(topo: Topology, *spec: tuple[str, str, str]) -> list[dict]:  # type: ignore[type-arg]
     """Start pods and return their endpoints: (name, ip, node)."""
     eps = []
@@ -24,8 +30,8 @@ def pods(topo: Topology, *spec: tuple[str, str, str]) -> list[dict]:  # type: ig
     return eps
 
 
-def test_cluster_ip_and_node_port_spread_over_all_backends(topo: Topology) -> None:
-    n = Node(topo)
+def test_cluster_ip_and_node_port_spread_over_all_backends(topo: Topology, datapath: str) -> None:
+    n = Node(topo, datapath=datapath)
     eps = pods(topo, ("a", "10.244.1.11", "node-a"), ("b", "10.244.2.12", "node-b"),
                ("c", "10.244.3.13", "node-c"))
     n.publish(service("web", cluster_ip="10.96.0.10", type="NodePort",
@@ -38,8 +44,8 @@ def test_cluster_ip_and_node_port_spread_over_all_backends(topo: Topology) -> No
         assert min(answers.values()) >= 8, (host, answers)
 
 
-def test_session_affinity_sticks(topo: Topology) -> None:
-    n = Node(topo)
+def test_session_affinity_sticks(topo: Topology, datapath: str) -> None:
+    n = Node(topo, datapath=datapath)
     eps = pods(topo, ("a", "10.244.1.11", "node-a"), ("b", "10.244.2.12", "node-b"))
     n.publish(service("sticky", cluster_ip="10.96.0.20", ports=HTTP, sessionAffinity="ClientIP",
                       sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}}))
@@ -49,8 +55,8 @@ def test_session_affinity_sticks(topo: Topology) -> None:
     assert len(answers) == 1 and sum(answers.values()) == 20, answers
 
 
-def test_service_without_endpoints_is_refused_at_once(topo: Topology) -> None:
-    n = Node(topo)
+def test_service_without_endpoints_is_refused_at_once(topo: Topology, datapath: str) -> None:
+    n = Node(topo, datapath=datapath)
     n.publish(service("empty", cluster_ip="10.96.0.30", ports=HTTP))
     n.sync()
     out = topo.client("c1", "http", "10.96.0.30", "80", "3")
@@ -58,8 +64,8 @@ def test_service_without_endpoints_is_refused_at_once(topo: Topology) -> None:
     assert out["seconds"] < 1.0  # type: ignore[operator]
 
 
-def test_local_policy_reaches_only_local_backends(topo: Topology) -> None:
-    n = Node(topo)
+def test_local_policy_reaches_only_local_backends(topo: Topology, datapath: str) -> None:
+    n = Node(topo, datapath=datapath)
     eps = pods(topo, ("local1", "10.244.1.11", "node-a"), ("local2", "10.244.1.12", "node-a"),
                ("remote", "10.244.2.13", "node-b"))
     n.publish(service("edge", cluster_ip="10.96.0.40", type="NodePort",
@@ -73,8 +79,8 @@ def test_local_policy_reaches_only_local_backends(topo: Topology) -> None:
     assert set(internal) == {"local1", "local2", "remote"}, internal
 
 
-def test_local_policy_without_local_endpoints_drops(topo: Topology) -> None:
-    n = Node(topo)
+def test_local_policy_without_local_endpoints_drops(topo: Topology, datapath: str) -> None:
+    n = Node(topo, datapath=datapath)
     eps = pods(topo, ("remote", "10.244.2.13", "node-b"))
     n.publish(service("edge", cluster_ip="10.96.0.41", type="NodePort",
                       externalTrafficPolicy="Local", ports=[{**HTTP[0], "nodePort": 30091}]))
@@ -84,8 +90,9 @@ def test_local_policy_without_local_endpoints_drops(topo: Topology) -> None:
     assert topo.answers("c1", "http", "10.96.0.41", 80, 3) == {"remote": 3}
 
 
-def test_load_balancer_source_ranges(topo: Topology) -> None:
-    n = Node(topo)
+def test_load_balancer_source_ranges(topo: Topology, datapath: str) -> None:
+    # every node address serves NodePorts (nftables mode's default is the primary one)
+    n = Node(topo, extra_config="nodePortAddresses: [all]", datapath=datapath)
     eps = pods(topo, ("a", "10.244.1.11", "node-a"))
     n.publish(service("lb", cluster_ip="10.96.0.50", type="LoadBalancer",
                       ports=[{**HTTP[0], "nodePort": 30100}],
@@ -100,8 +107,8 @@ def test_load_balancer_source_ranges(topo: Topology) -> None:
                         2) == {"a": 2}
 
 
-def test_udp_clients_move_off_a_removed_endpoint(topo: Topology) -> None:
-    n = Node(topo)
+def test_udp_clients_move_off_a_removed_endpoint(topo: Topology, datapath: str) -> None:
+    n = Node(topo, datapath=datapath)
     eps = pods(topo, ("a", "10.244.1.11", "node-a"), ("b", "10.244.2.12", "node-b"))
     dns = [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]
     n.publish(service("dns", cluster_ip="10.96.0.53", ports=dns))
@@ -120,8 +127,8 @@ def test_udp_clients_move_off_a_removed_endpoint(topo: Topology) -> None:
     hold.close()
 
 
-def test_ipv6_cluster_ip(topo: Topology) -> None:
-    n = Node(topo)
+def test_ipv6_cluster_ip(topo: Topology, datapath: str) -> None:
+    n = Node(topo, datapath=datapath)
     topo.add_pod("a6", "10.244.1.11", ip6="fd00:244:1::11")
     n.publish(service("v6", cluster_ip=["10.96.0.60", "fd00:96::60"], ports=HTTP))
     n.publish(slice_("v6", name="v6-4", endpoints=[endpoint("10.244.1.11", "node-a")]))
@@ -130,8 +137,12 @@ def test_ipv6_cluster_ip(topo: Topology) -> None:
     n.sync()
     assert topo.answers("c1", "http", "fd00:96::60", 80, 3) == {"a6": 3}
     assert topo.answers("c1", "http", "10.96.0.60", 80, 3) == {"a6": 3}
-    rules = sh("ip6tables-nft-save", "-t", "nat", netns=topo.node).stdout
-    assert "-d fd00:96::60/128 -p tcp" in rules
+    if datapath == "iptables":
+        rules = sh("ip6tables-nft-save", "-t", "nat", netns=topo.node).stdout
+        assert "-d fd00:96::60/128 -p tcp" in rules
+    else:
+        table = sh("nft", "list", "table", "ip6", "kube-proxy", netns=topo.node).stdout
+        assert "fd00:96::60 . tcp . 80 : goto service-" in table
 
 
 def node_link(topo: Topology, ip: str) -> str:
@@ -140,18 +151,24 @@ def node_link(topo: Topology, ip: str) -> str:
     return out[out.index("dev") + 1]
 
 
-def test_localhost_node_ports(topo: Topology) -> None:
+def test_localhost_node_ports(topo: Topology, datapath: str) -> None:
     """iptables.localhostNodePorts (default true): a NodePort answers on
     127.0.0.1 from the node itself (route_localnet=1, kube-proxy's martian
-    filter in KUBE-FIREWALL); with it off, loopback is not a NodePort address."""
+    filter in KUBE-FIREWALL); with it off, loopback is not a NodePort address.
+    nftables never answers there (as kube-proxy's nftables mode)."""
     eps = pods(topo, ("a", "10.244.1.11", "node-a"))
     np = service("web", cluster_ip="10.96.0.10", type="NodePort",
                  ports=[{**HTTP[0], "nodePort": 30080}])
-    n = Node(topo)
+    n = Node(topo, datapath=datapath)
     n.publish(np)
     n.publish(slice_("web", endpoints=eps))
     n.sync()
     topo.clients["node"] = topo.node
+    if datapath == "nftables":
+        # kube-proxy's nftables mode never serves NodePorts on loopback
+        assert topo.answers("node", "http", "127.0.0.1", 30080, 2) == {"!refused": 2}
+        assert topo.answers("c1", "http", NODE_IP, 30080, 2) == {"a": 2}
+        return
     assert topo.answers("node", "http", "127.0.0.1", 30080, 4) == {"a": 4}
     assert sh("sysctl", "-n", "net.ipv4.conf.all.route_localnet",
               netns=topo.node).stdout.strip() == "1"
@@ -169,7 +186,7 @@ def test_localhost_node_ports(topo: Topology) -> None:
 
 @pytest.mark.parametrize(("extra", "masqueraded"), [
     ("", False),  # detectLocalMode ClusterCIDR (the default): a pod's source is kept
-    ("iptables: {masqueradeAll: true}", True),
+    ("MODE: {masqueradeAll: true}", True),
     ("detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: POD-PREFIX}",
      False),
     ("detectLocalMode: InterfaceNamePrefix\ndetectLocal: {interfaceNamePrefix: nomatch}", True),
@@ -179,7 +196,7 @@ def test_localhost_node_ports(topo: Topology) -> None:
     ("detectLocalMode: NodeCIDR #10.244.1.0/24", False),
     ("detectLocalMode: NodeCIDR #10.244.9.0/24", True),
 ])
-def test_who_is_masqueraded_on_the_way_to_a_cluster_ip(topo: Topology, extra: str,
+def test_who_is_masqueraded_on_the_way_to_a_cluster_ip(topo: Topology, datapath: str, extra: str,
                                                        masqueraded: bool) -> None:
     """masqueradeAll and every detect-local mode with traffic: pod a calls a
     ClusterIP whose one endpoint is pod b; b sees a's address when a counts as
@@ -189,7 +206,7 @@ def test_who_is_masqueraded_on_the_way_to_a_cluster_ip(topo: Topology, extra: st
     pods(topo, ("b", "10.244.2.12", "node-b"))
     link = node_link(topo, a.ip)
     extra = extra.replace("POD-PREFIX", link[:-1]).replace("POD-LINK", link)
-    n = Node(topo, extra_config=extra)
+    n = Node(topo, extra_config=extra, datapath=datapath)
     if "NodeCIDR" in extra:
         with_cidr = node("node-a", ips=[NODE_IP])
         with_cidr["spec"] = {"podCIDRs": [extra.split("#")[1]]}
