@@ -12,12 +12,15 @@ kernel; these check the logic on top, in milliseconds and without root.
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from .ipset import IPSET_ERR_HASH_FULL, IpsetFailure
 from .ipvs import RealServer, VirtualServer
 from .netlink import Failure
+from .nftables import NftChain, NftSet, NftTable
+from .tools import KernelError
 
 VSKey = tuple[str, int, str]
 RSKey = tuple[str, int]
@@ -311,3 +314,185 @@ class FakeIptables:
         elif line.startswith("-X "):
             del chains[(table, line.split()[1])]
         return table
+
+
+class FakeNft:
+    """One nftables table in memory, with NftKernel's shape. It reads the
+    statements the nftables datapath writes (add/delete/flush of table, set,
+    map, chain, rule, element) and checks them as the kernel does where it
+    matters: a transaction is all or nothing; a rule or element may only name
+    chains and sets that exist; a chain or set still named by a rule or an
+    element cannot be deleted; an element that exists cannot be added with
+    another value, one that does not cannot be deleted. `refuse` makes the
+    next transaction that contains the given text fail."""
+
+    def __init__(self, family: int = 4, table: str = "kube-proxy") -> None:
+        from .nftables import family_word
+
+        self.family = family
+        self.word = family_word(family)
+        self.table_name = table
+        self.prefix = f"{self.word} {table}"
+        self.table: NftTable | None = None
+        self.transactions = 0
+        self.texts: list[str] = []
+        self.lists = 0
+        self.refuse: str | None = None
+        self.conntrack: list[list[str]] = []
+
+    def run(self, text: str) -> None:
+        import copy
+
+        if self.refuse is not None and self.refuse in text:
+            raise KernelError(f"nft -f (table {self.prefix}) failed: refused ({self.refuse})")
+        work = copy.deepcopy(self.table)
+        for number, stmt in enumerate(text.splitlines(), 1):
+            if stmt:
+                try:
+                    work = self._apply(work, stmt)
+                except ValueError as exc:
+                    raise KernelError(f"nft -f (table {self.prefix}) failed: {exc} "
+                                      f"(line {number}: {stmt})") from None
+        if work is not None:
+            self._check_references(work)
+        self.table = work
+        self.transactions += 1
+        self.texts.append(text)
+
+    def _apply(self, table: NftTable | None, stmt: str) -> NftTable | None:
+        verb, kind, rest = stmt.split(" ", 2)
+        if not rest.startswith(self.prefix):
+            raise ValueError(f"not this table: {stmt}")
+        rest = rest[len(self.prefix):].strip()
+        if kind == "table":
+            if verb == "add":
+                return table if table is not None else NftTable(comment=_inner(rest))
+            if table is None:
+                raise ValueError("No such file or directory")
+            return None
+        if table is None:
+            raise ValueError("No such file or directory (no table)")
+        name, _, body = rest.partition(" ")
+        getattr(self, f"_{kind}")(table, verb, name, body)
+        return table
+
+    def _set(self, table: NftTable, verb: str, name: str, body: str, kind: str = "set") -> None:
+        if verb == "add":
+            header = tuple(p.strip() for p in body.strip().strip("{}").split(";") if p.strip())
+            have = table.sets.get(name)
+            if have is not None and (have.kind, have.header) != (kind, header):
+                raise ValueError(f"File exists: {kind} {name} is declared differently")
+            table.sets.setdefault(name, NftSet(kind, header))
+        elif verb == "delete":
+            if name not in table.sets:
+                raise ValueError(f"No such file or directory: {kind} {name}")
+            if any(f"@{name}" in r.replace("{", " ").replace("}", " ").split()
+                   for c in table.chains.values() for r in c.rules):
+                raise ValueError(f"Device or resource busy: {kind} {name} is in use")
+            del table.sets[name]
+
+    def _map(self, table: NftTable, verb: str, name: str, body: str) -> None:
+        self._set(table, verb, name, body, "map")
+
+    def _chain(self, table: NftTable, verb: str, name: str, body: str) -> None:
+        if verb == "add":
+            if name not in table.chains:
+                table.chains[name] = NftChain(_chain_header(body), ())
+        elif verb == "flush":
+            chain = self._need_chain(table, name)
+            table.chains[name] = NftChain(chain.header, ())
+        elif verb == "delete":
+            chain = self._need_chain(table, name)
+            if chain.rules or self._referenced(table, name):
+                raise ValueError(f"Device or resource busy: chain {name}")
+            del table.chains[name]
+
+    def _rule(self, table: NftTable, verb: str, name: str, body: str) -> None:
+        chain = self._need_chain(table, name)
+        table.chains[name] = NftChain(chain.header, (*chain.rules, body))
+
+    def _element(self, table: NftTable, verb: str, name: str, body: str) -> None:
+        from .nftables import parse_element, split_elements
+
+        target = table.sets.get(name)
+        if target is None:
+            raise ValueError(f"No such file or directory: set {name}")
+        for item in split_elements(body.strip().removeprefix("{").removesuffix("}")):
+            key, value = parse_element(item)
+            if verb == "add":
+                if key in target.elements and target.elements[key] != value:
+                    raise ValueError(f"File exists: {name} element {key}")
+                target.elements[key] = value
+            else:
+                if key not in target.elements:
+                    raise ValueError(f"No such file or directory: {name} element {key}")
+                del target.elements[key]
+
+    @staticmethod
+    def _need_chain(table: NftTable, name: str) -> NftChain:
+        chain = table.chains.get(name)
+        if chain is None:
+            raise ValueError(f"No such file or directory: chain {name}")
+        return chain
+
+    @staticmethod
+    def _targets(text: str) -> list[str]:
+        words = text.split()
+        return [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("goto", "jump")]
+
+    def _referenced(self, table: NftTable, name: str) -> bool:
+        return any(name in self._targets(r) for c in table.chains.values() for r in c.rules) \
+            or any(name in self._targets(v) for s in table.sets.values()
+                   for v in s.elements.values())
+
+    def _check_references(self, table: NftTable) -> None:
+        texts = [r for c in table.chains.values() for r in c.rules] + \
+            [v for s in table.sets.values() for v in s.elements.values()]
+        for text in texts:
+            for target in self._targets(text):
+                if target not in table.chains:
+                    raise KernelError(f"nft -f failed: No such file or directory: chain "
+                                      f"{target} (named by: {text})")
+            for word in text.replace("{", " ").split():
+                if word.startswith("@") and word[1:] not in table.sets:
+                    raise KernelError(f"nft -f failed: No such file or directory: set "
+                                      f"{word[1:]} (named by: {text})")
+
+    def list_table(self, zero_counters: bool = True) -> NftTable | None:
+        import copy
+
+        self.lists += 1
+        return copy.deepcopy(self.table)
+
+    def delete_table(self) -> bool:
+        existed = self.table is not None
+        self.table = None
+        return existed
+
+    def available(self) -> str | None:
+        return None
+
+    def conntrack_delete(self, args: Sequence[str]) -> int:
+        self.conntrack.append(list(args))
+        return 1
+
+
+def _inner(text: str) -> str:
+    m = re.search(r'comment "([^"]*)"', text)
+    return m.group(1) if m else ""
+
+
+def _chain_header(body: str) -> tuple[str, ...]:
+    """`{ type nat hook prerouting priority -100 ; }` -> the line nft prints."""
+    from svcproxy.plugins.nftables.rules import BASE_CHAINS
+
+    body = body.strip().strip("{}").strip()
+    if not body:
+        return ()
+    m = re.match(r"type (\w+) hook (\w+) priority (-?\d+)", body)
+    if m:
+        for b in BASE_CHAINS:
+            if (b.type, b.hook, b.priority) == (m[1], m[2], int(m[3])):
+                return (b.header(),)
+        return (f"type {m[1]} hook {m[2]} priority {m[3]}; policy accept;",)
+    return tuple(p.strip() for p in body.split(";") if p.strip())

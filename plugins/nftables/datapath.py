@@ -407,7 +407,7 @@ def _partial(state: FamilyState, touched: set[SPKey], fresh: Mapping[SPKey, Serv
     for key in touched:
         old, new = state.blocks.get(key), fresh.get(key)
         for ip in _cluster_ips(old):
-            users[ip] -= 1
+            users[ip] = users.get(ip, 0) - 1
         for ip in _cluster_ips(new):
             users[ip] = users.get(ip, 0) + 1
         for block in (old, new):
