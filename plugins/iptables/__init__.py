@@ -82,6 +82,8 @@ class IptablesPlugin:
         self.active = False
         self.sysctls = SysctlStore()
         self.localnet_set = False
+        #: the nftables datapath's tables were removed after a first full sync
+        self.retired = False
 
     # -- configuration -----------------------------------------------------------
 
@@ -228,6 +230,16 @@ class IptablesPlugin:
                                        "deleted": [f"{t}/{c}" for t, c in res.deleted]}
         details["conntrack_deleted"] = conntrack
         details["backend"] = self.backend
+        if full and not self.retired:
+            # iptables serves now: the nftables datapath's tables can go
+            from svcproxy.plugins.nftables.datapath import retire_nftables
+
+            with phase("retire"):
+                retired = retire_nftables(self.netns)
+            for line in retired:
+                log.info("iptables serves; removed the previous datapath's state: %s", line)
+            details["retired"] = retired
+            self.retired = True
         return ApplyResult(changes=written + deleted + jumps, repaired=0 if not full else
                            written + deleted + jumps, details=details)
 

@@ -20,6 +20,7 @@ store unknown: the next sync reads the kernel back.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,7 +28,14 @@ from typing import Protocol
 from svcproxy.diffstore import DiffStore
 from svcproxy.ir import Frontend, FrontendKey, ServiceMap
 from svcproxy.phases import phase
-from svcproxy.plugins.kernel.iptables import TABLES, IptablesKernel, restore_text
+from svcproxy.plugins.kernel.iptables import (
+    BACKENDS,
+    TABLES,
+    IptablesKernel,
+    legacy_tables_loaded,
+    restore_text,
+)
+from svcproxy.plugins.kernel.tools import KernelError
 
 from .rules import (
     FILTER_CHAINS,
@@ -318,3 +326,28 @@ def cleanup_family(kernel: IptablesKernel) -> list[str]:
     kernel.restore(text)
     fam = "ip6tables" if kernel.family == 6 else "iptables"
     return [f"{fam}: removed {len(unjumps)} jump rules and {len(owned)} chains"]
+
+
+def retire_iptables_mode(netns: str | None = None) -> list[str]:
+    """Another datapath serves now: remove the iptables datapath's rules (or
+    kube-proxy iptables mode's), in both backends and families, where they
+    are. Established connections keep their conntrack NAT and never notice.
+    A node whose KUBE- chains include ones iptables mode never writes (IPVS
+    mode's helper chains share KUBE-SERVICES and friends) is left to that
+    datapath."""
+    lines: list[str] = []
+    for backend in BACKENDS:
+        for family in (4, 6):
+            kernel = IptablesKernel(family, backend, netns)
+            if shutil.which(kernel.tool("save")) is None or (
+                    backend == "legacy" and not legacy_tables_loaded(kernel)):
+                continue
+            try:
+                nat = kernel.save("nat")
+            except KernelError:
+                continue
+            ours = [c for c in nat if is_owned("nat", c)]
+            if not ours or any(c.startswith("KUBE-") and not is_owned("nat", c) for c in nat):
+                continue
+            lines += [f"{line} ({backend})" for line in cleanup_family(kernel)]
+    return lines

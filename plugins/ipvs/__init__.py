@@ -115,6 +115,8 @@ class IpvsPlugin:
         self.netns: str | None = None
         self.helpers: dict[int, HelperState] = {}
         self.active = False
+        #: nftables-mode tables removed after the first full sync
+        self.retired = False
         self.options = IpvsOptions()
         self.backup_path = SYSCTL_BACKUP
         self.state: IpvsState | None = None
@@ -365,6 +367,14 @@ class IpvsPlugin:
                 log.info("IPv%d: removed %d iptables-mode chains and jumps (kube-proxy "
                          "iptables mode's, unused by the IPVS datapath)", family, n)
             removed += n
+        if not self.retired:
+            # kube-proxy's nftables mode (or svcproxy's) left its tables: they go
+            from svcproxy.plugins.nftables.datapath import retire_nftables
+
+            for line in retire_nftables(self.netns):
+                log.info("ipvs serves; removed the previous datapath's state: %s", line)
+                removed += 1
+            self.retired = True
         return removed
 
     def _early_masquerade(self, plan: ServiceMap) -> int:

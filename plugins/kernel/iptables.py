@@ -170,7 +170,7 @@ def detect_backend(family: int = 4, netns: str | None = None) -> tuple[str, str]
         k = IptablesKernel(family, backend, netns)
         if shutil.which(k.tool("save")) is None:
             continue
-        if backend == "legacy" and not _legacy_tables_loaded(k):
+        if backend == "legacy" and not legacy_tables_loaded(k):
             # iptables-legacy-save would create empty legacy tables, after which
             # every iptables-nft command warns about them: look, do not touch
             counts[backend] = 0
@@ -190,7 +190,7 @@ def detect_backend(family: int = 4, netns: str | None = None) -> tuple[str, str]
     return default, f"no rules yet; the system default iptables is {default}"
 
 
-def _legacy_tables_loaded(kernel: IptablesKernel) -> bool:
+def legacy_tables_loaded(kernel: IptablesKernel) -> bool:
     """Whether any legacy (x_tables) table exists in the kernel's namespace."""
     names = "ip_tables_names" if kernel.family == 4 else "ip6_tables_names"
     try:

@@ -68,6 +68,8 @@ class NftablesPlugin:
         #: families nftables cannot program here, with the reason (logged once)
         self.unusable: dict[int, str] = {}
         self.active = False
+        #: the iptables datapath's rules were removed after a first full sync
+        self.retired = False
 
     @hookimpl
     def svcproxy_configure_plugin(self, config: Config, options: Mapping[str, Any]) -> None:
@@ -197,8 +199,28 @@ class NftablesPlugin:
                 "chains_deleted": res.chains_deleted, "elements": res.elements,
                 "sets": res.sets, "rebuilt": res.rebuilt, "transactions": res.transactions}
         details["conntrack_deleted"] = conntrack
+        if full and not self.retired:
+            details["retired"] = self._retire()
         return ApplyResult(changes=changes, repaired=repaired, details=details,
                            followup=followup)
+
+    def _retire(self) -> list[str]:
+        """nftables serves now: what the iptables datapath (or kube-proxy's
+        iptables mode) left can go. Connections it set up keep their conntrack
+        NAT. A failure is logged and tried again at the next full sync."""
+        from svcproxy.plugins.iptables.datapath import retire_iptables_mode
+
+        try:
+            with phase("retire"):
+                lines = retire_iptables_mode(self.netns)
+        except KernelError as exc:
+            log.warning("could not remove the iptables datapath's rules (tried again at "
+                        "the next full sync): %s", exc)
+            return []
+        self.retired = True
+        for line in lines:
+            log.info("nftables serves; removed the previous datapath's state: %s", line)
+        return lines
 
     def _ipv6_usable(self) -> bool:
         if 6 not in self.unusable and 6 not in self.families:

@@ -34,6 +34,7 @@ from svcproxy.ir import Frontend, FrontendKey, ServiceMap
 from svcproxy.phases import phase
 from svcproxy.plugins.iptables.datapath import clear_stale_udp
 from svcproxy.plugins.kernel.nftables import NftKernel, NftTable
+from svcproxy.plugins.kernel.tools import KernelError
 
 from .rules import (
     AFFINITY_PREFIX,
@@ -506,3 +507,16 @@ def cleanup_family(kernel: NftKernel) -> list[str]:
     if kernel.delete_table():
         return [f"nftables: deleted table {kernel.prefix}"]
     return []
+
+
+def retire_nftables(netns: str | None = None) -> list[str]:
+    """Another datapath serves now: delete the nftables datapath's tables (or
+    kube-proxy nftables mode's) where they are. Established connections keep
+    their conntrack NAT and never notice."""
+    lines: list[str] = []
+    for family in (4, 6):
+        try:
+            lines += cleanup_family(NftKernel(family, netns))
+        except KernelError as exc:  # no nft, no nf_tables: nothing of ours either
+            log.debug("nftables tables not checked: %s", exc)
+    return lines

@@ -147,9 +147,12 @@ def test_cleanup_removes_only_svcproxys_rules(topo: Topology) -> None:
     assert left[("nat", "POSTROUTING")] == ("-A POSTROUTING -s 10.0.0.0/8 -j MASQUERADE",)
 
 
-def test_cli_falls_back_from_ipvs_and_serves_traffic(topo: Topology, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fallback", ["nftables", "iptables"])
+def test_cli_falls_back_from_ipvs_and_serves_traffic(topo: Topology, tmp_path: Path,
+                                                     fallback: str) -> None:
     """`mode: ipvs` on this kernel (no IPVS): the probe fails, one log line says
-    why, and the iptables datapath programs the example-style manifests."""
+    why, and the next datapath of the order programs the example-style
+    manifests: nftables by default, iptables when the order says so."""
     if ipvs_available():
         pytest.skip("this kernel has IPVS; the fallback is tested in the VM tier, with the "
                     "IPVS modules unloaded (tests/vm/test_zfallback_without_ipvs.py)")
@@ -177,7 +180,8 @@ def test_cli_falls_back_from_ipvs_and_serves_traffic(topo: Topology, tmp_path: P
         datapathOptions:
           ipvs: {{netns: {topo.node}}}
           iptables: {{netns: {topo.node}}}
-    """))
+          nftables: {{netns: {topo.node}}}
+    """) + ("datapaths: [ipvs, iptables]\n" if fallback == "iptables" else ""))
     svcproxy = str(Path(sys.executable).parent / "svcproxy")
     status = tmp_path / "status.json"
     proc = subprocess.run(["ip", "netns", "exec", topo.node, svcproxy, "run", "--once",
@@ -185,13 +189,13 @@ def test_cli_falls_back_from_ipvs_and_serves_traffic(topo: Topology, tmp_path: P
                            "--status-file", str(status)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    fallback = [line for line in proc.stderr.splitlines() if "datapath unusable" in line]
-    assert len(fallback) == 1 and "ipvs datapath unusable: " in fallback[0]
-    assert fallback[0].endswith("; using iptables")
-    assert "ip_vs" in fallback[0]
+    assert len(lines := [ln for ln in proc.stderr.splitlines() if "datapath unusable" in ln]) == 1
+    assert "ipvs datapath unusable: " in lines[0]
+    assert lines[0].endswith(f"; using {fallback}")
+    assert "ip_vs" in lines[0]
     import json
     recorded = json.loads(status.read_text())
-    assert recorded["datapath"] == "iptables" and recorded["node"] == "node-a"
+    assert recorded["datapath"] == fallback and recorded["node"] == "node-a"
     assert recorded["fallbacks"][0]["datapath"] == "ipvs"
     assert "ip_vs" in recorded["fallbacks"][0]["reason"]
     assert recorded["last_sync"]["ok"] and recorded["last_sync"]["frontends"] == 2
@@ -201,6 +205,7 @@ def test_cli_falls_back_from_ipvs_and_serves_traffic(topo: Topology, tmp_path: P
                            "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert not any(is_owned(*k) for k in kernel_rules(topo))
+    assert "kube-proxy" not in sh("nft", "list", "tables", netns=topo.node).stdout
 
 
 @pytest.mark.parametrize("weights", [(1, 3)])
