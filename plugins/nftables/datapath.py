@@ -39,7 +39,7 @@ from svcproxy.plugins.kernel.tools import KernelError
 from .rules import (
     AFFINITY_PREFIX,
     BASE_CHAINS,
-    CLUSTER_IPS,
+    SHARED_SETS,
     TABLE_COMMENT,
     Chain,
     ElementKey,
@@ -216,9 +216,9 @@ class FamilyState:
     chains: DiffStore[str, Chain] = field(default_factory=DiffStore)
     sets: DiffStore[str, SetDecl] = field(default_factory=DiffStore)
     elements: DiffStore[ElementKey, str] = field(default_factory=DiffStore)
-    #: how many service ports hold each ClusterIP in cluster-ips (ports of one
-    #: Service share it)
-    cluster_ip_users: dict[str, int] = field(default_factory=dict)
+    #: how many service ports hold each element of a shared set (the ports of
+    #: a Service share its ClusterIP, services share endpoints)
+    shared_users: dict[ElementKey, int] = field(default_factory=dict)
     #: chains flushed and waiting to be deleted, with when they were flushed
     stale: dict[str, float] = field(default_factory=dict)
     plan: ServiceMap = field(default_factory=ServiceMap)
@@ -263,10 +263,10 @@ def _touched(keys: Iterable[FrontendKey], *plans: ServiceMap) -> set[SPKey]:
     return out
 
 
-def _cluster_ips(block: ServicePortBlock | None) -> list[str]:
+def _shared(block: ServicePortBlock | None) -> list[ElementKey]:
     if block is None:
         return []
-    return [key for (name, key) in block.elements if name == CLUSTER_IPS]
+    return [k for k in block.elements if k[0] in SHARED_SETS]
 
 
 def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[FrontendKey] | None,
@@ -281,11 +281,11 @@ def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[Frontend
             blocks = render_blocks(plan, None, opts)
             desired = desired_table(blocks, opts)
         _full(state, desired, result)
-        users: dict[str, int] = {}
+        users: dict[ElementKey, int] = {}
         for block in blocks.values():
-            for ip in _cluster_ips(block):
-                users[ip] = users.get(ip, 0) + 1
-        state.cluster_ip_users = users
+            for key in _shared(block):
+                users[key] = users.get(key, 0) + 1
+        state.shared_users = users
     else:
         with phase("render"):
             touched = _touched(changed, plan, state.plan)
@@ -404,13 +404,13 @@ def _partial(state: FamilyState, touched: set[SPKey], fresh: Mapping[SPKey, Serv
     chain_scope: set[str] = set()
     set_scope: set[str] = set()
     element_scope: set[ElementKey] = set()
-    users = state.cluster_ip_users
+    users = state.shared_users
     for key in touched:
         old, new = state.blocks.get(key), fresh.get(key)
-        for ip in _cluster_ips(old):
-            users[ip] = users.get(ip, 0) - 1
-        for ip in _cluster_ips(new):
-            users[ip] = users.get(ip, 0) + 1
+        for element in _shared(old):
+            users[element] = users.get(element, 0) - 1
+        for element in _shared(new):
+            users[element] = users.get(element, 0) + 1
         for block in (old, new):
             if block is not None:
                 chain_scope.update(block.chains)
@@ -420,12 +420,12 @@ def _partial(state: FamilyState, touched: set[SPKey], fresh: Mapping[SPKey, Serv
             want_chains.update(new.chains)
             want_sets.update((n, ("set", d)) for n, d in new.sets.items())
             want_elements.update(new.elements)
-    for (name, ip) in list(element_scope):
-        if name == CLUSTER_IPS:
-            if users.get(ip, 0) > 0:
-                want_elements[(name, ip)] = ""
+    for element in list(element_scope):
+        if element[0] in SHARED_SETS:
+            if users.get(element, 0) > 0:
+                want_elements[element] = ""
             else:
-                users.pop(ip, None)
+                users.pop(element, None)
     tx = Transaction(state.kernel.prefix)
     chains = state.chains.diff(want_chains, chain_scope)
     _apply(state, tx, chains, state.sets.diff(want_sets, set_scope),

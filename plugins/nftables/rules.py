@@ -62,6 +62,10 @@ EXTERNAL_PREFIX = "external-"
 FIREWALL_PREFIX = "firewall-"
 ENDPOINT_PREFIX = "endpoint-"
 AFFINITY_PREFIX = "affinity-"
+#: endpoint . endpoint: connections DNATed back to their own source
+HAIRPIN = "hairpin-endpoints"
+#: sets whose elements several service ports may hold (counted per holder)
+SHARED_SETS = frozenset({"cluster-ips", HAIRPIN})
 
 
 @dataclass(frozen=True)
@@ -258,24 +262,35 @@ class _Names:
     firewall: str
 
 
-def _endpoint_rules(chain_rules: list[str], spn: str, proto: str,
-                    backends: Sequence[Backend], affinity: int, opts: NftOptions) -> None:
-    """Session-affinity lookups, then one numgen rule per endpoint: endpoint i
-    of n with weights w is taken with probability w_i / (w_i + ... + w_n), so
-    each is chosen in proportion to its weight (as iptables' statistic rules)."""
-    chains = [ENDPOINT_PREFIX + endpoint_base(spn, proto, b.address, b.port) for b in backends]
+def _dnat(pp: PortPlan, b: Backend) -> str:
+    return (f"meta l4proto {pp.proto} counter packets 0 bytes 0 "
+            f"dnat to {host_port(b.address, b.port)}")
+
+
+def _endpoint_rules(chain_rules: list[str], pp: PortPlan, backends: Sequence[Backend],
+                    opts: NftOptions) -> None:
+    """One numgen rule per endpoint: endpoint i of n with weights w is taken
+    with probability w_i / (w_i + ... + w_n), so each is chosen in proportion
+    to its weight (as iptables' statistic rules). Without session affinity the
+    rule DNATs itself; with it, it goes to the endpoint's chain, which records
+    the client, after the lookups that send a known client back."""
+    affinity = pp.affinity
     if affinity:
         for b in backends:
-            base = endpoint_base(spn, proto, b.address, b.port)
+            base = endpoint_base(pp.spn, pp.proto, b.address, b.port)
             chain_rules.append(f"{opts.ip} saddr @{AFFINITY_PREFIX}{base} "
                                f"goto {ENDPOINT_PREFIX}{base}")
     remaining = sum(b.weight for b in backends)
-    for i, (b, chain) in enumerate(zip(backends, chains, strict=True)):
-        if i == len(backends) - 1:
-            chain_rules.append(f"goto {chain}")
+    for i, b in enumerate(backends):
+        last = i == len(backends) - 1
+        test = "" if last else \
+            f"numgen random mod {remaining} {'0' if b.weight == 1 else f'< {b.weight}'} "
+        if affinity:
+            base = endpoint_base(pp.spn, pp.proto, b.address, b.port)
+            chain_rules.append(f"{test}goto {ENDPOINT_PREFIX}{base}")
         else:
-            test = "0" if b.weight == 1 else f"< {b.weight}"
-            chain_rules.append(f"numgen random mod {remaining} {test} goto {chain}")
+            chain_rules.append(f"meta l4proto {pp.proto} {test}counter packets 0 bytes 0 "
+                               f"dnat to {host_port(b.address, b.port)}")
         remaining -= b.weight
 
 
@@ -336,26 +351,11 @@ def _firewall_chain(pp: PortPlan, opts: NftOptions) -> list[str]:
     return [f"{opts.ip} saddr != {anonymous_set(sources)} drop"]
 
 
-def _masquerade_rule(pp: PortPlan, opts: NftOptions) -> list[str]:
-    f = pp.cluster_ip
-    if f is None or not pp.has_internal:
-        return []
-    match = f"{opts.ip} daddr {f.address} {pp.proto} dport {f.port}"
-    if opts.masquerade_all:
-        return [f"{match} jump {MARK_MASQ}"]
-    if opts.local_detector is not None:
-        return [f"{match} {opts.if_not_local()} jump {MARK_MASQ}"]
-    return []
-
-
 def _endpoint_chain(pp: PortPlan, b: Backend, opts: NftOptions) -> tuple[str, list[str]]:
+    """A session-affinity endpoint's chain: record the client, DNAT."""
     base = endpoint_base(pp.spn, pp.proto, b.address, b.port)
-    rules = [f"{opts.ip} saddr {b.address} jump {MARK_MASQ}"]
-    if pp.affinity:
-        rules.append(f"update @{AFFINITY_PREFIX}{base} {{ {opts.ip} saddr }}")
-    rules.append(f"meta l4proto {pp.proto} counter packets 0 bytes 0 "
-                 f"dnat to {host_port(b.address, b.port)}")
-    return ENDPOINT_PREFIX + base, rules
+    return ENDPOINT_PREFIX + base, [f"update @{AFFINITY_PREFIX}{base} {{ {opts.ip} saddr }}",
+                                    _dnat(pp, b)]
 
 
 def affinity_header(opts: NftOptions, seconds: int) -> tuple[str, ...]:
@@ -370,27 +370,31 @@ def service_port_block(frontends: Sequence[Frontend], opts: NftOptions) -> Servi
     base = port_chain_base(pp.spn, pp.proto)
     names = _Names(SERVICE_PREFIX + base, LOCAL_PREFIX + base, EXTERNAL_PREFIX + base,
                    FIREWALL_PREFIX + base)
-    internal_local = pp.cluster_ip is not None and pp.cluster_ip.traffic_policy == "Local"
     rules: dict[str, list[str]] = {}
     if pp.uses_svc:
-        rules[names.cluster] = [] if internal_local else _masquerade_rule(pp, opts)
-        _endpoint_rules(rules[names.cluster], pp.spn, pp.proto, pp.cluster_eps, pp.affinity,
-                        opts)
+        rules[names.cluster] = []
+        _endpoint_rules(rules[names.cluster], pp, pp.cluster_eps, opts)
     if pp.uses_svl:
-        rules[names.local] = _masquerade_rule(pp, opts) if internal_local else []
-        _endpoint_rules(rules[names.local], pp.spn, pp.proto, pp.local_eps, pp.affinity, opts)
+        rules[names.local] = []
+        _endpoint_rules(rules[names.local], pp, pp.local_eps, opts)
     if pp.uses_ext:
         rules[names.external] = _external_chain(pp, names, opts)
     if pp.uses_fw:
         rules[names.firewall] = _firewall_chain(pp, opts)
     sets: dict[str, tuple[str, ...]] = {}
-    for b in pp.reachable.values():
-        name, ep_rules = _endpoint_chain(pp, b, opts)
-        rules[name] = ep_rules
-        if pp.affinity:
+    if pp.affinity:
+        for b in pp.reachable.values():
+            name, ep_rules = _endpoint_chain(pp, b, opts)
+            rules[name] = ep_rules
             sets[AFFINITY_PREFIX + name[len(ENDPOINT_PREFIX):]] = \
                 affinity_header(opts, pp.affinity)
     elements = _elements(pp, names, opts)
+    # an endpoint on this node that reaches itself through the service is
+    # masqueraded (kube-proxy's per-endpoint "saddr is the endpoint" rule, as
+    # one set; only a pod here can send such a packet through this node)
+    for b in pp.reachable.values():
+        if b.local:
+            elements[(HAIRPIN, element_key(b.address, b.address))] = ""
     # every chain a map element or a rule names exists, even when empty
     for value in (*elements.values(), *(r for rs in rules.values() for r in rs)):
         for word in ("goto ", "jump "):
@@ -423,6 +427,8 @@ def skeleton(opts: NftOptions) -> Skeleton:
     sets: dict[str, tuple[str, tuple[str, ...]]] = {
         CLUSTER_IPS: ("set", (f"type {addr}", 'comment "Active ClusterIPs"')),
     }
+    sets[HAIRPIN] = ("set", (f"type {addr} . {addr}",
+                             'comment "endpoints masqueraded when they reach themselves"'))
     elements: dict[ElementKey, str] = {}
     if opts.node_port_ips is not None:
         sets[NODEPORT_IPS] = ("set", (f"type {addr}", 'comment "IPs that accept NodePort '
@@ -452,7 +458,9 @@ def skeleton(opts: NftOptions) -> Skeleton:
     for target, source, prefix in JUMPS:
         rules[source].append(f"{prefix}jump {target}")
     rules[MARK_MASQ] = [f"meta mark set meta mark | {mark}"]
-    rules[MASQUERADING] = [f"meta mark & {mark} == 0x00000000 return",
+    rules[MASQUERADING] = [f"ct status dnat {ip} saddr . {ip} daddr @{HAIRPIN} "
+                           "masquerade fully-random",
+                           f"meta mark & {mark} == 0x00000000 return",
                            f"meta mark set meta mark ^ {mark}", "masquerade fully-random"]
     rules[CLUSTER_IPS_CHECK] = [f'{ip} daddr @{CLUSTER_IPS} reject comment '
                                 '"Reject traffic to invalid ports of ClusterIPs"']
@@ -472,6 +480,14 @@ def skeleton(opts: NftOptions) -> Skeleton:
             f"{ip} daddr @{NODEPORT_IPS} meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}"]
         nodeports = (f"{ip} daddr @{NODEPORT_IPS} meta l4proto . th dport "
                      f"vmap @{SERVICE_NODEPORTS}")
-    rules[SERVICES] = [f"{ip} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}", nodeports]
+    # traffic to a ClusterIP from outside the cluster (or all of it, with
+    # masqueradeAll) is masqueraded: kube-proxy's per-service rule, once
+    masquerade: list[str] = []
+    if opts.masquerade_all:
+        masquerade = [f"{ip} daddr @{CLUSTER_IPS} jump {MARK_MASQ}"]
+    elif opts.local_detector is not None:
+        masquerade = [f"{ip} daddr @{CLUSTER_IPS} {opts.if_not_local()} jump {MARK_MASQ}"]
+    rules[SERVICES] = [*masquerade, f"{ip} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}",
+                       nodeports]
     chains = {name: (headers.get(name, ()), tuple(rs)) for name, rs in rules.items()}
     return Skeleton(sets, chains, elements)

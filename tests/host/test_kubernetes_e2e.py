@@ -68,6 +68,7 @@ def test_run_with_kubeconfig_programs_and_follows_the_api(topo: Topology,
             options: {{watchIPAddressPools: true}}
         datapathOptions:
           iptables: {{netns: {topo.node}}}
+          nftables: {{netns: {topo.node}}}
     """))
     kubeconfig = server.kubeconfig(tmp_path / "kubeconfig")
     svcproxy = str(Path(sys.executable).parent / "svcproxy")

@@ -217,3 +217,17 @@ def test_who_is_masqueraded_on_the_way_to_a_cluster_ip(topo: Topology, datapath:
     topo.clients["a"] = a.netns
     seen = topo.client("a", "whoami", "10.96.0.10", "80", "3")["answers"]
     assert seen == {"169.254.1.1" if masqueraded else a.ip: 3}, (extra, seen)
+
+
+def test_a_pod_that_reaches_itself_through_its_service_is_masqueraded(
+        topo: Topology, datapath: str) -> None:
+    """Hairpin: pod a calls a ClusterIP whose endpoint is a itself. Without
+    masquerading, a would answer itself directly and the connection would
+    never complete; masqueraded, it sees the node's address."""
+    a = topo.add_pod("a", "10.244.1.11")
+    n = Node(topo, datapath=datapath)
+    n.publish(service("self", cluster_ip="10.96.0.70", ports=HTTP))
+    n.publish(slice_("self", endpoints=[endpoint("10.244.1.11", "node-a")]))
+    n.sync()
+    topo.clients["a"] = a.netns
+    assert topo.client("a", "whoami", "10.96.0.70", "80", "3")["answers"] == {"169.254.1.1": 3}

@@ -48,6 +48,7 @@ def test_status_counts_connections_per_service_and_endpoint(topo: Topology,
         kind: SvcProxyConfiguration
         datapathOptions:
           iptables: {{netns: {topo.node}}}
+          nftables: {{netns: {topo.node}}}
     """))
     args = [SVCPROXY, "status", "--config", str(config), "--manifests", str(manifests),
             "--node", "node-a"]
@@ -83,12 +84,12 @@ def test_check_reports_the_missing_ipvs_module(tmp_path: Path) -> None:
     assert "the ip_vs kernel module is not loaded and cannot be loaded" in proc.stdout
     assert "fix: modprobe ip_vs" in proc.stdout
     assert "configured mode ipvs: BLOCKED" in proc.stdout
-    assert "svcproxy would fall back to iptables" in proc.stdout
+    assert "svcproxy would fall back to nftables" in proc.stdout
     assert "[ok  ] iptables (IPv4)" in proc.stdout
     report = json.loads(subprocess.run([SVCPROXY, "check", "--config", str(config), "-o",
                                         "json"], capture_output=True, text=True,
                                        timeout=60).stdout)
-    assert report["blocked"] is True and report["fallback"] == "iptables"
+    assert report["blocked"] is True and report["fallback"] == "nftables"
     # iptables mode is not blocked by the missing module
     config.write_text("apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
                       "kind: KubeProxyConfiguration\nmode: iptables\n")

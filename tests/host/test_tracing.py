@@ -34,6 +34,7 @@ def harness(topo: Topology) -> tuple[ProxyHarness, InMemorySpanExporter]:
         datapaths: [iptables]
         datapathOptions:
           iptables: {{netns: {topo.node}}}
+          nftables: {{netns: {topo.node}}}
     """)
     h = ProxyHarness(text, "iptables", ["192.168.100.1"])
     tracing = next(p.plugin for p in h.host.plugins if p.name == "tracing")

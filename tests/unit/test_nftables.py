@@ -86,22 +86,73 @@ def test_canonical_text_helpers() -> None:
 
 
 def test_cluster_ip_endpoints_by_numgen() -> None:
-    """TestClusterIP-like: the ClusterIP dispatches to the service chain, which
-    masquerades off-cluster sources and picks one of three endpoints with
-    equal chance (1/3, then 1/2, then the rest)."""
+    """TestClusterIP-like: off-cluster sources to a ClusterIP are marked for
+    masquerade, the ClusterIP dispatches to the service chain, which DNATs to
+    one of three endpoints with equal chance (1/3, then 1/2, then the rest),
+    counting each; an endpoint that reaches itself is masqueraded through one
+    shared set."""
     p = Proxier()
     p.sync(svc1(), eps1("10.180.0.1", "10.180.0.2", "10.180.0.3"))
     svc = "service-" + port_chain_base("ns1/svc1:p80", "tcp")
     assert p.elements("service-ips") == {"172.30.0.41 . tcp . 80": f"goto {svc}"}
     assert p.elements("cluster-ips") == {"172.30.0.41": ""}
-    eps = ["endpoint-" + endpoint_base("ns1/svc1:p80", "tcp", f"10.180.0.{i}", 80)
-           for i in (1, 2, 3)]
+    dnat = "counter packets 0 bytes 0 dnat to"
+    assert p.chain("services")[0] == \
+        "ip daddr @cluster-ips ip saddr != 10.0.0.0/8 jump mark-for-masquerade"
     assert p.chain(svc) == (
-        "ip daddr 172.30.0.41 tcp dport 80 ip saddr != 10.0.0.0/8 jump mark-for-masquerade",
-        f"numgen random mod 3 0 goto {eps[0]}", f"numgen random mod 2 0 goto {eps[1]}",
-        f"goto {eps[2]}")
-    assert p.chain(eps[0]) == ("ip saddr 10.180.0.1 jump mark-for-masquerade",
-                               "meta l4proto tcp counter packets 0 bytes 0 dnat to 10.180.0.1:80")
+        f"meta l4proto tcp numgen random mod 3 0 {dnat} 10.180.0.1:80",
+        f"meta l4proto tcp numgen random mod 2 0 {dnat} 10.180.0.2:80",
+        f"meta l4proto tcp {dnat} 10.180.0.3:80")
+    # only an endpoint on this node can reach itself through this node
+    assert p.elements("hairpin-endpoints") == {"10.180.0.1 . 10.180.0.1": ""}
+    assert p.chain("masquerading")[0] == (
+        "ct status dnat ip saddr . ip daddr @hairpin-endpoints masquerade fully-random")
+    assert not [c for c in p.kernel.table.chains if c.startswith("endpoint-")]  # type: ignore[union-attr]
+
+
+def test_session_affinity_goes_through_endpoint_chains() -> None:
+    p = Proxier()
+    p.sync(svc1(sessionAffinity="ClientIP"), eps1("10.180.0.1", "10.180.0.2"))
+    svc = "service-" + port_chain_base("ns1/svc1:p80", "tcp")
+    eps = [endpoint_base("ns1/svc1:p80", "tcp", f"10.180.0.{i}", 80) for i in (1, 2)]
+    assert p.chain(svc) == (
+        f"ip saddr @affinity-{eps[0]} goto endpoint-{eps[0]}",
+        f"ip saddr @affinity-{eps[1]} goto endpoint-{eps[1]}",
+        f"numgen random mod 2 0 goto endpoint-{eps[0]}", f"goto endpoint-{eps[1]}")
+    assert p.chain(f"endpoint-{eps[0]}") == (
+        f"update @affinity-{eps[0]} {{ ip saddr }}",
+        "meta l4proto tcp counter packets 0 bytes 0 dnat to 10.180.0.1:80")
+
+
+def test_weights_shape_the_numgen_tests() -> None:
+    """Weights from plugins: 3:1 becomes "mod 4 < 3"; weight 0 (draining)
+    takes no new connections."""
+    from dataclasses import replace
+
+    from svcproxy.ir import Backend
+    from svcproxy.plugins.nftables.rules import service_port_block
+
+    plan = plan_of([node("node-a", ips=[NODE_IP]), svc1(), eps1("10.180.0.1", "10.180.0.2")])
+    f = next(iter(plan))
+    weighted = replace(f, backends=(Backend("10.180.0.1", 80, weight=3),
+                                    Backend("10.180.0.2", 80, weight=1),
+                                    Backend("10.180.0.3", 80, weight=0)))
+    block = service_port_block([weighted], NftOptions())
+    rules = block.chains["service-" + port_chain_base("ns1/svc1:p80", "tcp")][1]
+    assert [r.split(" counter")[0] for r in rules] == [
+        "meta l4proto tcp numgen random mod 4 < 3", "meta l4proto tcp"]
+
+
+def test_an_endpoint_shared_by_two_services_stays_in_the_hairpin_set() -> None:
+    p = Proxier()
+    other = service("svc2", namespace="ns1", cluster_ip="172.30.0.42", ports=[TCP80])
+    other_eps = slice_("svc2", namespace="ns1", ports=EP_PORTS,
+                       endpoints=[endpoint("10.180.0.1", "node-a")])
+    p.sync(svc1(), eps1("10.180.0.1"), other, other_eps, partial=False)
+    p.sync(other, other_eps)
+    assert p.elements("hairpin-endpoints") == {"10.180.0.1 . 10.180.0.1": ""}
+    p.sync()
+    assert p.elements("hairpin-endpoints") == {}
 
 
 def test_no_endpoints_reject_and_local_policy_drop() -> None:
@@ -165,7 +216,7 @@ def test_refused_transaction_changes_nothing_and_the_next_sync_repairs() -> None
     p.sync(svc1(), eps1("10.180.0.1", "10.180.0.2"))  # the store reads the kernel back
     assert p.kernel.lists == lists + 1
     svc = "service-" + port_chain_base("ns1/svc1:p80", "tcp")
-    assert len(p.chain(svc)) == 3
+    assert len(p.chain(svc)) == 2
 
 
 def test_affinity_timeout_change_redeclares_the_sets_in_one_transaction() -> None:
@@ -190,14 +241,14 @@ def test_stale_chains_wait_a_second_before_deletion() -> None:
     p = Proxier()
     p.sync(svc1(), eps1("10.180.0.1"), partial=False)
     result = p.sync()
-    assert result.followup and result.chains_flushed == 2
+    assert result.followup and result.chains_flushed == 1
     assert p.kernel.table is not None
     assert all(not c.rules for n, c in p.kernel.table.chains.items() if "/" in n)
     p.now += 0.5
     assert p.sync().chains_deleted == 0
     p.now += 1
     result = p.sync()
-    assert result.chains_deleted == 2 and not result.followup
+    assert result.chains_deleted == 1 and not result.followup
     assert not [n for n in p.kernel.table.chains if "/" in n]
 
 
@@ -210,7 +261,7 @@ def test_a_chain_back_in_use_before_deletion_is_kept() -> None:
     result = p.sync(svc1(), eps1("10.180.0.1"))
     assert result.chains_deleted == 0 and not result.followup
     svc = "service-" + port_chain_base("ns1/svc1:p80", "tcp")
-    assert len(p.chain(svc)) == 2
+    assert len(p.chain(svc)) == 1
 
 
 def test_full_sync_after_restart_adopts_the_table() -> None:

@@ -1,0 +1,246 @@
+"""nftables datapath benchmark (root; runs in scratch network namespaces).
+
+For N services x 5 endpoints, each size in its own process (for its peak RSS):
+  full      svcproxy's first full sync (plan + render + one `nft -f`) vs
+            `nft -f` of the identical transaction, and vs `nft -f` of the same
+            cluster in the plainest numgen layout (a dispatch map, one chain
+            per service whose numgen rules DNAT directly: no endpoint chains,
+            no masquerade or filter chains): how much the layout itself costs
+  resync    a periodic full sync with nothing changed (lists the table,
+            compares, writes nothing)
+  partial   one endpoint of one service changes: svcproxy's partial sync
+  latency   median TCP connect time from a client namespace through the VIP of
+            the last service to a real backend, for nftables, iptables-nft and
+            iptables-legacy (the same harness as benchmarks/iptables_sync.py)
+
+    python benchmarks/nftables_sync.py [--sizes 1000,10000,50000]
+                                       [--latency-sizes 10,1000,10000] [--plot FILE]
+
+Prints a table of seconds and ratios and, with matplotlib installed (pip
+install matplotlib), draws the latency chart (benchmarks/latency.png); see
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "host"))
+
+from factories import ProxyHarness, endpoint, slice_  # noqa: E402
+from iptables_sync import ip, load_services, publish  # noqa: E402
+from netns import Topology, sh  # noqa: E402
+
+from svcproxy.bus import EventType  # noqa: E402
+from svcproxy.proxy import Proxy  # noqa: E402
+
+
+def make_proxy(netns: str, datapath: str = "nftables", backend: str = "nft") -> Proxy:
+    text = textwrap.dedent(f"""\
+        apiVersion: kubeproxy.config.k8s.io/v1alpha1
+        kind: KubeProxyConfiguration
+        mode: {datapath}
+        clusterCIDR: 10.0.0.0/8
+        ---
+        apiVersion: svcproxy.io/v1alpha1
+        kind: SvcProxyConfiguration
+        datapaths: [{datapath}]
+        datapathOptions:
+          nftables: {{netns: {netns}}}
+          iptables: {{netns: {netns}, backend: {backend}}}
+    """)
+    return ProxyHarness(text, datapath, ["192.168.100.1"]).proxy
+
+
+def plain_numgen(n: int) -> str:
+    """The same services and endpoints in the plainest numgen layout."""
+    out = ["add table ip plain",
+           "add chain ip plain pre { type nat hook prerouting priority -100 ; }",
+           "add map ip plain svc { type ipv4_addr . inet_proto . inet_service : verdict ; }"]
+    for i in range(n):
+        out.append(f"add chain ip plain s{i}")
+    for i in range(n):
+        eps = [ip(i * 5 + j, 128) for j in range(5)]
+        for j, e in enumerate(eps):
+            test = f"numgen random mod {5 - j} 0 " if j < 4 else ""
+            out.append(f"add rule ip plain s{i} meta l4proto tcp {test}dnat to {e}:8080")
+    out.append("add rule ip plain pre ip daddr . meta l4proto . th dport vmap @svc")
+    for k in range(0, n, 1000):
+        items = ", ".join(f"{ip(i, 96)} . tcp . 80 : goto s{i}" for i in range(k, min(n, k + 1000)))
+        out.append(f"add element ip plain svc {{ {items} }}")
+    return "\n".join(out) + "\n"
+
+
+def nft_f(text: str, prefix: str) -> float:
+    """`nft -f` of `text` into a fresh namespace, run the way svcproxy runs it."""
+    topo = Topology(prefix=prefix)
+    try:
+        topo.create_node()
+        t0 = time.perf_counter()
+        subprocess.run(["ip", "netns", "exec", topo.node, "nft", "-f", "-"], input=text,
+                       text=True, check=True, timeout=3600)
+        return time.perf_counter() - t0
+    finally:
+        topo.close()
+
+
+def bench_one(n: int) -> dict[str, Any]:
+    """One size, in this process: svcproxy's syncs, then the raw tools."""
+    topo = Topology(prefix=f"svnb{n}")
+    sent: list[str] = []
+    try:
+        topo.create_node()
+        proxy = make_proxy(topo.node)
+        load_services(proxy, n)
+        plugin = next(p.plugin for p in proxy.plugins.plugins if p.name == "nftables")
+        kernel = plugin._family(4).kernel
+        real_run = kernel.run
+        kernel.run = lambda text: (sent.append(text), real_run(text))[1]
+        t0 = time.perf_counter()
+        result = proxy.sync(full=True)
+        full = time.perf_counter() - t0
+        assert result.ok, result.error
+        chains = sum(1 for line in sent[0].splitlines() if line.startswith("add chain"))
+        rules = sum(1 for line in sent[0].splitlines() if line.startswith("add rule"))
+        t0 = time.perf_counter()
+        re = proxy.sync(full=True)
+        resync = time.perf_counter() - t0
+        assert re.ok and re.apply is not None and re.apply.changes == 0, re
+        publish(proxy, slice_("svc-00007", "bench", endpoints=[
+            endpoint(ip(7 * 5 + j, 128)) for j in range(4)] + [endpoint("10.250.0.1")],
+            ports=[{"name": "http", "port": 8080}]), EventType.MODIFIED)
+        t0 = time.perf_counter()
+        part = proxy.sync()
+        partial = time.perf_counter() - t0
+        assert part.ok and not part.full
+        partial_text = sent[-1]
+    finally:
+        topo.close()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    raw = nft_f(sent[0], f"svnr{n}")
+    plain = nft_f(plain_numgen(n), f"svnp{n}")
+    return {"services": n, "chains": chains, "rules": rules, "full": full, "raw": raw,
+            "plain": plain, "resync": resync, "partial": partial,
+            "partial_statements": len(partial_text.splitlines()), "rss_mb": rss,
+            "phases": result.phases, "resync_phases": re.phases,
+            "partial_phases": part.phases}
+
+
+def bench_latency(n: int, datapath: str, backend: str = "nft", samples: int = 400) -> float:
+    topo = Topology(prefix=f"svnl{n}")
+    try:
+        topo.create_node()
+        topo.add_client("c1", "192.168.100.2", "192.168.100.1")
+        topo.add_pod("target", "10.250.0.1")
+        proxy = make_proxy(topo.node, datapath, backend)
+        load_services(proxy, n, target_pod="10.250.0.1")
+        assert proxy.sync(full=True).ok
+        vip = ip(n - 1, 96)
+        code = textwrap.dedent(f"""
+            import socket, statistics, time, json
+            out = []
+            for _ in range({samples}):
+                s = socket.socket()
+                t = time.perf_counter()
+                s.connect(("{vip}", 80))
+                out.append(time.perf_counter() - t)
+                s.close()
+            print(json.dumps(statistics.median(out)))
+        """)
+        proc = sh(sys.executable, "-c", code, netns=topo.clients["c1"], timeout=300)
+        return float(json.loads(proc.stdout)) * 1e6
+    finally:
+        topo.close()
+
+
+def plot(latency: dict[str, dict[int, float]], path: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print("(matplotlib not installed: no chart; pip install matplotlib)")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    styles = {"nftables": ("tab:green", "o"), "iptables-nft": ("tab:red", "s"),
+              "iptables-legacy": ("tab:orange", "^")}
+    for name, points in latency.items():
+        xs = sorted(points)
+        color, marker = styles.get(name, ("tab:gray", "x"))
+        ax.plot(xs, [points[x] for x in xs], marker=marker, color=color, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("services (x 5 endpoints)")
+    ax.set_ylabel("new TCP connection, median (µs)")
+    ax.set_title("New-connection latency through the last service (host, 2 cores)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="1000,10000,50000")
+    p.add_argument("--latency-sizes", default="10,1000,10000")
+    p.add_argument("--plot", default=str(ROOT / "benchmarks" / "latency.png"))
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(bench_one(args.one)))
+        return
+    print("nftables datapath benchmark (one process per size)")
+    print(f"{'services':>9} {'chains':>7} {'rules':>7} {'svcproxy full':>14} {'nft -f same':>12} "
+          f"{'ratio':>6} {'nft -f plain':>13} {'ratio':>6} {'resync':>8} {'partial':>8} "
+          f"{'RSS':>7}")
+    results = []
+    for n in (int(s) for s in args.sizes.split(",") if s):
+        proc = subprocess.run([sys.executable, __file__, "--one", str(n)], capture_output=True,
+                              text=True, check=True, timeout=7200)
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(r)
+        print(f"{n:>9} {r['chains']:>7} {r['rules']:>7} {r['full']:>13.3f}s {r['raw']:>11.3f}s "
+              f"{r['full'] / r['raw']:>6.2f} {r['plain']:>12.3f}s {r['full'] / r['plain']:>6.2f} "
+              f"{r['resync']:>7.3f}s {r['partial']:>7.3f}s {r['rss_mb']:>5.0f}MB")
+        for label in ("phases", "resync_phases", "partial_phases"):
+            phases = ", ".join(f"{k} {v:.3f}s" for k, v in sorted(r[label].items()))
+            print(f"{'':>9} {label.replace('_', ' ')}: {phases}")
+        print(f"{'':>9} partial transaction: {r['partial_statements']} statements")
+    if len(results) > 1:
+        base = results[0]
+        for r in results[1:]:
+            print(f"one endpoint change at {r['services']:,} vs {base['services']:,}: "
+                  f"{r['partial'] / base['partial']:.2f}x")
+    if args.latency_sizes:
+        print("new-connection latency through the last service (median connect):")
+        sizes = [int(s) for s in args.latency_sizes.split(",") if s]
+        latency: dict[str, dict[int, float]] = {"nftables": {}, "iptables-nft": {},
+                                                "iptables-legacy": {}}
+        for n in sizes:
+            latency["nftables"][n] = bench_latency(n, "nftables")
+            latency["iptables-nft"][n] = bench_latency(n, "iptables", "nft")
+            latency["iptables-legacy"][n] = bench_latency(n, "iptables", "legacy")
+            print(f"{n:>9} services: " + ", ".join(
+                f"{k} {v[n]:7.1f} us" for k, v in latency.items()))
+        first, last = sizes[0], sizes[-1]
+        print(f"nftables latency at {last:,} vs {first:,}: "
+              f"{latency['nftables'][last] / latency['nftables'][first]:.2f}x")
+        if args.plot and plot(latency, Path(args.plot)):
+            print(f"chart: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
