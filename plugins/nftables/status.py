@@ -18,13 +18,14 @@ from svcproxy.plugins.kernel.nftables import (
     MIN_KERNEL,
     MIN_NFT,
     NftKernel,
+    NftSet,
     NftTable,
     kernel_version,
     nft_version,
 )
 from svcproxy.plugins.kernel.tools import KernelError
 
-from .rules import SERVICE_IPS, SERVICE_NODEPORTS, is_service_chain
+from .rules import CLUSTER_IPS, SERVICE_IPS, SERVICE_NODEPORTS, is_service_chain
 
 _COUNTER = re.compile(r"counter packets (\d+) bytes (\d+) dnat to (\S+)")
 _TARGET = re.compile(r"(?:goto|jump) (\S+)")
@@ -107,11 +108,12 @@ def nftables_status(kernels: list[NftKernel]) -> dict[str, Any]:
             table = None
         if table is None:
             continue
-        for map_name, kind in ((SERVICE_IPS, ""), (SERVICE_NODEPORTS, "NodePort")):
+        for map_name, map_kind in ((SERVICE_IPS, ""), (SERVICE_NODEPORTS, "nodePort")):
             nft_map = table.sets.get(map_name)
             if nft_map is None:
                 continue
             for key, value in sorted(nft_map.elements.items()):
+                kind = map_kind
                 parts = key.split(" . ")
                 target = value.split()[-1]
                 if map_name == SERVICE_NODEPORTS:
@@ -119,10 +121,12 @@ def nftables_status(kernels: list[NftKernel]) -> dict[str, Any]:
                 else:
                     address, proto, port = parts[0], parts[1], parts[2]
                 backends = _endpoints(table, target, set())
+                if not kind:
+                    cluster = address in table.sets.get(CLUSTER_IPS, NftSet()).elements
+                    kind = "cluster IP" if cluster else "external"
                 rows.append({"family": kernel.family, "address": address, "port": int(port),
                              "protocol": proto.upper(), "service": _service_name(target),
-                             "kind": kind or ("external" if target.startswith("external-")
-                                              else ""),
+                             "kind": kind,
                              "packets": sum(b["packets"] for b in backends),
                              "bytes": sum(b["bytes"] for b in backends),
                              "backends": backends})

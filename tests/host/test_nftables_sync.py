@@ -219,3 +219,17 @@ def test_cleanup_deletes_the_tables_and_nothing_else(topo: Topology) -> None:
     assert any("ip kube-proxy" in ln for ln in lines) and any("ip6 kube-proxy" in ln
                                                                for ln in lines)
     assert nft(topo, "list", "tables").split() == ["table", "ip", "mine"]
+
+
+def test_preview_names_the_first_syncs_statements_and_sends_none(topo: Topology) -> None:
+    n = Node(topo, datapath="nftables")
+    every_kind(n)
+    lines = n.preview()
+    assert lines[0] == 'nft add table ip kube-proxy { comment "rules for kube-proxy" ; }'
+    assert any(ln.startswith("nft add element ip kube-proxy service-ips {") for ln in lines)
+    assert "kube-proxy" not in nft(topo, "list", "tables")  # nothing was sent
+    n.sync()
+    assert n.preview() == []  # the table is what a first sync would make
+    sh("nft", "delete", "element", "ip", "kube-proxy", "cluster-ips", "{", "10.96.0.10", "}",
+       netns=topo.node)
+    assert n.preview() == ["nft add element ip kube-proxy cluster-ips { 10.96.0.10 }"]

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import Node
 from factories import endpoint, service, slice_
@@ -19,8 +20,9 @@ HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
 SVCPROXY = str(Path(sys.executable).parent / "svcproxy")
 
 
-def test_status_counts_connections_per_service_and_endpoint(topo: Topology,
-                                                            tmp_path: Path) -> None:
+@pytest.mark.parametrize("datapath", ["iptables", "nftables"])
+def test_status_counts_connections_per_service_and_endpoint(topo: Topology, tmp_path: Path,
+                                                            datapath: str) -> None:
     topo.add_pod("a", "10.244.1.11")
     topo.add_pod("b", "10.244.2.12")
     objects = [service("web", cluster_ip="10.96.0.10", ports=HTTP),
@@ -28,7 +30,7 @@ def test_status_counts_connections_per_service_and_endpoint(topo: Topology,
                                         endpoint("10.244.2.12", "node-b")]),
                service("idle", cluster_ip="10.96.0.11", ports=HTTP),
                slice_("idle", endpoints=[endpoint("10.244.1.11", "node-a")])]
-    n = Node(topo)
+    n = Node(topo, datapath=datapath)
     for obj in objects:
         n.publish(obj)
     n.sync()
@@ -41,7 +43,7 @@ def test_status_counts_connections_per_service_and_endpoint(topo: Topology,
     config.write_text(textwrap.dedent(f"""\
         apiVersion: kubeproxy.config.k8s.io/v1alpha1
         kind: KubeProxyConfiguration
-        mode: iptables
+        mode: {datapath}
         metricsBindAddress: ""
         ---
         apiVersion: svcproxy.io/v1alpha1
@@ -55,7 +57,7 @@ def test_status_counts_connections_per_service_and_endpoint(topo: Topology,
     proc = subprocess.run([*args, "-o", "json"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     view = json.loads(proc.stdout)
-    assert view["datapath"] == "iptables"
+    assert view["datapath"] == datapath
     web = next(f for f in view["frontends"] if f["address"] == "10.96.0.10")
     assert (web["service"], web["kind"], web["port"]) == ("default/web:http", "cluster IP", 80)
     assert web["packets"] == 24  # one per new connection
