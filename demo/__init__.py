@@ -260,9 +260,10 @@ class Demo:
             apiVersion: svcproxy.io/v1alpha1
             kind: SvcProxyConfiguration
             disable: [metrics, metallb]   # no servers on the machine's own ports
-            datapaths: [ipvs, iptables]
+            datapaths: [ipvs, nftables, iptables]
             datapathOptions:
               ipvs: {{netns: {self.node}, sysctlBackup: {self.tmp}/sysctl.json}}
+              nftables: {{netns: {self.node}}}
               iptables: {{netns: {self.node}}}
         """)
 

@@ -3,7 +3,7 @@
 #   1. the dry run: what svcproxy will program for node-a;
 #   2. svcproxy run --once on a throwaway "node" network namespace with the
 #      example config (mode: ipvs). On a kernel without IPVS the log says why
-#      and the iptables fallback programs the rules;
+#      and the fallback (nftables, else iptables) programs the rules;
 #   3. what landed in the kernel and the status file; then everything is removed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,15 @@ echo
 echo "== status file"
 cat "$tmp/status.json"
 echo
-echo "== what the kernel holds: nat KUBE-SERVICES (iptables-save)"
-ip netns exec "$ns" iptables-save -t nat | grep -E '^-A KUBE-SERVICES' || true
-echo
-echo "== rules svcproxy wrote: $(ip netns exec "$ns" iptables-save | grep -c '^-A KUBE-') (IPv4), $(ip netns exec "$ns" ip6tables-save | grep -c '^-A KUBE-') (IPv6)"
+datapath=$(sed -n 's/.*"datapath": "\([a-z]*\)".*/\1/p' "$tmp/status.json" | head -1)
+if [ "$datapath" = nftables ]; then
+    echo "== what the kernel holds: the dispatch map (nft list map ip kube-proxy service-ips)"
+    ip netns exec "$ns" nft list map ip kube-proxy service-ips
+    echo
+    echo "== chains svcproxy wrote: $(ip netns exec "$ns" nft list chains ip | grep -c 'chain ') (IPv4), $(ip netns exec "$ns" nft list chains ip6 | grep -c 'chain ') (IPv6)"
+else
+    echo "== what the kernel holds: nat KUBE-SERVICES (iptables-save)"
+    ip netns exec "$ns" iptables-save -t nat | grep -E '^-A KUBE-SERVICES' || true
+    echo
+    echo "== rules svcproxy wrote: $(ip netns exec "$ns" iptables-save | grep -c '^-A KUBE-') (IPv4), $(ip netns exec "$ns" ip6tables-save | grep -c '^-A KUBE-') (IPv6)"
+fi

@@ -483,6 +483,79 @@ class IpvsPlugin:
         lines += [f"ipvs: {f}" for f in failures]
         return lines
 
+    def retire(self) -> tuple[list[str], int]:
+        """Another datapath serves now: remove the IPVS datapath's state without
+        breaking a connection. A virtual server goes once its real servers hold
+        no established connection or UDP flow (deleting it sooner would reset
+        them: with expire_nodest_conn=1 IPVS drops a connection whose
+        destination left; a TCP connection already closing may go);
+        when none is left, so do kube-ipvs0 and the helper ipsets and chains.
+        Returns what was removed and how many virtual servers still drain.
+        New connections never reach them: the serving datapath DNATs first."""
+        if not os.path.exists("/sys/module/ip_vs"):
+            return [], 0  # not loaded, so nothing of IPVS anywhere (and not loaded by us)
+        kernel = IpvsKernel(self.netns)
+        try:
+            kernel.nl  # noqa: B018 -- no IPVS here: nothing of IPVS mode to retire
+        except OSError:
+            kernel.close()
+            return [], 0
+        try:
+            state = IpvsState(kernel, self.options)
+            bound, nodes = kernel.link.addresses(), state.node_addresses()
+            owned = [vs for vs in kernel.nl.services()
+                     if state.owns(vs, bound, nodes) and not state.excluded(vs.address)]
+            dests = kernel.nl.dests_of(owned)
+            # a TCP connection that is closing (inactive: FIN_WAIT, TIME_WAIT)
+            # may go; a UDP flow is only ever "inactive" and must not
+            busy = [vs for vs in owned
+                    if any(rs.active or (vs.protocol != "TCP" and rs.inactive)
+                           for rs in dests.get(vs.key, ()))]
+            idle = [vs for vs in owned if vs not in busy]
+            lines: list[str] = []
+            if idle:
+                batch = kernel.nl.batch()
+                for vs in idle:
+                    batch.delete_service(vs)
+                failures = batch.commit()
+                lines.append(f"ipvs: removed {len(idle) - len(failures)} virtual servers "
+                             "without connections")
+                lines += [f"ipvs: {f}" for f in failures]
+            if busy:
+                return lines, len(busy)
+            if not owned and not bound and not self._helper_leftovers():
+                return lines, 0
+            lines += self._cleanup_helpers()
+            if kernel.link.delete():
+                lines.append("ipvs: removed kube-ipvs0")
+            return lines, 0
+        finally:
+            kernel.close()
+
+    def _helper_leftovers(self) -> bool:
+        """Whether IPVS mode's helper ipsets are on the node."""
+        ipset = Ipset(self.netns)
+        try:
+            return bool(ipset.read(lambda name: name.startswith("KUBE-")))
+        except Exception:  # no ip_set module: nothing of IPVS mode's either
+            return False
+        finally:
+            ipset.close()
+
+    def _cleanup_helpers(self) -> list[str]:
+        from svcproxy.plugins.kernel.iptables import detect_backend
+
+        lines: list[str] = []
+        for family in (4, 6):
+            try:
+                backend = detect_backend(family, self.netns)[0]
+                helper = HelperState(Ipset(self.netns),
+                                     IptablesKernel(family, backend, self.netns), family)
+                lines += helper.cleanup()
+            except Exception as exc:  # IPv6 tools may be missing
+                log.debug("IPv%d helper cleanup skipped: %s", family, exc)
+        return lines
+
     @hookimpl
     def svcproxy_cleanup_datapath(self) -> list[str]:
         lines: list[str] = []
@@ -494,16 +567,7 @@ class IpvsPlugin:
             kernel.close()
             return lines
         try:
-            from svcproxy.plugins.kernel.iptables import detect_backend
-
-            for family in (4, 6):
-                try:
-                    backend = detect_backend(family, self.netns)[0]
-                    helper = HelperState(Ipset(self.netns),
-                                         IptablesKernel(family, backend, self.netns), family)
-                    lines += helper.cleanup()
-                except Exception as exc:  # IPv6 tools may be missing
-                    log.debug("IPv%d helper cleanup skipped: %s", family, exc)
+            lines += self._cleanup_helpers()
             lines += self._remove_virtual_servers(kernel)
             if kernel.link.delete():
                 lines.append("ipvs: removed kube-ipvs0")
@@ -512,3 +576,11 @@ class IpvsPlugin:
         finally:
             kernel.close()
         return lines
+
+
+def retire_ipvs(config: Config, netns: str | None) -> tuple[list[str], int]:
+    """IpvsPlugin.retire for a datapath that serves instead (nftables): what
+    was removed, and how many virtual servers still hold connections."""
+    plugin = IpvsPlugin()
+    plugin.svcproxy_configure_plugin(config, {"netns": netns} if netns else {})
+    return plugin.retire()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 NAME = "nftables"
 FORMAT = "nft"
+#: seconds between looks at draining IPVS virtual servers
+IPVS_RECHECK = 5.0
 
 
 def nft_options(config: Config, family: int, plan: ServiceMap | None = None) -> NftOptions:
@@ -70,6 +73,10 @@ class NftablesPlugin:
         self.active = False
         #: the iptables datapath's rules were removed after a first full sync
         self.retired = False
+        #: IPVS virtual servers still holding connections (None: not looked at
+        #: yet), and when they were last looked at
+        self.ipvs_left: int | None = None
+        self.ipvs_checked = 0.0
 
     @hookimpl
     def svcproxy_configure_plugin(self, config: Config, options: Mapping[str, Any]) -> None:
@@ -201,8 +208,39 @@ class NftablesPlugin:
         details["conntrack_deleted"] = conntrack
         if full and not self.retired:
             details["retired"] = self._retire()
+        first_look = self.ipvs_left is None and full
+        again = bool(self.ipvs_left) and time.monotonic() - self.ipvs_checked >= IPVS_RECHECK
+        if first_look or again:
+            details["ipvs_retired"] = self._retire_ipvs()
+        if self.ipvs_left:
+            followup = True
+            details["ipvs_draining"] = self.ipvs_left
         return ApplyResult(changes=changes, repaired=repaired, details=details,
                            followup=followup)
+
+    def _retire_ipvs(self) -> list[str]:
+        """What the IPVS datapath left goes as its connections end: each
+        virtual server once it holds none, then kube-ipvs0 and the helper sets
+        and chains. Until then its established connections keep flowing
+        through IPVS while nftables DNATs every new one first."""
+        from svcproxy.plugins.ipvs import retire_ipvs
+
+        self.ipvs_checked = time.monotonic()
+        try:
+            with phase("retire-ipvs"):
+                lines, left = retire_ipvs(self.config, self.netns)
+        except Exception as exc:  # logged, tried again later
+            log.warning("could not retire the IPVS datapath's state (tried again later): %s",
+                        exc)
+            self.ipvs_left = self.ipvs_left or 1
+            return []
+        if left and self.ipvs_left is None:
+            log.info("nftables serves; %d IPVS virtual servers keep their connections and go "
+                     "when those end", left)
+        self.ipvs_left = left
+        for line in lines:
+            log.info("nftables serves; removed the previous datapath's state: %s", line)
+        return lines
 
     def _retire(self) -> list[str]:
         """nftables serves now: what the iptables datapath (or kube-proxy's

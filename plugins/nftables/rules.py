@@ -1,4 +1,4 @@
-"""kube-proxy's nftables-mode layout, rendered from the plan IR.
+"""kube-proxy's nftables-mode layout, rendered from the plan IR, made lighter.
 
 Pure functions, no kernel access. Every rule, set declaration and element is
 rendered in the text `nft list table` prints back (mark masks as 0x%08x,
@@ -8,12 +8,16 @@ and comparable line by line with what the kernel holds.
 
 The table, chain, set and map names and the base chains' hooks and
 priorities are kube-proxy's (pkg/proxy/nftables/proxier.go), so a node can be
-taken over from kube-proxy's nftables mode in place. One difference: an
-endpoint is chosen by `numgen random mod N` rules, one per endpoint, rather
-than one anonymous verdict map per service (nft 1.0.6 loads 10,000 of those
-maps ten times slower; upstream is moving the same way). The per-service-port
-decisions (which chains, which verdict without endpoints) are the iptables
-datapath's, shared: both are kube-proxy's syncProxyRules. See docs/nftables.md.
+taken over from kube-proxy's nftables mode in place. Where the table differs,
+it is to load faster (measured: benchmarks/RESULTS.md): an endpoint is chosen
+by `numgen random mod N` rules that DNAT themselves, not by one anonymous
+verdict map per service into per-endpoint chains (endpoint chains remain only
+for session affinity); off-cluster traffic to ClusterIPs is marked by one rule
+on @cluster-ips rather than one per service; hairpin masquerade is one rule on
+a set of this node's endpoints rather than one per endpoint. The
+per-service-port decisions (which chains, which verdict without endpoints) are
+the iptables datapath's, shared: both are kube-proxy's syncProxyRules. See
+docs/nftables.md.
 """
 
 from __future__ import annotations
@@ -395,13 +399,14 @@ def service_port_block(frontends: Sequence[Frontend], opts: NftOptions) -> Servi
     for b in pp.reachable.values():
         if b.local:
             elements[(HAIRPIN, element_key(b.address, b.address))] = ""
-    # every chain a map element or a rule names exists, even when empty
-    for value in (*elements.values(), *(r for rs in rules.values() for r in rs)):
-        for word in ("goto ", "jump "):
-            if word in value:
-                target = value.split(word, 1)[1].split(" ", 1)[0]
-                if is_service_chain(target):
-                    rules.setdefault(target, [])
+    # every chain a map element or the external chain names exists, even empty
+    for value in elements.values():
+        if value.startswith("goto ") and value != f"goto {REJECT_CHAIN}":
+            rules.setdefault(value[5:], [])
+    if pp.uses_ext:
+        for name in (names.cluster, names.local):
+            if any(rule.endswith(name) or f" {name} " in rule for rule in rules[names.external]):
+                rules.setdefault(name, [])
     udp = tuple((f.address, f.port) for f in frontends) if pp.proto == "udp" else ()
     return ServicePortBlock(
         chains={name: ((), tuple(rs)) for name, rs in rules.items()},

@@ -1,5 +1,5 @@
 """`svcproxy demo` runs to completion on this host (IPVS where the kernel has
-it, else the iptables fallback) and leaves no namespace, link, chain, ipset or
+it, else the nftables fallback) and leaves no namespace, link, chain, ipset or
 file behind."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def host_state() -> dict[str, str]:
         "rules": "\n".join(line for line in saves.splitlines()
                            if not line.startswith(("#", ":"))),
         "ipsets": out("ipset", "list", "-n"),
+        "nftables": out("nft", "list", "tables"),
         "conntrack": out("sysctl", "net.netfilter.nf_conntrack_tcp_timeout_established",
                          "net.netfilter.nf_conntrack_tcp_timeout_close_wait"),
         "backup": str(os.path.exists("/var/lib/svcproxy/sysctl-backup.json")),
@@ -45,7 +46,7 @@ def test_demo_runs_and_cleans_up() -> None:
         assert "unusable here" not in out
     else:
         assert "datapath ipvs: unusable here (the ip_vs kernel module is not loaded" in out
-        assert "datapath: iptables (the fallback)" in out
+        assert "datapath: nftables (the fallback)" in out
     # every kind of frontend answered, from the right pods
     web = next(line for line in out.splitlines() if "10.96.10.10:80" in line)
     assert "web-1" in web and "web-2" in web and "web-3" in web

@@ -16,6 +16,7 @@ svcproxy itself changes nothing."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -350,3 +351,59 @@ def test_takeover_from_kube_proxy_iptables_mode_by_the_ipvs_datapath(
     assert topo.answers("c1", "http", WEB_VIP, 80, 9) == {"a": 3, "b": 3, "c": 3}  # rr
     # and a restart finds nothing left to do
     assert Node(topo, tmp_path).preview() == []
+
+
+def test_switch_from_the_ipvs_datapath_to_nftables(topo: Topology, tmp_path: Path) -> None:
+    """IPVS -> nftables on a live node. nftables' first sync DNATs every new
+    connection before IPVS sees it; the connections IPVS set up keep their
+    connection entries and keep answering from their backend; each virtual
+    server goes once its connections are gone (a closed TCP connection, a UDP
+    flow idle past IPVS's UDP timeout), then kube-ipvs0, the helper ipsets and
+    the helper chains: nothing of IPVS is left."""
+    import time
+
+    ns = topo.node
+    sh("ipvsadm", "--set", "0", "0", "3", netns=ns)  # UDP entries expire 3 s after use
+    n = Node(topo, tmp_path)
+    n.sync()
+    flows = topo.hold_flows("c1", TCP_FLOWS, UDP_FLOWS)
+    before = sh("ipvsadm", "-L", "-n", "-c", netns=ns).stdout
+    assert before.count("ESTABLISHED") == 2, before
+
+    nft = ProxyHarness(textwrap.dedent(f"""\
+        apiVersion: kubeproxy.config.k8s.io/v1alpha1
+        kind: KubeProxyConfiguration
+        mode: nftables
+        clusterCIDR: 10.244.0.0/16
+        nodePortAddresses: [all]
+        ---
+        apiVersion: svcproxy.io/v1alpha1
+        kind: SvcProxyConfiguration
+        datapaths: [nftables]
+        datapathOptions:
+          nftables: {{netns: {ns}}}
+    """), "nftables", [NODE_IP])
+    publish_cluster(nft)
+    result = nft.sync()
+    assert result.apply.details["ipvs_draining"] == 4  # every VS holds one flow
+    # new connections: DNATed by nftables (its counters), none new in IPVS
+    assert set(topo.answers("c1", "http", WEB_VIP, 80, 9)) == {"a", "b", "c"}
+    table = sh("nft", "list", "table", "ip", "kube-proxy", netns=ns).stdout
+    assert sum(int(p) for p in re.findall(r"counter packets (\d+)", table)) >= 9
+    assert sh("ipvsadm", "-L", "-n", "-c", netns=ns).stdout.count("ESTABLISHED") == 2
+    flows.check()  # every held flow answered by its first backend; TCP now closed
+    plugin = nft.plugin
+    deadline = time.monotonic() + 60
+    while True:
+        plugin.ipvs_checked = 0.0  # look again now, not in IPVS_RECHECK seconds
+        details = nft.sync().apply.details
+        if not details.get("ipvs_draining"):
+            break
+        assert time.monotonic() < deadline, details
+        time.sleep(1)
+    view = kernel_view(ns)
+    assert view["ipvs"] == {} and view["bound"] == set()
+    assert not [c for c in view["chains"] if "/KUBE-" in c], view["chains"]
+    assert not [s for s in ipset_save(ns) if s.startswith("KUBE-")]
+    assert sh("ip", "link", "show", "kube-ipvs0", netns=ns, check=False).returncode != 0
+    assert set(topo.answers("c1", "http", NODE_IP, 30080, 9)) == {"a", "b", "c"}
