@@ -35,7 +35,8 @@ def kube_proxy_table() -> str:
     out = [f'add table {t} {{ comment "rules for kube-proxy" ; }}']
     for name, kind, hook, prio in (
             ("filter-prerouting", "filter", "prerouting", -110),
-            ("filter-input", "filter", "input", -110), ("filter-forward", "filter", "forward", -110),
+            ("filter-input", "filter", "input", -110),
+            ("filter-forward", "filter", "forward", -110),
             ("filter-output", "filter", "output", -110),
             ("filter-output-post-dnat", "filter", "output", -90),
             ("nat-prerouting", "nat", "prerouting", -100), ("nat-output", "nat", "output", -100),
