@@ -521,6 +521,16 @@ class IpvsPlugin:
                 lines.append(f"ipvs: removed {len(idle) - len(failures)} virtual servers "
                              "without connections")
                 lines += [f"ipvs: {f}" for f in failures]
+                # a UDP flow idle past IPVS's timeout still has its conntrack
+                # entry, which would deliver its next datagram to the VIP
+                # itself; without the entry that datagram starts a new flow,
+                # which the serving datapath DNATs
+                flushed = sum(kernel.conntrack.delete(
+                    ["-p", vs.protocol.lower(), "--orig-dst", vs.address, "--orig-port-dst",
+                     str(vs.port)], 6 if ":" in vs.address else 4)
+                    for vs in idle if vs.protocol != "TCP")
+                if flushed:
+                    lines.append(f"ipvs: deleted {flushed} conntrack entries of idle UDP flows")
             if busy:
                 return lines, len(busy)
             if not owned and not bound and not self._helper_leftovers():

@@ -385,7 +385,10 @@ def test_switch_from_the_ipvs_datapath_to_nftables(topo: Topology, tmp_path: Pat
     """), "nftables", [NODE_IP])
     publish_cluster(nft)
     result = nft.sync()
-    assert result.apply.details["ipvs_draining"] == 4  # every VS holds one flow
+    # the TCP virtual servers hold their established connections (the UDP
+    # ones may already be idle past IPVS's 3 s and gone, with their
+    # conntrack entries: the next datagram is nftables')
+    assert result.apply.details["ipvs_draining"] >= 2
     # new connections: DNATed by nftables (its counters), none new in IPVS
     assert set(topo.answers("c1", "http", WEB_VIP, 80, 9)) == {"a", "b", "c"}
     table = sh("nft", "list", "table", "ip", "kube-proxy", netns=ns).stdout
