@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import Node
 from factories import endpoint, service, slice_
-from netns import Topology, ipvs_available
+from netns import Topology, ipvs_available, sh
 
 HTTP = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
 SVCPROXY = str(Path(sys.executable).parent / "svcproxy")
@@ -99,6 +99,32 @@ def test_check_reports_the_missing_ipvs_module(tmp_path: Path) -> None:
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout
     assert "configured mode iptables: ready" in proc.stdout
+
+
+def test_check_reports_the_nftables_requirements(topo: Topology, tmp_path: Path) -> None:
+    """mode: nftables: the kernel (>= 5.13) and nft (>= 1.0.1) checks, and the
+    functional probe (a throwaway table committed in the node namespace)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        apiVersion: kubeproxy.config.k8s.io/v1alpha1
+        kind: KubeProxyConfiguration
+        mode: nftables
+        ---
+        apiVersion: svcproxy.io/v1alpha1
+        kind: SvcProxyConfiguration
+        datapathOptions:
+          nftables: {{netns: {topo.node}}}
+          iptables: {{netns: {topo.node}}}
+    """))
+    proc = subprocess.run([SVCPROXY, "check", "--config", str(config)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kernel = next(ln for ln in proc.stdout.splitlines() if "kernel for nftables" in ln)
+    assert kernel.startswith("[ok  ]") and "(>= 5.13)" in kernel
+    nft = next(ln for ln in proc.stdout.splitlines() if ln.startswith("[ok  ] nft "))
+    assert "(>= 1.0.1), a test table with a verdict map commits" in nft
+    assert "configured mode nftables: ready" in proc.stdout
+    assert "kube-proxy" not in sh("nft", "list", "tables", netns=topo.node).stdout
 
 
 def test_check_judges_strict_arp_in_the_configured_scope() -> None:
