@@ -248,6 +248,53 @@ def _select_datapath(host: PluginHost) -> tuple[str, list[tuple[str, str]]]:
     return name, skipped
 
 
+class DatapathWatch:
+    """While `svcproxy run` runs, probe the datapaths now and then: one earlier
+    in the order that has become usable (the IPVS modules were installed) takes
+    over, and so does the next usable one when the active datapath fails its
+    probe twice in a row (its modules are gone). The switch itself is the
+    proxy's (Proxy.switch_datapath): the new datapath syncs in full, then
+    retires what the old one left, connections intact."""
+
+    def __init__(self, host: PluginHost, proxy: Proxy, interval: float) -> None:
+        self.host = host
+        self.proxy = proxy
+        self.interval = interval
+        self.active_failures = 0
+
+    def check(self) -> str | None:
+        """Probe once; returns the datapath switched to, if any."""
+        order = list(self.host.config.datapath_order())
+        active = self.proxy.datapath
+        index = order.index(active) if active in order else len(order)
+        for name in order[:index]:
+            if self.host.probe(name).usable:
+                self.proxy.switch_datapath(name, f"the {name} datapath is usable now "
+                                                 f"(before {active} in the order)")
+                return name
+        result = self.host.probe(active)
+        if result.usable:
+            self.active_failures = 0
+            return None
+        self.active_failures += 1
+        if self.active_failures < 2:
+            return None
+        for name in order[index + 1:]:
+            if self.host.probe(name).usable:
+                self.active_failures = 0
+                self.proxy.switch_datapath(name, f"the {active} datapath stopped working: "
+                                                 f"{result.reason}")
+                return name
+        return None
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:  # a probe that crashes must not end the watch
+                log.exception("probing the datapaths failed")
+
+
 def _apply_process_settings(args: argparse.Namespace, config: Config) -> None:
     """What kube-proxy's config says about the process itself: logging (the
     command-line flags win, as kube-proxy's do) and oomScoreAdj; then, once,
@@ -322,6 +369,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise SvcProxyError(f"sync failed: {result.error}")
             return 0
         proxy.start_runner()
+        if args.datapath_reprobe > 0:
+            watch = DatapathWatch(host, proxy, args.datapath_reprobe)
+            background.append(threading.Thread(target=watch.run, args=(stop,),
+                                               name="datapath-watch", daemon=True))
         for t in background:
             t.start()
         stop.wait()
@@ -500,6 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{DEFAULT_SOCKET}; '' = none)")
     sp.add_argument("--poll-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     sp.add_argument("--api-backoff-cap", type=float, default=30.0, help=argparse.SUPPRESS)
+    sp.add_argument("--datapath-reprobe", type=float, default=60.0, metavar="SECONDS",
+                    help="probe the datapaths this often while running: one earlier in the "
+                    "order that became usable, or the next one when the active one stops "
+                    "working, takes over without breaking connections (0 = never)")
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("status", help="the live kernel view, with service names "

@@ -64,6 +64,17 @@ def svcproxy_start_proxy(config: Config, datapath: str,
 
 
 @hookspec
+def svcproxy_datapath_changed(config: Config, datapath: str, previous: str,
+                              reason: str) -> None:
+    """`svcproxy run` switched datapaths while running (a datapath earlier in
+    the order became usable, say the IPVS modules appeared, or the active one
+    stopped working): `datapath` is active from the next sync on, a full one.
+    Datapath plugins follow which one is active (the new one brings itself up
+    from scratch and, once it serves, retires what `previous` left); observers
+    update what they report."""
+
+
+@hookspec
 def svcproxy_stop_proxy() -> None:
     """Called once when `svcproxy run` stops (SIGTERM, SIGINT or --once done).
     Stop what svcproxy_start_proxy started; kernel rules stay in place."""

@@ -401,6 +401,10 @@ class PluginHost:
         self.pm.hook.svcproxy_start_proxy(config=self.config, datapath=datapath,
                                           skipped=list(skipped), node=node, host=self)
 
+    def datapath_changed(self, datapath: str, previous: str, reason: str) -> None:
+        self.pm.hook.svcproxy_datapath_changed(config=self.config, datapath=datapath,
+                                               previous=previous, reason=reason)
+
     def stop(self) -> None:
         self.pm.hook.svcproxy_stop_proxy()
 

@@ -77,6 +77,30 @@ class Proxy:
         #: repeats is logged once (then at debug level), its end once
         self.failures = 0
         self._failure_logged = ""
+        #: a datapath to switch to at the next sync, and why
+        self._switch: tuple[str, str] | None = None
+
+    def switch_datapath(self, name: str, reason: str) -> None:
+        """Make `name` the active datapath from the next sync on (a full one
+        that programs everything from scratch); the runner is asked to sync."""
+        with self._lock:
+            self._switch = (name, reason)
+            self.needs_full = True
+        if self.runner is not None:
+            self.runner.request()
+
+    def _take_switch(self) -> None:
+        with self._lock:
+            switch, self._switch = self._switch, None
+        if switch is None or switch[0] == self.datapath:
+            return
+        name, reason = switch
+        previous, self.datapath = self.datapath, name
+        log.warning("switching from the %s datapath to %s: %s", previous, name, reason)
+        self.applied = ServiceMap()  # the new datapath holds nothing yet
+        self._followup = False
+        self.failures = 0
+        self.plugins.datapath_changed(name, previous, reason)
 
     def set_node_name(self, name: str) -> None:
         """Set the node once the sources have been read (it may come from them)."""
@@ -125,6 +149,8 @@ class Proxy:
             return self._sync(full)
 
     def _sync(self, full: bool) -> SyncResult:
+        if self._switch is not None:
+            self._take_switch()
         started_wall = time.time()
         t0 = self.clock()
         with self._lock:

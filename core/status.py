@@ -33,6 +33,13 @@ class StatusFile:
         self.write()
 
     @hookimpl
+    def svcproxy_datapath_changed(self, datapath: str, previous: str, reason: str) -> None:
+        self.state["datapath"] = datapath
+        self.state.setdefault("switches", []).append(
+            {"time": time.time(), "from": previous, "to": datapath, "reason": reason})
+        self.write()
+
+    @hookimpl
     def svcproxy_observe_sync(self, result: SyncResult) -> None:
         record = {"time": result.started, "ok": result.ok, "full": result.full,
                   "duration_seconds": round(result.duration, 6), "error": result.error,
@@ -76,6 +83,10 @@ class StatusSocket:
         self.status["datapath"] = datapath
         self.status["fallbacks"] = [{"datapath": d, "reason": r} for d, r in skipped]
         self.start()
+
+    @hookimpl
+    def svcproxy_datapath_changed(self, datapath: str) -> None:
+        self.status["datapath"] = datapath
 
     @hookimpl
     def svcproxy_observe_sync(self, result: SyncResult) -> None:

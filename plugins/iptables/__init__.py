@@ -170,6 +170,15 @@ class IptablesPlugin:
         self.active = datapath == NAME
 
     @hookimpl
+    def svcproxy_datapath_changed(self, datapath: str) -> None:
+        """Active again (or for the first time) while running: start from
+        scratch, and retire the previous datapath's state once this one serves."""
+        self.active = datapath == NAME
+        if self.active:
+            self.families.clear()
+            self.retired = False
+
+    @hookimpl
     def svcproxy_collect_metrics(self) -> list[MetricSample] | None:
         """kube-proxy's rule gauges, and conntrack usage."""
         if not self.active:

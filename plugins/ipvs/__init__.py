@@ -187,6 +187,17 @@ class IpvsPlugin:
         self.active = datapath == NAME
 
     @hookimpl
+    def svcproxy_datapath_changed(self, datapath: str) -> None:
+        """Active again (or for the first time) while running: start from
+        scratch (the sysctls first), and retire the previous datapath's state
+        once this one serves."""
+        self.active = datapath == NAME
+        if self.active:
+            self.state = None
+            self.helpers.clear()
+            self.retired = False
+
+    @hookimpl
     def svcproxy_list_node_addresses(self, family: int) -> list[str] | None:
         """The node's own addresses, as kube-proxy's IPVS mode finds them: every
         local address except those on kube-ipvs0, loopback and IPv6 link-local

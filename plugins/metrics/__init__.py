@@ -140,6 +140,10 @@ class MetricsPlugin:
         self.health.timeout = config.kube_proxy.health_timeout
 
     @hookimpl
+    def svcproxy_datapath_changed(self, datapath: str, previous: str) -> None:
+        self.metrics.switched(datapath, previous)
+
+    @hookimpl
     def svcproxy_start_proxy(self, config: Config, datapath: str,
                              skipped: list[tuple[str, str]], node: str, host: Any) -> None:
         self.node_name = node

@@ -192,6 +192,10 @@ class ProxyMetrics:
         for name, reason in skipped:
             self.fallback_info.labels(name, reason).set(1)
 
+    def switched(self, datapath: str, previous: str) -> None:
+        self.datapath_info.labels(previous).set(0)
+        self.datapath_info.labels(datapath).set(1)
+
     def endpoint_change(self, obj: EndpointSlice) -> None:
         """An EndpointSlice changed: count it, and remember when the change was
         triggered (its annotation, else now) for network programming latency."""

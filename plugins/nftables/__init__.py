@@ -138,6 +138,16 @@ class NftablesPlugin:
         self.active = datapath == NAME
 
     @hookimpl
+    def svcproxy_datapath_changed(self, datapath: str) -> None:
+        """Active again (or for the first time) while running: start from
+        scratch, and retire the previous datapath's state once this one serves."""
+        self.active = datapath == NAME
+        if self.active:
+            self.families.clear()
+            self.retired = False
+            self.ipvs_left = None
+
+    @hookimpl
     def svcproxy_datapath_status(self, name: str) -> dict[str, Any] | None:
         if name != NAME:
             return None

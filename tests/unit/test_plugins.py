@@ -293,3 +293,58 @@ def test_build_frontends_direct_dispatch_matches_pluggy() -> None:
     order.clear()
     assert host.build_frontends(pc) == direct and Wrapper.calls == 1
     assert order == expected
+
+
+class Switchable(FakeKernelDatapath):
+    """A fake datapath that also follows svcproxy_datapath_changed."""
+
+    def __init__(self, name: str, usable: bool = True, reason: str = "") -> None:
+        super().__init__(name, usable, reason)
+        self.changes: list[tuple[str, str, str]] = []
+
+    @hookimpl
+    def svcproxy_datapath_changed(self, datapath: str, previous: str, reason: str) -> None:
+        self.changes.append((datapath, previous, reason))
+
+
+def test_a_datapath_that_becomes_usable_takes_over_while_running() -> None:
+    """`svcproxy run`'s DatapathWatch: the IPVS-like first datapath was
+    unusable at start; once it probes usable it takes over with a full sync of
+    everything, and the plugins hear of the switch. When it then fails its
+    probe twice in a row, the next usable one takes over again."""
+    from factories import endpoint, node, slice_
+
+    from svcproxy.bus import Event, EventType
+    from svcproxy.cli import DatapathWatch
+    from svcproxy.model import parse_object
+    from svcproxy.proxy import Proxy
+
+    fast = Switchable("fast", usable=False, reason="fast module missing")
+    slow = Switchable("slow")
+    host = host_for("datapaths: [fast, slow]\n", extra_plugins=[("fast", fast),
+                                                                  ("slow", slow)])
+    name, _ = host.select_datapath()
+    proxy = Proxy(host.config, host, "node-a", name, use_host_addresses=False)
+    for obj in (node("node-a", ips=["192.168.1.10"]),
+                service("web", cluster_ip="10.96.0.10",
+                        ports=[{"name": "http", "port": 80, "protocol": "TCP"}]),
+                slice_("web", endpoints=[endpoint("10.244.1.1", "node-a")])):
+        proxy.bus.publish(Event(EventType.ADDED, parse_object(obj)))
+    assert proxy.sync().ok and proxy.datapath == "slow" and len(slow.applied) == 1
+    watch = DatapathWatch(host, proxy, 60.0)
+    assert watch.check() is None  # nothing better yet: no switch, no sync
+    assert proxy.sync().apply is None and fast.applied == []
+    fast.usable = True
+    assert watch.check() == "fast"
+    result = proxy.sync()
+    assert result.ok and result.full and result.datapath == "fast"
+    assert fast.applied == [(1, fast.applied[0][1], True)]
+    assert len(fast.applied[0][1].created) == 1  # everything, from scratch
+    assert slow.changes == [("fast", "slow", "the fast datapath is usable now "
+                                             "(before slow in the order)")]
+    fast.usable, fast.reason = False, "fast module unloaded"
+    assert watch.check() is None  # once may be a hiccup
+    assert watch.check() == "slow"
+    assert proxy.sync().datapath == "slow"
+    assert fast.changes[-1] == ("slow", "fast", "the fast datapath stopped working: "
+                                                "fast module unloaded")

@@ -1,5 +1,7 @@
 """With the IPVS modules made unavailable inside the VM, `svcproxy run` in IPVS
-mode falls back to the iptables datapath, says why, and serves traffic.
+mode falls back to the nftables datapath, says why, and serves traffic; when
+the modules come back, the running proxy's DatapathWatch switches to IPVS,
+and the connections nftables set up keep answering.
 
 The module is unloaded and loading is blocked (the kernel's modprobe helper
 set to /bin/false, userspace modprobe pointed at an empty module tree), then
@@ -50,7 +52,7 @@ def unload_ipvs() -> None:
         time.sleep(1)
 
 
-def test_iptables_takes_over_when_ipvs_modules_are_unavailable(
+def test_nftables_takes_over_without_ipvs_modules_and_ipvs_when_they_return(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capfd: pytest.CaptureFixture[str]) -> None:
     manifests = tmp_path / "cluster"
@@ -87,12 +89,24 @@ def test_iptables_takes_over_when_ipvs_modules_are_unavailable(
             warm.publish(obj)
         warm.sync()
         assert warm.host.cleanup()
+        # and the nftables datapath's (numgen, fib, reject, masquerade, ...)
+        warm_nft = ProxyHarness(config_text(
+            {"mode": "nftables"}, disable=["metrics", "conntrack", "metallb"],
+            datapaths=["nftables"], datapathOptions={"nftables": {"netns": topo.node}}),
+            "nftables", [NODE_IP])
+        for obj in yaml.safe_load_all((manifests / "all.yaml").read_text()):
+            warm_nft.publish(obj)
+        warm_nft.sync()
+        assert warm_nft.host.cleanup()
 
         unload_ipvs()
         MODPROBE.write_text("/bin/false\n")
         config.write_text(config_text(
             {"mode": "ipvs", "metricsBindAddress": "", "healthzBindAddress": ""},
-            datapathOptions={"ipvs": {"netns": topo.node}, "iptables": {"netns": topo.node}}))
+            datapathOptions={"ipvs": {"netns": topo.node,
+                                      "sysctlBackup": str(tmp_path / "sysctl.json")},
+                             "iptables": {"netns": topo.node},
+                             "nftables": {"netns": topo.node}}))
         # `svcproxy run` in this process (run_cli: a Python start costs tens of
         # seconds under emulation); svcproxy's modprobe finds no modules
         monkeypatch.setenv("MODPROBE_OPTIONS", "--dirname=/nonexistent")
@@ -104,14 +118,51 @@ def test_iptables_takes_over_when_ipvs_modules_are_unavailable(
         # what run logged (its logging setup writes to stderr, not to caplog)
         (line,) = [x for x in capfd.readouterr().err.splitlines() if "datapath unusable" in x]
         assert "ipvs datapath unusable: the ip_vs kernel module is not loaded and cannot " \
-               "be loaded" in line and line.endswith("; using iptables")
+               "be loaded" in line and line.endswith("; using nftables")
         recorded = json.loads(status.read_text())
-        assert recorded["datapath"] == "iptables"
+        assert recorded["datapath"] == "nftables"
         (fallback,) = recorded["fallbacks"]
         assert fallback["datapath"] == "ipvs" and "cannot be loaded" in fallback["reason"]
-        # iptables' random choice: 16 tries miss one of two backends 1 in 30,000
+        # the random choice: 16 tries miss one of two backends 1 in 30,000
         assert topo.answers("c1", "http", NODE_IP, 30080, 16).keys() == {"a", "b"}
         assert topo.answers("c1", "http", "10.96.0.10", 80, 16).keys() == {"a", "b"}
+
+        # the modules come back while svcproxy runs (in-process: the proxy and
+        # the DatapathWatch `run` starts, without its signal handling)
+        from svcproxy.cli import DatapathWatch
+        from svcproxy.config import parse_config
+        from svcproxy.manager import PluginHost
+        from svcproxy.proxy import Proxy
+
+        host = PluginHost(parse_config(config.read_text(), str(config)))
+        host.configure()
+        monkeypatch.setenv("MODPROBE_OPTIONS", "--dirname=/nonexistent")
+        name, _ = host.select_datapath()
+        assert name == "nftables"
+        proxy = Proxy(host.config, host, "node-a", name, use_host_addresses=False)
+        for obj in yaml.safe_load_all((manifests / "all.yaml").read_text()):
+            from svcproxy.bus import Event, EventType
+            from svcproxy.model import parse_object
+
+            proxy.bus.publish(Event(EventType.ADDED, parse_object(obj)))
+        assert proxy.sync().ok
+        held = topo.hold("c1", "10.96.0.10", 80)
+        watch = DatapathWatch(host, proxy, 60.0)
+        assert watch.check() is None  # IPVS still unavailable
+        monkeypatch.delenv("MODPROBE_OPTIONS")
+        MODPROBE.write_text(old_helper + "\n")
+        assert watch.check() == "ipvs"  # its probe loads the modules again
+        result = proxy.sync()
+        assert result.ok and result.full and result.datapath == "ipvs"
+        assert held.again()["second"] == held.first  # nftables' NAT, kept by conntrack
+        assert "kube-proxy" not in subprocess.run(
+            ["ip", "netns", "exec", topo.node, "nft", "list", "tables"],
+            capture_output=True, text=True).stdout  # retired once IPVS served
+        vs = subprocess.run(["ip", "netns", "exec", topo.node, "ipvsadm", "-S", "-n"],
+                            capture_output=True, text=True).stdout
+        assert "-A -t 10.96.0.10:80" in vs
+        assert topo.answers("c1", "http", "10.96.0.10", 80, 16).keys() == {"a", "b"}
+        host.cleanup()
     finally:
         MODPROBE.write_text(old_helper + "\n")
         subprocess.run(["modprobe", "ip_vs"], check=False)
