@@ -25,6 +25,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,13 +133,16 @@ def bench_sync(n: int, backend: str) -> dict[str, float]:
             "resync_phases": re.phases}
 
 
-def bench_latency(n: int, backend: str, samples: int = 400) -> float:
+def bench_latency(n: int, backend: str, samples: int = 400,
+                  make: Callable[[str], Proxy] | None = None) -> float:
+    """Median connect time through the last service's VIP, in µs; `make`
+    builds the proxy for a namespace (default: this benchmark's iptables one)."""
     topo = Topology(prefix=f"svpl{n}")
     try:
         topo.create_node()
         topo.add_client("c1", "192.168.100.2", "192.168.100.1")
         topo.add_pod("target", "10.250.0.1")
-        proxy = make_proxy(topo.node, backend)
+        proxy = make(topo.node) if make is not None else make_proxy(topo.node, backend)
         load_services(proxy, n, target_pod="10.250.0.1")
         assert proxy.sync(full=True).ok
         vip = ip(n - 1, 96)

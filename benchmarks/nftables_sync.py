@@ -39,8 +39,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "host"))
 
 from factories import ProxyHarness, endpoint, slice_  # noqa: E402
+from iptables_sync import bench_latency as iptables_latency  # noqa: E402
 from iptables_sync import ip, load_services, publish  # noqa: E402
-from netns import Topology, sh  # noqa: E402
+from netns import Topology  # noqa: E402
 
 from svcproxy.bus import EventType  # noqa: E402
 from svcproxy.proxy import Proxy  # noqa: E402
@@ -137,31 +138,8 @@ def bench_one(n: int) -> dict[str, Any]:
             "partial_phases": part.phases}
 
 
-def bench_latency(n: int, datapath: str, backend: str = "nft", samples: int = 400) -> float:
-    topo = Topology(prefix=f"svnl{n}")
-    try:
-        topo.create_node()
-        topo.add_client("c1", "192.168.100.2", "192.168.100.1")
-        topo.add_pod("target", "10.250.0.1")
-        proxy = make_proxy(topo.node, datapath, backend)
-        load_services(proxy, n, target_pod="10.250.0.1")
-        assert proxy.sync(full=True).ok
-        vip = ip(n - 1, 96)
-        code = textwrap.dedent(f"""
-            import socket, statistics, time, json
-            out = []
-            for _ in range({samples}):
-                s = socket.socket()
-                t = time.perf_counter()
-                s.connect(("{vip}", 80))
-                out.append(time.perf_counter() - t)
-                s.close()
-            print(json.dumps(statistics.median(out)))
-        """)
-        proc = sh(sys.executable, "-c", code, netns=topo.clients["c1"], timeout=300)
-        return float(json.loads(proc.stdout)) * 1e6
-    finally:
-        topo.close()
+def bench_latency(n: int, datapath: str, backend: str = "nft") -> float:
+    return iptables_latency(n, backend, make=lambda ns: make_proxy(ns, datapath, backend))
 
 
 def plot(latency: dict[str, dict[int, float]], path: Path) -> bool:

@@ -37,32 +37,49 @@ NAME = "iptables"
 FORMAT = "iptables-save"
 
 
+def local_traffic(config: Config, family: int, plan: ServiceMap | None
+                  ) -> tuple[str, str] | None:
+    """detectLocalMode for one family, as the netfilter datapaths use it:
+    ("cidr", CIDR), ("iface", name) or ("prefix", name prefix); None when
+    there is nothing to detect by (like kube-proxy without a cluster CIDR or
+    a Node podCIDR of the family)."""
+    kp = config.kube_proxy
+    mode = kp.effective_detect_local_mode
+    if mode in ("ClusterCIDR", "NodeCIDR"):
+        # NodeCIDR: the Node's spec.podCIDRs
+        cidrs = kp.cluster_cidr if mode == "ClusterCIDR" else \
+            (plan.node_pod_cidrs if plan is not None else ())
+        cidr = next((c for c in cidrs
+                     if ipaddress.ip_network(c, strict=False).version == family), None)
+        return ("cidr", str(ipaddress.ip_network(cidr, strict=False))) if cidr else None
+    if mode == "BridgeInterface":
+        return ("iface", kp.detect_local.bridge_interface)
+    if mode == "InterfaceNamePrefix":
+        return ("prefix", kp.detect_local.interface_name_prefix)
+    return None
+
+
+def node_port_ips(config: Config, family: int, plan: ServiceMap | None
+                  ) -> tuple[str, ...] | None:
+    """The node addresses NodePorts answer on (nodePortAddresses applied), or
+    None for every local address."""
+    setting = list(config.kube_proxy.effective_node_port_addresses)
+    if not setting or setting == ["all"] or plan is None:
+        return None
+    return tuple(a for a in plan.node_port_ips if ip_family(a) == family)
+
+
 def rule_options(config: Config, family: int, plan: ServiceMap | None = None) -> RuleOptions:
     """Rendering settings from the KubeProxyConfiguration (and the node's addresses)."""
     kp = config.kube_proxy
-    detector: tuple[str, str] | None = None
-    mode = kp.effective_detect_local_mode
-    if mode == "ClusterCIDR":
-        cidr = next((c for c in kp.cluster_cidr
-                     if ipaddress.ip_network(c).version == family), None)
-        detector = ("-s", cidr) if cidr else None
-    elif mode == "NodeCIDR":
-        # the Node's spec.podCIDRs; like kube-proxy without one, no detector
-        cidr = next((c for c in (plan.node_pod_cidrs if plan is not None else ())
-                     if ipaddress.ip_network(c, strict=False).version == family), None)
-        detector = ("-s", str(ipaddress.ip_network(cidr, strict=False))) if cidr else None
-    elif mode == "BridgeInterface":
-        detector = ("-i", kp.detect_local.bridge_interface)
-    elif mode == "InterfaceNamePrefix":
-        detector = ("-i", kp.detect_local.interface_name_prefix + "+")
-    setting = list(kp.effective_node_port_addresses)
-    node_ports: tuple[str, ...] | None = None
-    if setting and setting != ["all"] and plan is not None:
-        node_ports = tuple(a for a in plan.node_port_ips if ip_family(a) == family)
+    local = local_traffic(config, family, plan)
+    detector = None if local is None else {
+        "cidr": ("-s", local[1]), "iface": ("-i", local[1]),
+        "prefix": ("-i", local[1] + "+")}[local[0]]
     return RuleOptions(family=family, masquerade_bit=kp.masquerade_bit,
                        masquerade_all=kp.masquerade_all, local_detector=detector,
                        tcp_be_liberal=kp.conntrack.tcp_be_liberal,
-                       node_port_addresses=node_ports,
+                       node_port_addresses=node_port_ips(config, family, plan),
                        node_ip=plan.primary_ip(family) if plan is not None else None,
                        localhost_node_ports=kp.iptables.localhost_node_ports)
 

@@ -71,21 +71,25 @@ def group(frontends: Iterable[Frontend]) -> dict[SPKey, list[Frontend]]:
     return out
 
 
+def port_groups(plan: ServiceMap, keys: Iterable[SPKey] | None,
+                family: int) -> dict[SPKey, list[Frontend]]:
+    """The frontends of the given service ports (all of them when keys is
+    None) in one family, by service port; `plan` may hold both families."""
+    if keys is None:
+        return group(f for f in plan.frontends.values() if f.family == family)
+    wanted = set(keys)
+    services = {k[0].split(":", 1)[0] for k in wanted}
+    frontends = [f for s in services for fk in plan.by_service.get(s, ())
+                 if (f := plan.frontends.get(fk)) is not None and f.family == family]
+    return {k: v for k, v in group(frontends).items() if k in wanted}
+
+
 def render_service_ports(plan: ServiceMap, keys: Iterable[SPKey] | None,
                          opts: RuleOptions) -> dict[SPKey, ServicePortRules]:
     """Rules for the given service ports (all of them when keys is None) in the
     family of `opts`; `plan` may hold both families."""
-    family = opts.family
-    if keys is None:
-        groups = group(f for f in plan.frontends.values() if f.family == family)
-    else:
-        wanted = set(keys)
-        services = {k[0].split(":", 1)[0] for k in wanted}
-        frontends = [f for s in services for fk in plan.by_service.get(s, ())
-                     if (f := plan.frontends.get(fk)) is not None and f.family == family]
-        groups = {k: v for k, v in group(frontends).items() if k in wanted}
     out = {}
-    for key, fes in groups.items():
+    for key, fes in port_groups(plan, keys, opts.family).items():
         summary = plan.services.get(fes[0].service_key)
         hc = summary.health_check_node_port if summary else 0
         out[key] = service_port_rules(fes, hc, opts)

@@ -147,7 +147,14 @@ def _hp(address: str, port: Any) -> str:
 
 
 def render_iptables(view: Mapping[str, Any]) -> str:
-    lines = ["iptables (nat rules count new connections: packets = connections)",
+    return render_counts(view, "iptables (nat rules count new connections: packets = "
+                               "connections)")
+
+
+def render_counts(view: Mapping[str, Any], title: str) -> str:
+    """The netfilter datapaths' `svcproxy status` table: new connections per
+    frontend and per endpoint, from NAT rule counters."""
+    lines = [title,
              f"{'Prot Destination':<34} {'Conns':>8} {'Bytes':>10}  Service",
              "  -> Endpoint"]
     for fe in view["frontends"]:

@@ -10,7 +10,6 @@ Options, from ``datapathOptions.nftables`` in the SvcProxyConfiguration
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Mapping
@@ -38,28 +37,19 @@ IPVS_RECHECK = 5.0
 
 
 def nft_options(config: Config, family: int, plan: ServiceMap | None = None) -> NftOptions:
-    """Rendering settings from the KubeProxyConfiguration (and the node's addresses)."""
+    """Rendering settings from the KubeProxyConfiguration (and the node's
+    addresses), read as the iptables datapath reads them."""
+    from svcproxy.plugins.iptables import local_traffic, node_port_ips
+
     kp = config.kube_proxy
-    detector: tuple[str, str] | None = None
-    mode = kp.effective_detect_local_mode
-    if mode in ("ClusterCIDR", "NodeCIDR"):
-        cidrs = kp.cluster_cidr if mode == "ClusterCIDR" else \
-            (plan.node_pod_cidrs if plan is not None else ())
-        cidr = next((c for c in cidrs
-                     if ipaddress.ip_network(c, strict=False).version == family), None)
-        detector = ("saddr", str(ipaddress.ip_network(cidr, strict=False))) if cidr else None
-    elif mode == "BridgeInterface":
-        detector = ("iifname", kp.detect_local.bridge_interface)
-    elif mode == "InterfaceNamePrefix":
-        detector = ("iifname", kp.detect_local.interface_name_prefix + "*")
-    setting = list(kp.effective_node_port_addresses)
-    node_ports: tuple[str, ...] | None = None
-    if setting and setting != ["all"]:
-        node_ports = tuple(a for a in (plan.node_port_ips if plan is not None else ())
-                           if ip_family(a) == family)
+    local = local_traffic(config, family, plan)
+    detector = None if local is None else {
+        "cidr": ("saddr", local[1]), "iface": ("iifname", local[1]),
+        "prefix": ("iifname", local[1] + "*")}[local[0]]
     return NftOptions(family=family, masquerade_bit=kp.masquerade_bit,
                       masquerade_all=kp.masquerade_all, local_detector=detector,
-                      node_port_ips=node_ports,
+                      node_port_ips=node_port_ips(config, family,
+                                                  plan if plan is not None else ServiceMap()),
                       node_ip=plan.primary_ip(family) if plan is not None else None)
 
 

@@ -30,9 +30,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from svcproxy.diffstore import Diff, DiffStore
-from svcproxy.ir import Frontend, FrontendKey, ServiceMap
+from svcproxy.ir import FrontendKey, ServiceMap
 from svcproxy.phases import phase
-from svcproxy.plugins.iptables.datapath import clear_stale_udp
+from svcproxy.plugins.iptables.datapath import SPKey, clear_stale_udp, port_groups
 from svcproxy.plugins.kernel.nftables import NftKernel, NftTable
 from svcproxy.plugins.kernel.tools import KernelError
 
@@ -51,35 +51,17 @@ from .rules import (
 
 log = logging.getLogger(__name__)
 
-SPKey = tuple[str, str]  # (service port name, protocol)
 SetDecl = tuple[str, tuple[str, ...]]  # (kind, declaration lines)
 #: a stale chain is deleted this long after it was flushed
 STALE_DELAY = 1.0
-
-
-def group(frontends: Iterable[Frontend]) -> dict[SPKey, list[Frontend]]:
-    out: dict[SPKey, list[Frontend]] = {}
-    for f in frontends:
-        out.setdefault((f.service, f.protocol), []).append(f)
-    for fs in out.values():
-        fs.sort(key=lambda f: f.key)
-    return out
 
 
 def render_blocks(plan: ServiceMap, keys: Iterable[SPKey] | None,
                   opts: NftOptions) -> dict[SPKey, ServicePortBlock]:
     """Blocks for the given service ports (all when keys is None) in the family
     of `opts`; `plan` may hold both families."""
-    family = opts.family
-    if keys is None:
-        groups = group(f for f in plan.frontends.values() if f.family == family)
-    else:
-        wanted = set(keys)
-        services = {k[0].split(":", 1)[0] for k in wanted}
-        frontends = [f for s in services for fk in plan.by_service.get(s, ())
-                     if (f := plan.frontends.get(fk)) is not None and f.family == family]
-        groups = {k: v for k, v in group(frontends).items() if k in wanted}
-    return {key: service_port_block(fes, opts) for key, fes in groups.items()}
+    return {key: service_port_block(fes, opts)
+            for key, fes in port_groups(plan, keys, opts.family).items()}
 
 
 @dataclass

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from svcproxy.datapath import CheckItem
-from svcproxy.plugins.iptables.status import conntrack_checks
+from svcproxy.plugins.iptables.status import conntrack_checks, render_counts
 from svcproxy.plugins.kernel.nftables import (
     MIN_KERNEL,
     MIN_NFT,
@@ -133,21 +133,9 @@ def nftables_status(kernels: list[NftKernel]) -> dict[str, Any]:
     return {"datapath": "nftables", "frontends": rows}
 
 
-def _hp(address: str, port: Any) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
 def render_nftables(view: Mapping[str, Any]) -> str:
-    lines = ["nftables (DNAT rules count new connections, per service port)",
-             f"{'Prot Destination':<34} {'Conns':>8} {'Bytes':>10}  Service",
-             "  -> Endpoint"]
-    for fe in view["frontends"]:
-        head = f"{fe['protocol']:<4} {_hp(fe['address'], fe['port'])}"
-        label = fe["service"] + (f" ({fe['kind']})" if fe["kind"] else "")
-        lines.append(f"{head:<34} {fe['packets']:>8} {fe['bytes']:>10}  {label}")
-        for b in fe["backends"]:
-            lines.append(f"{'  -> ' + b['endpoint']:<34} {b['packets']:>8} {b['bytes']:>10}")
-    return "\n".join(lines) + "\n"
+    return render_counts(view, "nftables (DNAT rules count new connections, per service "
+                               "port)")
 
 
 class PreviewNft:
