@@ -89,3 +89,35 @@ def test_run_without_privileges_after_prepare(topo: Topology, tmp_path: Path,
     topo.clients["node"] = topo.node
     assert topo.answers("node", "http", "127.0.0.1", 30080, 2) == {"a": 2}
     assert topo.answers("c1", "http", NODE_IP, 30080, 2) == {"a": 2}
+
+
+def test_nftables_runs_with_the_manifests_capabilities(topo: Topology, tmp_path: Path) -> None:
+    """The nftables datapath needs NET_ADMIN only and no sysctl: the
+    unprivileged run programs the table, warns about nothing, and serves."""
+    topo.add_pod("a", "10.244.1.11")
+    d = tmp_path / "manifests"
+    d.mkdir()
+    objs = [node("node-a", ips=[NODE_IP]),
+            service("web", cluster_ip="10.96.0.10", type="NodePort", ports=[
+                {"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080,
+                 "nodePort": 30080}]),
+            slice_("web", ports=[{"name": "http", "port": 8080, "protocol": "TCP"}],
+                   endpoints=[endpoint("10.244.1.11", "node-a")])]
+    (d / "cluster.json").write_text(json.dumps({"kind": "List", "items": objs}))
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text(
+        {"mode": "nftables", "clusterCIDR": "10.244.0.0/16", "healthzBindAddress": "",
+         "metricsBindAddress": "", "oomScoreAdj": -999},
+        disable=["conntrack"], datapaths=["nftables"]))
+    prepared = subprocess.run(["ip", "netns", "exec", topo.node, SVCPROXY, "prepare",
+                               "--config", str(config)], capture_output=True, text=True,
+                              timeout=120)
+    assert prepared.returncode == 0, prepared.stderr
+    assert prepared.stdout.splitlines() == [
+        "node prepared for the nftables datapath: nothing to change"]
+    run = unprivileged(topo.node, "run", "--once", "--manifests", str(d), "--config",
+                       str(config), "--node", "node-a", "--status-socket", "")
+    assert run.returncode == 0, run.stderr
+    assert " WARNING " not in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert topo.answers("c1", "http", "10.96.0.10", 80, 2) == {"a": 2}
+    assert topo.answers("c1", "http", NODE_IP, 30080, 2) == {"a": 2}
