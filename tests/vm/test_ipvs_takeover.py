@@ -390,9 +390,10 @@ def test_switch_from_the_ipvs_datapath_to_nftables(topo: Topology, tmp_path: Pat
     # conntrack entries: the next datagram is nftables')
     assert result.apply.details["ipvs_draining"] >= 2
     # new connections: DNATed by nftables (its counters), none new in IPVS
-    assert set(topo.answers("c1", "http", WEB_VIP, 80, 9)) == {"a", "b", "c"}
+    # (30 tries miss one of three backends 1 in 60,000)
+    assert set(topo.answers("c1", "http", WEB_VIP, 80, 30)) == {"a", "b", "c"}
     table = sh("nft", "list", "table", "ip", "kube-proxy", netns=ns).stdout
-    assert sum(int(p) for p in re.findall(r"counter packets (\d+)", table)) >= 9
+    assert sum(int(p) for p in re.findall(r"counter packets (\d+)", table)) >= 30
     assert sh("ipvsadm", "-L", "-n", "-c", netns=ns).stdout.count("ESTABLISHED") == 2
     flows.check()  # every held flow answered by its first backend; TCP now closed
     plugin = nft.plugin
@@ -409,4 +410,4 @@ def test_switch_from_the_ipvs_datapath_to_nftables(topo: Topology, tmp_path: Pat
     assert not [c for c in view["chains"] if "/KUBE-" in c], view["chains"]
     assert not [s for s in ipset_save(ns) if s.startswith("KUBE-")]
     assert sh("ip", "link", "show", "kube-ipvs0", netns=ns, check=False).returncode != 0
-    assert set(topo.answers("c1", "http", NODE_IP, 30080, 9)) == {"a", "b", "c"}
+    assert set(topo.answers("c1", "http", NODE_IP, 30080, 30)) == {"a", "b", "c"}
