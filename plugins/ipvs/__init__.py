@@ -507,61 +507,56 @@ class IpvsPlugin:
             return [], 0  # not loaded, so nothing of IPVS anywhere (and not loaded by us)
         kernel = IpvsKernel(self.netns)
         try:
-            kernel.nl  # noqa: B018 -- no IPVS here: nothing of IPVS mode to retire
-        except OSError:
-            kernel.close()
-            return [], 0
-        try:
-            state = IpvsState(kernel, self.options)
-            bound, nodes = kernel.link.addresses(), state.node_addresses()
-            owned = [vs for vs in kernel.nl.services()
-                     if state.owns(vs, bound, nodes) and not state.excluded(vs.address)]
-            dests = kernel.nl.dests_of(owned)
-            # a TCP connection that is closing (inactive: FIN_WAIT, TIME_WAIT)
-            # may go; a UDP flow is only ever "inactive" and must not
-            busy = [vs for vs in owned
-                    if any(rs.active or (vs.protocol != "TCP" and rs.inactive)
-                           for rs in dests.get(vs.key, ()))]
-            idle = [vs for vs in owned if vs not in busy]
-            lines: list[str] = []
-            if idle:
-                batch = kernel.nl.batch()
-                for vs in idle:
-                    batch.delete_service(vs)
-                failures = batch.commit()
-                lines.append(f"ipvs: removed {len(idle) - len(failures)} virtual servers "
-                             "without connections")
-                lines += [f"ipvs: {f}" for f in failures]
-                # a UDP flow idle past IPVS's timeout still has its conntrack
-                # entry, which would deliver its next datagram to the VIP
-                # itself; without the entry that datagram starts a new flow,
-                # which the serving datapath DNATs
-                flushed = sum(kernel.conntrack.delete(
-                    ["-p", vs.protocol.lower(), "--orig-dst", vs.address, "--orig-port-dst",
-                     str(vs.port)], 6 if ":" in vs.address else 4)
-                    for vs in idle if vs.protocol != "TCP")
-                if flushed:
-                    lines.append(f"ipvs: deleted {flushed} conntrack entries of idle UDP flows")
-            if busy:
-                return lines, len(busy)
-            if not owned and not bound and not self._helper_leftovers():
-                return lines, 0
-            lines += self._cleanup_helpers()
-            if kernel.link.delete():
-                lines.append("ipvs: removed kube-ipvs0")
-            return lines, 0
+            try:
+                kernel.nl  # noqa: B018 -- no IPVS here: nothing of IPVS mode to retire
+            except OSError:
+                return [], 0
+            if kernel.link.index(create=False) is None:
+                # no kube-ipvs0: IPVS mode never ran in this namespace, and
+                # NodePort-shaped virtual servers here are someone else's
+                # (keepalived's, say); an explicit `svcproxy cleanup` decides
+                return [], 0
+            return self._retire_servers(kernel)
         finally:
             kernel.close()
 
-    def _helper_leftovers(self) -> bool:
-        """Whether IPVS mode's helper ipsets are on the node."""
-        ipset = Ipset(self.netns)
-        try:
-            return bool(ipset.read(lambda name: name.startswith("KUBE-")))
-        except Exception:  # no ip_set module: nothing of IPVS mode's either
-            return False
-        finally:
-            ipset.close()
+    def _retire_servers(self, kernel: IpvsKernel) -> tuple[list[str], int]:
+        state = IpvsState(kernel, self.options)
+        bound, nodes = kernel.link.addresses(), state.node_addresses()
+        owned = [vs for vs in kernel.nl.services()
+                 if state.owns(vs, bound, nodes) and not state.excluded(vs.address)]
+        dests = kernel.nl.dests_of(owned)
+        # a TCP connection that is closing (inactive: FIN_WAIT, TIME_WAIT) may
+        # go; a UDP flow is only ever "inactive" and must not
+        busy = [vs for vs in owned
+                if any(rs.active or (vs.protocol != "TCP" and rs.inactive)
+                       for rs in dests.get(vs.key, ()))]
+        idle = [vs for vs in owned if vs not in busy]
+        lines: list[str] = []
+        if idle:
+            batch = kernel.nl.batch()
+            for vs in idle:
+                batch.delete_service(vs)
+            failures = batch.commit()
+            lines.append(f"ipvs: removed {len(idle) - len(failures)} virtual servers "
+                         "without connections")
+            lines += [f"ipvs: {f}" for f in failures]
+            # a UDP flow idle past IPVS's timeout still has its conntrack
+            # entry, which would deliver its next datagram to the VIP itself;
+            # without the entry that datagram starts a new flow, which the
+            # serving datapath DNATs
+            flushed = sum(kernel.conntrack.delete(
+                ["-p", vs.protocol.lower(), "--orig-dst", vs.address, "--orig-port-dst",
+                 str(vs.port)], 6 if ":" in vs.address else 4)
+                for vs in idle if vs.protocol != "TCP")
+            if flushed:
+                lines.append(f"ipvs: deleted {flushed} conntrack entries of idle UDP flows")
+        if busy:
+            return lines, len(busy)
+        lines += self._cleanup_helpers()
+        if kernel.link.delete():
+            lines.append("ipvs: removed kube-ipvs0")
+        return lines, 0
 
     def _cleanup_helpers(self) -> list[str]:
         from svcproxy.plugins.kernel.iptables import detect_backend
