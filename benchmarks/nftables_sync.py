@@ -60,6 +60,7 @@ def make_proxy(netns: str, datapath: str = "nftables", backend: str = "nft") -> 
         datapathOptions:
           nftables: {{netns: {netns}}}
           iptables: {{netns: {netns}, backend: {backend}}}
+          ipvs: {{netns: {netns}, sysctlBackup: /tmp/{netns}-sysctl.json}}
     """)
     return ProxyHarness(text, datapath, ["192.168.100.1"]).proxy
 
@@ -142,7 +143,10 @@ def bench_latency(n: int, datapath: str, backend: str = "nft") -> float:
     return iptables_latency(n, backend, make=lambda ns: make_proxy(ns, datapath, backend))
 
 
-def plot(latency: dict[str, dict[int, float]], path: Path) -> bool:
+def plot(latency: dict[str, dict[int, float]], path: Path,
+         emulated: dict[int, float] | None = None) -> bool:
+    """The chart: host datapaths on the left; IPVS measured in the VM (its CPU
+    emulated, so only its shape compares) on the right, when recorded."""
     try:
         import matplotlib
     except ImportError:
@@ -151,7 +155,10 @@ def plot(latency: dict[str, dict[int, float]], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    panels = 2 if emulated else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 + 3.5 * (panels - 1), 4.2), dpi=110,
+                             squeeze=False, gridspec_kw={"width_ratios": [2, 1][:panels]})
+    ax = axes[0][0]
     styles = {"nftables": ("tab:green", "o"), "iptables-nft": ("tab:red", "s"),
               "iptables-legacy": ("tab:orange", "^")}
     for name, points in latency.items():
@@ -161,10 +168,20 @@ def plot(latency: dict[str, dict[int, float]], path: Path) -> bool:
     ax.set_xscale("log")
     ax.set_xlabel("services (x 5 endpoints)")
     ax.set_ylabel("new TCP connection, median (µs)")
-    ax.set_title("New-connection latency through the last service (host, 2 cores)")
+    ax.set_title("Through the last service (host, 2 cores)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     ax.set_ylim(bottom=0)
+    if emulated:
+        vm = axes[0][1]
+        xs = sorted(emulated)
+        vm.plot(xs, [emulated[x] for x in xs], marker="D", color="tab:blue", label="ipvs")
+        vm.set_xscale("log")
+        vm.set_xlabel("services (x 5 endpoints)")
+        vm.set_title("IPVS in the VM (emulated CPU)")
+        vm.grid(True, which="both", alpha=0.3)
+        vm.legend()
+        vm.set_ylim(bottom=0)
     fig.tight_layout()
     fig.savefig(path)
     return True
@@ -175,6 +192,13 @@ def main() -> None:
     p.add_argument("--sizes", default="1000,10000,50000")
     p.add_argument("--latency-sizes", default="10,1000,10000")
     p.add_argument("--plot", default=str(ROOT / "benchmarks" / "latency.png"))
+    p.add_argument("--latency-datapaths", default="nftables,iptables-nft,iptables-legacy",
+                   help="which datapaths the latency part measures (ipvs: in the VM, "
+                   "benchmarks/run-in-vm.sh)")
+    p.add_argument("--latency-json", help="write the latency numbers here")
+    p.add_argument("--ipvs-latency", default=str(ROOT / "benchmarks" / "ipvs_latency_vm.json"),
+                   help="IPVS latency measured in the VM (--latency-json of a run there), "
+                   "drawn beside the host's")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -203,22 +227,36 @@ def main() -> None:
             print(f"one endpoint change at {r['services']:,} vs {base['services']:,}: "
                   f"{r['partial'] / base['partial']:.2f}x")
     if args.latency_sizes:
-        print("new-connection latency through the last service (median connect):")
-        sizes = [int(s) for s in args.latency_sizes.split(",") if s]
-        latency: dict[str, dict[int, float]] = {"nftables": {}, "iptables-nft": {},
-                                                "iptables-legacy": {}}
-        for n in sizes:
-            latency["nftables"][n] = bench_latency(n, "nftables")
-            latency["iptables-nft"][n] = bench_latency(n, "iptables", "nft")
-            latency["iptables-legacy"][n] = bench_latency(n, "iptables", "legacy")
-            print(f"{n:>9} services: " + ", ".join(
-                f"{k} {v[n]:7.1f} us" for k, v in latency.items()))
-        first, last = sizes[0], sizes[-1]
-        print(f"nftables latency at {last:,} vs {first:,}: "
-              f"{latency['nftables'][last] / latency['nftables'][first]:.2f}x")
-        if args.plot and plot(latency, Path(args.plot)):
-            print(f"chart: {args.plot}")
+        latency_part(args)
 
+
+#: the datapaths the latency part measures, by name: (datapath, iptables backend)
+LATENCY_DATAPATHS = {"nftables": ("nftables", "nft"), "iptables-nft": ("iptables", "nft"),
+                     "iptables-legacy": ("iptables", "legacy"), "ipvs": ("ipvs", "nft")}
+
+
+def latency_part(args: argparse.Namespace) -> None:
+    print("new-connection latency through the last service (median connect):")
+    sizes = [int(s) for s in args.latency_sizes.split(",") if s]
+    names = [n for n in args.latency_datapaths.split(",") if n]
+    latency: dict[str, dict[int, float]] = {name: {} for name in names}
+    for n in sizes:
+        for name in names:
+            latency[name][n] = bench_latency(n, *LATENCY_DATAPATHS[name])
+        print(f"{n:>9} services: " + ", ".join(
+            f"{k} {v[n]:7.1f} us" for k, v in latency.items()))
+    first, last = sizes[0], sizes[-1]
+    for name in names:
+        print(f"{name} latency at {last:,} vs {first:,}: "
+              f"{latency[name][last] / latency[name][first]:.2f}x")
+    if args.latency_json:
+        Path(args.latency_json).write_text(json.dumps(latency) + "\n")
+    emulated = None
+    if args.ipvs_latency and Path(args.ipvs_latency).exists():
+        recorded = json.loads(Path(args.ipvs_latency).read_text())
+        emulated = {int(k): float(v) for k, v in recorded["ipvs"].items()}
+    if args.plot and plot(latency, Path(args.plot), emulated):
+        print(f"chart: {args.plot}")
 
 if __name__ == "__main__":
     main()
