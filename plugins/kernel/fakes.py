@@ -339,6 +339,8 @@ class FakeNft:
         self.lists = 0
         self.refuse: str | None = None
         self.conntrack: list[list[str]] = []
+        #: the namespace's ruleset generation: every commit, anybody's, adds one
+        self.gen = 1
 
     def run(self, text: str) -> None:
         import copy
@@ -358,6 +360,10 @@ class FakeNft:
         self.table = work
         self.transactions += 1
         self.texts.append(text)
+        self.gen += 1
+
+    def generation(self) -> int | None:
+        return self.gen
 
     def _apply(self, table: NftTable | None, stmt: str) -> NftTable | None:
         verb, kind, rest = stmt.split(" ", 2)

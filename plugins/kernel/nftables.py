@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -209,6 +210,10 @@ class NftKernel:
                               f"{explain_failure(proc.stderr, text)}")
         self.transactions += 1
 
+    def generation(self) -> int | None:
+        """The namespace's ruleset generation (ruleset_generation)."""
+        return ruleset_generation(self.netns)
+
     def list_text(self) -> str | None:
         """`nft list table`, None when the table does not exist."""
         proc = run_tool(["nft", "list", "table", self.word, self.table], self.netns,
@@ -265,6 +270,41 @@ class NftKernel:
 
     def conntrack_delete(self, args: list[str]) -> int:
         return conntrack_delete(args, self.family, self.netns)
+
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_GETGEN = 16
+NFTA_GEN_ID = 1
+
+
+def ruleset_generation(netns: str | None = None) -> int | None:
+    """The nftables ruleset generation of `netns` (NFT_MSG_GETGEN): the kernel
+    adds one with every committed transaction, anybody's; None when it cannot
+    be read."""
+    from .netlink import each_attr, each_message, open_socket
+    from .netns import opened_in
+
+    try:
+        sock = opened_in(netns, lambda: open_socket(NETLINK_NETFILTER))
+    except OSError:
+        return None
+    try:
+        header = struct.pack("=IHHII", 16 + 4, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
+                             1, 1, 0)  # NLM_F_REQUEST, seq 1
+        sock.send(header + struct.pack("=BBH", 0, 0, 0))  # nfgenmsg: AF_UNSPEC, v0, res 0
+        data = sock.recv(65536)
+        for mtype, _, start, end in each_message(data):
+            if mtype & 0xFF != NFT_MSG_GETGEN - 1 or mtype >> 8 != NFNL_SUBSYS_NFTABLES:
+                continue  # NFT_MSG_NEWGEN (15) is the answer
+            for kind, vstart, vend in each_attr(data, start + 4, end):
+                if kind == NFTA_GEN_ID and vend - vstart >= 4:
+                    return int(struct.unpack_from(">I", data, vstart)[0])
+        return None
+    except OSError:
+        return None
+    finally:
+        sock.close()
 
 
 def addr_type(family: int) -> str:

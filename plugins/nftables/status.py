@@ -155,6 +155,9 @@ class PreviewNft:
     def run(self, text: str) -> None:
         self.changes.extend(f"nft {line}" for line in text.splitlines() if line)
 
+    def generation(self) -> int | None:
+        return None  # a preview always reads the table
+
     def conntrack_delete(self, args: list[str]) -> int:
         self.changes.append("conntrack -D " + " ".join(args))
         return 0

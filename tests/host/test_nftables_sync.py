@@ -233,3 +233,15 @@ def test_preview_names_the_first_syncs_statements_and_sends_none(topo: Topology)
     sh("nft", "delete", "element", "ip", "kube-proxy", "cluster-ips", "{", "10.96.0.10", "}",
        netns=topo.node)
     assert n.preview() == ["nft add element ip kube-proxy cluster-ips { 10.96.0.10 }"]
+
+
+def test_a_full_sync_lists_only_after_someone_elses_commit(topo: Topology) -> None:
+    n = Node(topo, datapath="nftables")
+    every_kind(n)
+    n.sync()
+    again = n.sync(full=True).apply.details["ipv4"]
+    assert not again["listed"]  # nobody committed since: nothing to read back
+    sh("nft", "add", "table", "ip", "other", netns=topo.node)  # anybody's commit
+    after = n.sync(full=True).apply.details["ipv4"]
+    assert after["listed"] and after["chains_written"] == 0 and after["elements"] == 0
+    sh("nft", "delete", "table", "ip", "other", netns=topo.node)

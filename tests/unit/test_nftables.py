@@ -277,3 +277,32 @@ def test_full_sync_after_restart_adopts_the_table() -> None:
     assert result.changes == 0 and p.kernel.transactions == transactions
     fw = "firewall-" + port_chain_base("ns1/svc1:p80", "tcp")
     assert p.chain(fw) == ("ip saddr != 203.0.113.0/25 drop",)
+
+
+def test_full_sync_lists_the_table_only_when_someone_else_committed() -> None:
+    """The ruleset generation moves with every commit in the namespace: when
+    every commit since the plugin last read or wrote was its own, the table is
+    what the stores say and a full sync does not list it; one commit by anybody
+    else, and it does. (The plugin on fake doors; nothing of the host's kernel
+    is asked: no IPv6, no other datapath to retire.)"""
+    from svcproxy.ir import PlanDelta
+    from svcproxy.plugins.nftables import NftablesPlugin
+
+    plugin = NftablesPlugin()
+    kernel = FakeNft()
+    plugin.families[4] = FamilyState(kernel)  # type: ignore[arg-type]
+    plugin.unusable[6] = "not in this test"
+    plugin.retired, plugin.ipvs_left = True, 0
+    plan = plan_of([node("node-a", ips=[NODE_IP]), svc1(), eps1("10.180.0.1")])
+
+    def full() -> dict[str, Any]:
+        result = plugin.svcproxy_apply_plan("nftables", plan, PlanDelta(), True)
+        assert result is not None
+        return result.details["ipv4"]  # type: ignore[no-any-return]
+
+    assert full()["listed"] and kernel.lists == 1  # first: read, then write
+    assert not full()["listed"] and kernel.lists == 1  # nobody else committed
+    kernel.gen += 1  # another program committed something
+    again = full()
+    assert again["listed"] and kernel.lists == 2 and again["chains_written"] == 0
+    assert not full()["listed"]
