@@ -60,6 +60,7 @@ class NftablesPlugin:
         self.families: dict[int, FamilyState] = {}
         #: families nftables cannot program here, with the reason (logged once)
         self.unusable: dict[int, str] = {}
+        self.ipv6_probed = False
         self.active = False
         #: the iptables datapath's rules were removed after a first full sync
         self.retired = False
@@ -282,11 +283,14 @@ class NftablesPlugin:
         return lines
 
     def _ipv6_usable(self) -> bool:
-        if 6 not in self.unusable and 6 not in self.families:
+        """Probed once (the probe commits a throwaway table, which moves the
+        ruleset generation: not on every sync)."""
+        if 6 not in self.unusable and 6 not in self.families and not self.ipv6_probed:
             try:
                 reason = NftKernel(6, self.netns).available()
             except KernelError as exc:
                 reason = str(exc)
+            self.ipv6_probed = True
             if reason:
                 self.unusable[6] = reason
                 log.warning("IPv6 frontends are not programmed: %s", reason)
