@@ -167,7 +167,7 @@ class FamilyResult:
     conntrack_deleted: int = 0
 
 
-def _touched(keys: Iterable[FrontendKey], *plans: ServiceMap) -> set[SPKey]:
+def touched_ports(keys: Iterable[FrontendKey], *plans: ServiceMap) -> set[SPKey]:
     """Service ports owning the changed frontend keys (old or new)."""
     out: set[SPKey] = set()
     for k in keys:
@@ -199,7 +199,7 @@ def _partial_desired(state: FamilyState, plan: ServiceMap, changed: Iterable[Fro
                                 dict[SPKey, ServicePortRules]]:
     """The touched service ports' chains and the shared chains whose fragments
     changed; the chains to compare (those and the touched ports' old ones)."""
-    touched = _touched(changed, plan, state.plan)
+    touched = touched_ports(changed, plan, state.plan)
     fresh = render_service_ports(plan, touched, opts)
     new_sp = dict(state.sp_rules)
     scope: set[ChainKey] = set()

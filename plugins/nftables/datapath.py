@@ -32,7 +32,12 @@ from dataclasses import dataclass, field
 from svcproxy.diffstore import Diff, DiffStore
 from svcproxy.ir import FrontendKey, ServiceMap
 from svcproxy.phases import phase
-from svcproxy.plugins.iptables.datapath import SPKey, clear_stale_udp, port_groups
+from svcproxy.plugins.iptables.datapath import (
+    SPKey,
+    clear_stale_udp,
+    port_groups,
+    touched_ports,
+)
 from svcproxy.plugins.kernel.nftables import NftKernel, NftTable
 from svcproxy.plugins.kernel.tools import KernelError
 
@@ -238,16 +243,6 @@ class FamilyResult:
             self.elements + self.sets
 
 
-def _touched(keys: Iterable[FrontendKey], *plans: ServiceMap) -> set[SPKey]:
-    out: set[SPKey] = set()
-    for k in keys:
-        for plan in plans:
-            f = plan.frontends.get(k)
-            if f is not None:
-                out.add((f.service, f.protocol))
-    return out
-
-
 def _shared(block: ServicePortBlock | None) -> list[ElementKey]:
     if block is None:
         return []
@@ -275,7 +270,7 @@ def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[Frontend
         state.shared_users = users
     else:
         with phase("render"):
-            touched = _touched(changed, plan, state.plan)
+            touched = touched_ports(changed, plan, state.plan)
             fresh = render_blocks(plan, touched, opts)
             blocks = dict(state.blocks)
             for key in touched:

@@ -29,6 +29,20 @@ SVCPROXY = str(Path(sys.executable).parent / "svcproxy")
 LOCALNET = "net.ipv4.conf.all.route_localnet"
 
 
+def write_cluster(tmp_path: Path) -> Path:
+    """A manifest directory: web (ClusterIP and NodePort 30080) -> pod a."""
+    d = tmp_path / "manifests"
+    d.mkdir()
+    objs = [node("node-a", ips=[NODE_IP]),
+            service("web", cluster_ip="10.96.0.10", type="NodePort", ports=[
+                {"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080,
+                 "nodePort": 30080}]),
+            slice_("web", ports=[{"name": "http", "port": 8080, "protocol": "TCP"}],
+                   endpoints=[endpoint("10.244.1.11", "node-a")])]
+    (d / "cluster.json").write_text(json.dumps({"kind": "List", "items": objs}))
+    return d
+
+
 def test_the_manifest_runs_prepare_privileged_and_the_proxy_without() -> None:
     containers = daemonset_containers()
     init = containers["prepare"]
@@ -46,15 +60,7 @@ def test_run_without_privileges_after_prepare(topo: Topology, tmp_path: Path,
     warns about nothing, and the NodePort answers on 127.0.0.1 too. Both
     iptables backends (legacy needs NET_RAW, which is why it is granted)."""
     topo.add_pod("a", "10.244.1.11")
-    d = tmp_path / "manifests"
-    d.mkdir()
-    objs = [node("node-a", ips=[NODE_IP]),
-            service("web", cluster_ip="10.96.0.10", type="NodePort", ports=[
-                {"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080,
-                 "nodePort": 30080}]),
-            slice_("web", ports=[{"name": "http", "port": 8080, "protocol": "TCP"}],
-                   endpoints=[endpoint("10.244.1.11", "node-a")])]
-    (d / "cluster.json").write_text(json.dumps({"kind": "List", "items": objs}))
+    d = write_cluster(tmp_path)
     config = tmp_path / "config.yaml"
     config.write_text(config_text(
         {"mode": "iptables", "clusterCIDR": "10.244.0.0/16", "healthzBindAddress": "",
@@ -95,15 +101,7 @@ def test_nftables_runs_with_the_manifests_capabilities(topo: Topology, tmp_path:
     """The nftables datapath needs NET_ADMIN only and no sysctl: the
     unprivileged run programs the table, warns about nothing, and serves."""
     topo.add_pod("a", "10.244.1.11")
-    d = tmp_path / "manifests"
-    d.mkdir()
-    objs = [node("node-a", ips=[NODE_IP]),
-            service("web", cluster_ip="10.96.0.10", type="NodePort", ports=[
-                {"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080,
-                 "nodePort": 30080}]),
-            slice_("web", ports=[{"name": "http", "port": 8080, "protocol": "TCP"}],
-                   endpoints=[endpoint("10.244.1.11", "node-a")])]
-    (d / "cluster.json").write_text(json.dumps({"kind": "List", "items": objs}))
+    d = write_cluster(tmp_path)
     config = tmp_path / "config.yaml"
     config.write_text(config_text(
         {"mode": "nftables", "clusterCIDR": "10.244.0.0/16", "healthzBindAddress": "",
