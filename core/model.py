@@ -113,7 +113,7 @@ class _Reader:
         if ":" not in value:
             # the common case, in C: a canonical dotted quad round-trips
             # (ipaddress took a third of reading 10,000 EndpointSlices)
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):  # ValueError: a NUL inside
                 if socket.inet_ntoa(socket.inet_pton(socket.AF_INET, value)) == value:
                     return value
         try:

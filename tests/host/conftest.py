@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import textwrap
 from collections.abc import Iterator
 
@@ -42,30 +41,6 @@ def pytest_sessionfinish() -> None:
     if vm_tier.current is not None:
         vm_tier.current.close()
         vm_tier.current = None
-
-
-def _host_nft_tables() -> str:
-    if shutil.which("nft") is None:
-        return ""
-    return subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
-                          timeout=30).stdout
-
-
-@pytest.fixture(autouse=True)
-def _host_nftables_untouched() -> Iterator[None]:
-    """Tests program namespaces they make, never the test machine's own
-    netns: a kube-proxy table that appears there is removed and fails the
-    test (a config that forgot a datapath's netns option)."""
-    before = _host_nft_tables()
-    yield
-    after = _host_nft_tables()
-    if after != before:
-        for family in ("ip", "ip6"):
-            if f"table {family} kube-proxy" in after and \
-                    f"table {family} kube-proxy" not in before:
-                subprocess.run(["nft", "delete", "table", family, "kube-proxy"],
-                               capture_output=True, timeout=30)
-        pytest.fail(f"the test changed the host's nftables tables: {before!r} -> {after!r}")
 
 
 @pytest.fixture

@@ -224,7 +224,9 @@ def test_run_applies_the_configs_logging_and_names_unused_settings(tmp_path: Pat
                    "mode: nftables\nenableProfiling: true\n"
                    "logging: {format: json, verbosity: 4}\n---\n"
                    "apiVersion: svcproxy.io/v1alpha1\nkind: SvcProxyConfiguration\n"
-                   "datapaths: []\n")
+                   "datapaths: []\n"
+                   # no usable datapath: the run stops before programming anything
+                   "datapathOptions: {nftables: {netns: svcproxy-no-such-netns}}\n")
     proc = run("run", "--once", "--manifests", str(EXAMPLE), "--config", str(cfg))
     records = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
     unused = [r for r in records if "accepted, not used by svcproxy" in r["msg"]]

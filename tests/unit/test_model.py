@@ -213,3 +213,13 @@ def test_ip_fast_path_agrees_with_ipaddress() -> None:
         assert got == want, value
 
     check()
+
+
+def test_an_address_with_a_nul_is_refused_naming_the_field() -> None:
+    """The dotted-quad fast path (inet_pton) raises ValueError, not OSError,
+    for an embedded NUL; it must still end as the usual ObjectError (found by
+    test_fuzz.py)."""
+    bad = node("node-a", ips=["192.168.1.10"])
+    bad["status"]["addresses"][0]["address"] = "1.2.3.4\x00"
+    with pytest.raises(ObjectError, match=r"status\.addresses\[0\]\.address: not a valid IP"):
+        parse_object(bad)
