@@ -38,7 +38,7 @@ from svcproxy.plugins.iptables.datapath import (
     port_groups,
     touched_ports,
 )
-from svcproxy.plugins.kernel.nftables import NftKernel, NftTable
+from svcproxy.plugins.kernel.nftables import NftKernel
 from svcproxy.plugins.kernel.tools import KernelError
 
 from .rules import (
@@ -308,19 +308,20 @@ def _delete_stale(state: FamilyState, now: float, result: FamilyResult) -> None:
     result.transactions += 1
 
 
-def _read(state: FamilyState) -> NftTable | None:
+def _read(state: FamilyState) -> bool:
+    """Load the stores from `nft list table`; whether the table exists."""
     with phase("read"):
         table = state.kernel.list_table()
     if table is None:
         state.chains.load({})
         state.sets.load({})
         state.elements.load({})
-        return None
+        return False
     state.chains.load({n: (c.header, c.rules) for n, c in table.chains.items()})
     state.sets.load({n: (s.kind, s.header) for n, s in table.sets.items()})
     state.elements.load({(n, k): v for n, s in table.sets.items()
                          if not n.startswith(AFFINITY_PREFIX) for k, v in s.elements.items()})
-    return table
+    return True
 
 
 def _fixed_part_differs(state: FamilyState, desired: Desired) -> str:
@@ -346,13 +347,12 @@ def _full(state: FamilyState, desired: Desired, result: FamilyResult, trusted: b
         # nobody committed since svcproxy's last transaction: the table is what
         # the stores say, and listing it (35 s at 50,000 services) is skipped
         result.listed = False
-        table: NftTable | None = NftTable()
-        why = ""
+        exists, why = True, ""
     else:
-        table = _read(state)
-        why = "" if table is None else _fixed_part_differs(state, desired)
+        exists = _read(state)
+        why = _fixed_part_differs(state, desired) if exists else ""
     tx = Transaction(state.kernel.prefix)
-    if table is None or why:
+    if not exists or why:
         if why:
             log.warning("nftables table %s rebuilt in one transaction: %s",
                         state.kernel.prefix, why)
