@@ -450,7 +450,12 @@ class IpvsPlugin:
         state = IpvsState(kernel, self.options)
         helpers = []
         for family in sorted({4} | plan.families()):
-            backend, _ = detect_backend(family, self.netns)
+            # the running datapath's backend, else what it would choose
+            known = self.helpers.get(family)
+            if known is not None and isinstance(known.ipt, IptablesKernel):
+                backend = known.ipt.backend
+            else:
+                backend = detect_backend(family, self.netns)[0]
             command = "iptables" if family == 4 else "ip6tables"
             helper = HelperState(PreviewIpset(Ipset(self.netns), changes),
                                  PreviewIptables(IptablesKernel(family, backend, self.netns),

@@ -326,10 +326,11 @@ class HelperState:
             lines.append(f"ipvs: removed {len(unjumps)} jump rules and {len(owned)} "
                          f"chains (IPv{self.family})")
         ours = sorted(self.existing & set(self.names.values()))
-        for name in ours:
-            self.ipset.destroy(name)
-        if ours:
-            lines.append(f"ipvs: removed {len(ours)} ipsets (IPv{self.family})")
+        refused = self.ipset.destroy(ours) if ours else {}
+        if len(ours) > len(refused):
+            lines.append(f"ipvs: removed {len(ours) - len(refused)} ipsets (IPv{self.family})")
+        for name, code in sorted(refused.items()):
+            lines.append(f"ipvs: ipset {name} not removed: {IpsetFailure.describe(code)}")
         self.members.reset()
         self.chains.reset()
         return lines

@@ -5,7 +5,7 @@ proxiers the same way, against fakes of pkg/util/{ipvs,ipset,iptables})."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from .ipset import IpsetFailure
@@ -64,7 +64,9 @@ class IpsetDoor(Protocol):
     def restore(self, text: str) -> None:
         """`ipset restore` input (set creation)."""
         ...
-    def destroy(self, name: str) -> None: ...
+    def destroy(self, names: Iterable[str]) -> Mapping[str, int]:
+        """Destroy sets; {name: errno} of those the kernel refused."""
+        ...
 
 
 class IptablesDoor(Protocol):

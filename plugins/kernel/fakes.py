@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from .ipset import IPSET_ERR_HASH_FULL, IpsetFailure
@@ -236,6 +236,8 @@ class FakeIpset:
     #: (set, member) pairs the kernel refuses to add (a set at maxelem, say)
     refuse: set[tuple[str, str]] = field(default_factory=set)
     writes: list[tuple[str, str, str]] = field(default_factory=list)  # (op, set, member)
+    #: sets a rule outside svcproxy's uses: destroying them is refused
+    referenced: set[str] = field(default_factory=set)
 
     def read(self, wanted: Callable[[str], bool]) -> dict[str, set[str]]:
         return {name: set(members) for name, members in self.sets.items() if wanted(name)}
@@ -260,8 +262,15 @@ class FakeIpset:
             if parts[:1] == ["create"]:
                 self.sets.setdefault(parts[1], set())
 
-    def destroy(self, name: str) -> None:
-        self.sets.pop(name, None)
+    def destroy(self, names: Iterable[str]) -> dict[str, int]:
+        """As the kernel: a set in `self.referenced` (a rule uses it) stays."""
+        refused = {}
+        for name in names:
+            if name in self.referenced:
+                refused[name] = 4100  # IPSET_ERR_BUSY, as the kernel answers
+            else:
+                self.sets.pop(name, None)
+        return refused
 
 
 BUILTIN_CHAINS: dict[tuple[str, str], tuple[str, ...]] = {

@@ -40,7 +40,7 @@ from .tools import KernelError, run_tool
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_IPSET = 6
 IPSET_PROTOCOL = 7
-CMD_ADD, CMD_DEL = 9, 10
+CMD_DESTROY, CMD_ADD, CMD_DEL = 3, 9, 10
 ATTR_PROTOCOL, ATTR_SETNAME, ATTR_DATA, ATTR_ADT, ATTR_LINENO = 1, 2, 7, 8, 9
 # inside IPSET_ATTR_DATA
 ATTR_IP, ATTR_PORT, ATTR_PROTO, ATTR_IP2, ATTR_CIDR2 = 1, 4, 7, 20, 21
@@ -97,9 +97,14 @@ class IpsetFailure:
 
     @property
     def reason(self) -> str:
-        if self.errno < 4096:
-            return os.strerror(self.errno)
-        return IPSET_ERRORS.get(self.errno, f"ipset error {self.errno}")
+        return self.describe(self.errno)
+
+    @staticmethod
+    def describe(code: int) -> str:
+        """An errno or one of ipset's own error numbers, in words."""
+        if code < 4096:
+            return os.strerror(code)
+        return IPSET_ERRORS.get(code, f"ipset error {code}")
 
     def __str__(self) -> str:
         return f"{self.op} {self.set_name} {self.member}: {self.reason}"
@@ -188,6 +193,18 @@ class IpsetNetlink:
                 failures.append(IpsetFailure(*singles[seq], code))
         return failures
 
+
+    def destroy(self, names: Iterable[str]) -> dict[str, int]:
+        """Destroy sets by name in one batch; returns {name: errno} for those
+        the kernel refused (in use by a rule: IPSET_ERR_REFERENCED)."""
+        sent = {}
+        messages = []
+        for name in names:
+            seq, msg = self._message(CMD_DESTROY, 0, name, b"")
+            sent[seq] = name
+            messages.append((seq, msg))
+        return {sent[seq]: code for seq, code in
+                send_batch(self.sock, messages, self.SEND_CHUNK).items()}
 
 # ---- reading ---------------------------------------------------------------------------
 
@@ -279,7 +296,7 @@ class IpsetReader:
 class Ipset:
     """The ipset door of one network namespace: members read and written
     through netlink (IpsetNetlink, opened there on first use), sets created
-    from `ipset restore` input and destroyed with the tool."""
+    from `ipset restore` input."""
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
@@ -309,5 +326,7 @@ class Ipset:
         if proc.returncode != 0:
             raise KernelError(f"ipset restore failed: {proc.stderr.strip()}")
 
-    def destroy(self, name: str) -> None:
-        run_tool(["ipset", "destroy", name], self.netns, check=False, timeout=60)
+    def destroy(self, names: Iterable[str]) -> dict[str, int]:
+        """Destroy the sets `names` (one netlink batch, no process per set);
+        {name: errno} of those the kernel refused."""
+        return self._netlink().destroy(names)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .conntrack import conntrack_delete
+from .netns import read_proc
 from .tools import KernelError, run_tool
 
 log = logging.getLogger(__name__)
@@ -175,13 +176,12 @@ def detect_backend(family: int = 4, netns: str | None = None) -> tuple[str, str]
             # every iptables-nft command warns about them: look, do not touch
             counts[backend] = 0
             continue
-        try:
-            mangle = k.run([k.tool("save"), "-t", "mangle"], check=False).stdout
-            if f":{HINT_CHAIN} " in mangle:
-                return backend, f"kubelet's {HINT_CHAIN} chain is in the {backend} tables"
+        try:  # one save of every table: the hint chain is in its mangle part
             text = k.run([k.tool("save")], check=False).stdout
         except KernelError:
             continue
+        if f":{HINT_CHAIN} " in _table_part(text, "mangle"):
+            return backend, f"kubelet's {HINT_CHAIN} chain is in the {backend} tables"
         counts[backend] = sum(1 for line in text.splitlines() if line.startswith("-A "))
     if counts and max(counts.values()) > 0:
         best = max(counts, key=lambda b: (counts[b], b == "nft"))
@@ -190,14 +190,24 @@ def detect_backend(family: int = 4, netns: str | None = None) -> tuple[str, str]
     return default, f"no rules yet; the system default iptables is {default}"
 
 
+def _table_part(text: str, table: str) -> str:
+    """The `*table` ... COMMIT part of iptables-save's text ('' if absent)."""
+    start = text.find(f"*{table}\n")
+    if start < 0:
+        return ""
+    end = text.find("\nCOMMIT", start)
+    return text[start:] if end < 0 else text[start:end]
+
+
 def legacy_tables_loaded(kernel: IptablesKernel) -> bool:
-    """Whether any legacy (x_tables) table exists in the kernel's namespace."""
+    """Whether any legacy (x_tables) table exists in the kernel's namespace
+    (read from a thread inside it: no process)."""
     names = "ip_tables_names" if kernel.family == 4 else "ip6_tables_names"
     try:
-        proc = kernel.run(["cat", f"/proc/net/{names}"], check=False)
-    except KernelError:
+        text = read_proc(f"/proc/thread-self/net/{names}", kernel.netns)
+    except OSError:  # the namespace is gone
         return False
-    return bool(proc.stdout.strip())
+    return bool(text and text.strip())
 
 
 def _system_default() -> str:

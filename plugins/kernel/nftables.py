@@ -11,6 +11,7 @@ deleted: the rest of the ruleset belongs to others.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -216,6 +217,8 @@ class NftKernel:
 
     def list_text(self) -> str | None:
         """`nft list table`, None when the table does not exist."""
+        if table_exists(self.family, self.table, self.netns) is False:
+            return None
         proc = run_tool(["nft", "list", "table", self.word, self.table], self.netns,
                         check=False)
         if proc.returncode != 0:
@@ -229,7 +232,11 @@ class NftKernel:
         return None if text is None else parse_table(text, zero_counters)
 
     def delete_table(self) -> bool:
-        """Delete the table (and everything in it); False when there was none."""
+        """Delete the table (and everything in it); False when there was none
+        (asked over netlink first: most nodes have none, and an nft process
+        costs more than the question)."""
+        if table_exists(self.family, self.table, self.netns) is False:
+            return False
         proc = run_tool(["nft", "delete", "table", self.word, self.table], self.netns,
                         check=False)
         if proc.returncode == 0:
@@ -274,15 +281,21 @@ class NftKernel:
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWTABLE = 0
+NFT_MSG_GETTABLE = 1
 NFT_MSG_GETGEN = 16
+NFT_MSG_NEWGEN = 15
 NFTA_GEN_ID = 1
+NFTA_TABLE_NAME = 1
+NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
 
 
-def ruleset_generation(netns: str | None = None) -> int | None:
-    """The nftables ruleset generation of `netns` (NFT_MSG_GETGEN): the kernel
-    adds one with every committed transaction, anybody's; None when it cannot
-    be read."""
-    from .netlink import each_attr, each_message, open_socket
+def _query(netns: str | None, msg: int, nfproto: int, attrs: bytes = b""
+           ) -> tuple[bytes, list[tuple[int, int, int]]] | None:
+    """One nf_tables netlink request in `netns` and its answer: the datagram
+    and its messages (type without the subsystem, payload start, end); None
+    when netfilter netlink cannot be reached."""
+    from .netlink import NLMSG_ERROR, each_message, open_socket
     from .netns import opened_in
 
     try:
@@ -290,21 +303,61 @@ def ruleset_generation(netns: str | None = None) -> int | None:
     except OSError:
         return None
     try:
-        header = struct.pack("=IHHII", 16 + 4, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
+        body = struct.pack("=BBH", nfproto, 0, 0) + attrs  # nfgenmsg: family, v0, res 0
+        header = struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_NFTABLES << 8) | msg,
                              1, 1, 0)  # NLM_F_REQUEST, seq 1
-        sock.send(header + struct.pack("=BBH", 0, 0, 0))  # nfgenmsg: AF_UNSPEC, v0, res 0
+        sock.send(header + body)
         data = sock.recv(65536)
-        for mtype, _, start, end in each_message(data):
-            if mtype & 0xFF != NFT_MSG_GETGEN - 1 or mtype >> 8 != NFNL_SUBSYS_NFTABLES:
-                continue  # NFT_MSG_NEWGEN (15) is the answer
-            for kind, vstart, vend in each_attr(data, start + 4, end):
-                if kind == NFTA_GEN_ID and vend - vstart >= 4:
-                    return int(struct.unpack_from(">I", data, vstart)[0])
-        return None
     except OSError:
         return None
     finally:
         sock.close()
+    return data, [(NLMSG_ERROR if mtype == NLMSG_ERROR else mtype & 0xFF, start, end)
+                  for mtype, _, start, end in each_message(data)
+                  if mtype == NLMSG_ERROR or mtype >> 8 == NFNL_SUBSYS_NFTABLES]
+
+
+def ruleset_generation(netns: str | None = None) -> int | None:
+    """The nftables ruleset generation of `netns` (NFT_MSG_GETGEN): the kernel
+    adds one with every committed transaction, anybody's; None when it cannot
+    be read."""
+    from .netlink import each_attr
+
+    answer = _query(netns, NFT_MSG_GETGEN, 0)  # AF_UNSPEC
+    if answer is None:
+        return None
+    data, messages = answer
+    for mtype, start, end in messages:
+        if mtype != NFT_MSG_NEWGEN:
+            continue
+        for kind, vstart, vend in each_attr(data, start + 4, end):
+            if kind == NFTA_GEN_ID and vend - vstart >= 4:
+                return int(struct.unpack_from(">I", data, vstart)[0])
+    return None
+
+
+def table_exists(family: int, table: str, netns: str | None = None) -> bool | None:
+    """Whether nftables table `table` of `family` (4/6) exists in `netns`
+    (NFT_MSG_GETTABLE: no nft process for the common "not there"); None when
+    netlink cannot tell (no nf_tables: then nft cannot either)."""
+    from .netlink import NLMSG_ERROR, error_code
+
+    name = table.encode() + b"\0"
+    attr = struct.pack("=HH", 4 + len(name), NFTA_TABLE_NAME) + name
+    attr += b"\0" * (-len(attr) % 4)
+    answer = _query(netns, NFT_MSG_GETTABLE, NFPROTO[family], attr)
+    if answer is None:
+        return None
+    data, messages = answer
+    for mtype, start, _ in messages:
+        if mtype == NFT_MSG_NEWTABLE:
+            return True
+        if mtype == NLMSG_ERROR:
+            code = error_code(data, start)
+            if code == errno.ENOENT:
+                return False
+            return None if code else True
+    return None
 
 
 def addr_type(family: int) -> str:

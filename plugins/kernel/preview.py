@@ -10,7 +10,7 @@ one: `ipvsadm`, `ipset`, iptables chains).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .doors import IpsetDoor, IpvsDoor, LinkDoor, VSKey
@@ -136,8 +136,9 @@ class PreviewIpset:
         self.changes.extend(f"ipset {line}" for line in text.splitlines()
                             if line.strip() and not line.startswith("#"))
 
-    def destroy(self, name: str) -> None:
-        self.changes.append(f"ipset destroy {name}")
+    def destroy(self, names: Iterable[str]) -> dict[str, int]:
+        self.changes.extend(f"ipset destroy {name}" for name in names)
+        return {}
 
 
 def describe_restore(text: str, command: str = "iptables") -> list[str]:

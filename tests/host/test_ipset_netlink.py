@@ -133,3 +133,21 @@ def test_sets_read_back_through_netlink_as_svcproxy_writes_them(ns: str) -> None
 def test_bad_member_text_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown protocol"):
         member_data("10.0.0.1,icmp:0")
+
+
+def test_sets_are_destroyed_in_one_batch_except_one_a_rule_uses(ns: str) -> None:
+    """Ipset.destroy (cleanup's): every named set goes but the one an iptables
+    rule matches on, which the kernel refuses by name and keeps; sets not named
+    stay."""
+    from svcproxy.plugins.kernel.ipset import Ipset, IpsetFailure
+
+    subprocess.run(["ip", "netns", "exec", ns, "iptables", "-A", "INPUT", "-m", "set",
+                    "--match-set", "IPS", "src", "-j", "ACCEPT"], check=True)
+    door = Ipset(ns)
+    try:
+        refused = door.destroy(["PORT", "LOOP", "IPS", "PORT6"])
+    finally:
+        door.close()
+    assert {name: IpsetFailure.describe(code) for name, code in refused.items()} \
+        == {"IPS": "the set is in use"}
+    assert set(saved(ns)) == {"CIDR", "NP", "IPS", "CIDR6"}

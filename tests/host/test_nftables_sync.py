@@ -245,3 +245,25 @@ def test_a_full_sync_lists_only_after_someone_elses_commit(topo: Topology) -> No
     after = n.sync(full=True).apply.details["ipv4"]
     assert after["listed"] and after["chains_written"] == 0 and after["elements"] == 0
     sh("nft", "delete", "table", "ip", "other", netns=topo.node)
+
+
+def test_table_existence_is_asked_over_netlink_as_nft_lists_it(topo: Topology) -> None:
+    """table_exists (NFT_MSG_GETTABLE, which spares delete_table and the first
+    listing an nft process on the usual node without the table) agrees with
+    `nft list tables`: per family, and not fooled by a same-named table of
+    another family."""
+    from svcproxy.plugins.kernel.nftables import NftKernel, table_exists
+
+    node = topo.node
+    assert (table_exists(4, "kube-proxy", node), table_exists(6, "kube-proxy", node)) \
+        == (False, False)
+    sh("nft", "add table inet kube-proxy; add table ip6 kube-proxy", netns=node)
+    assert (table_exists(4, "kube-proxy", node), table_exists(6, "kube-proxy", node)) \
+        == (False, True)
+    assert NftKernel(4, node).delete_table() is False
+    assert NftKernel(4, node).list_text() is None
+    assert NftKernel(6, node).delete_table() is True
+    assert sh("nft", "list", "tables", netns=node).stdout.split() == ["table", "inet",
+                                                                       "kube-proxy"]
+    assert table_exists(6, "kube-proxy", node) is False
+    sh("nft", "delete table inet kube-proxy", netns=node)

@@ -211,6 +211,19 @@ def test_cleanup_removes_the_chains_jumps_and_sets() -> None:
     assert all(not rules for rules in h.ipt.chains.values())
 
 
+def test_cleanup_names_a_set_the_kernel_keeps_and_removes_the_rest() -> None:
+    """A helper set someone else's rule still uses cannot be destroyed: cleanup
+    says which and why, and removes every other set (they go in one batch)."""
+    h = Helpers()
+    h.sync(service("svc1", cluster_ip="10.20.30.41", ports=[TCP80]), EPS)
+    ours = {n for n in h.ipset.sets if n.startswith("KUBE-")}
+    h.ipset.referenced = {"KUBE-CLUSTER-IP"}
+    lines = HelperState(h.ipset, h.ipt, 4).cleanup()
+    assert set(h.ipset.sets) == {"KUBE-CLUSTER-IP"}
+    assert f"ipvs: removed {len(ours) - 1} ipsets (IPv4)" in lines
+    assert "ipvs: ipset KUBE-CLUSTER-IP not removed: the set is in use" in lines
+
+
 def test_ipv6_sets_with_truncated_names_survive_partial_syncs() -> None:
     """KUBE-6-LOAD-BALANCER-SOURCE-CIDR is 32 characters, one over ipset's
     limit: its members are kept through a partial sync that does not touch
