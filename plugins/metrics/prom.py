@@ -180,7 +180,9 @@ class ProxyMetrics:
             "Failed reads of the cluster: API server requests that failed (each retry "
             "counted) and manifest problems; what was read before keeps being served",
             ["source", "resource"], registry=r)
-        self.pending_triggers: list[tuple[float, int]] = []
+        #: (wall time the change arrived, its trigger time, family), until a
+        #: sync that started after it arrived has programmed it
+        self.pending_triggers: list[tuple[float, float, int]] = []
 
     def add_samples(self, source: Callable[[], Sequence[MetricSample]]) -> None:
         self.registry.register(_Samples(source))
@@ -205,7 +207,7 @@ class ProxyMetrics:
         with self.lock:
             self.endpoint_pending.inc()
             self.endpoint_total.inc()
-            self.pending_triggers.append((trigger, family))
+            self.pending_triggers.append((now, trigger, family))
             self.last_queued.labels(family_name(family)).set(now)
 
     def service_change(self) -> None:
@@ -233,10 +235,15 @@ class ProxyMetrics:
                 result.duration)
             self.last_sync.labels(name).set(now)
         with self.lock:
-            triggers, self.pending_triggers = self.pending_triggers, []
-            self.endpoint_pending.set(0)
+            # a change that arrived while this sync ran is not in its plan:
+            # it waits for the next sync (kube-proxy takes a sync's changes
+            # when the sync starts; counting them here would hide their wait)
+            triggers = [t for t in self.pending_triggers if t[0] <= result.started]
+            self.pending_triggers = [t for t in self.pending_triggers
+                                     if t[0] > result.started]
+            self.endpoint_pending.set(len(self.pending_triggers))
             self.service_pending.set(0)
-        for trigger, f in triggers:
+        for _, trigger, f in triggers:
             self.network_programming.labels(family_name(f)).observe(max(0.0, now - trigger))
         if result.apply is not None:
             self.changes.inc(result.apply.changes)
