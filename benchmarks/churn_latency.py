@@ -42,9 +42,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from apiserver import FakeAPIServer  # noqa: E402
-from factories import endpoint, node, service, slice_  # noqa: E402
+from factories import node  # noqa: E402
+from manifest_scale import cluster as manifest_cluster  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from svcproxy.status import ask_socket  # noqa: E402
@@ -60,15 +62,10 @@ def free_port() -> int:
 
 
 def cluster(n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(services, slices): N ClusterIP services x 5 endpoints."""
-    services, slices = [], []
-    for i in range(n):
-        services.append(service(f"svc-{i}", cluster_ip=f"10.{96 + i // 65000}."
-                                f"{i // 250 % 260}.{i % 250 + 1}"))
-        slices.append(slice_(f"svc-{i}", endpoints=[
-            endpoint(f"10.{100 + i // 250 % 150}.{i % 250}.{10 + k}", f"node-{k}")
-            for k in range(5)]))
-    return services, slices
+    """(services, slices): N ClusterIP services x 5 endpoints (manifest_scale's)."""
+    objs = manifest_cluster(n)
+    return ([o for o in objs if o["kind"] == "Service"],
+            [o for o in objs if o["kind"] == "EndpointSlice"])
 
 
 def scrape(address: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
