@@ -10,8 +10,9 @@ Reported, for the churn only (the first sync's observations are subtracted):
   (0.25, 0.5, 1, 2, ... s: coarse around 1 s);
 - the same latency per change from outside: the end of the first sync that
   started after the change was written to the API server (sync records polled
-  on the status socket every 50 ms), so not bucketed;
-- the CPU the svcproxy process used during the churn (cores) and its peak RSS.
+  from the status file every 50 ms), so not bucketed;
+- the CPU the svcproxy process and its children (the restore tools)
+  used during the churn (cores) and its peak RSS.
 
 The datapath programs a network namespace the benchmark creates (no traffic
 is sent). Root; `--datapath iptables --backend legacy` is issue #16's target
@@ -26,8 +27,10 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,8 +51,6 @@ from apiserver import FakeAPIServer  # noqa: E402
 from factories import node  # noqa: E402
 from manifest_scale import cluster as manifest_cluster  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from svcproxy.status import ask_socket  # noqa: E402
 
 NP = "kubeproxy_network_programming_duration_seconds"
 TRIGGER = "endpoints.kubernetes.io/last-change-trigger-time"
@@ -102,7 +103,8 @@ def quantile(q: float, buckets: list[tuple[float, float]]) -> float:
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # its own and its reaped children's (iptables-restore, ipset, nft)
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def status_kb(pid: int, key: str) -> int:
@@ -113,19 +115,20 @@ def status_kb(pid: int, key: str) -> int:
 
 
 class SyncLog(threading.Thread):
-    """Every successful sync, (start, end) in wall time, from the status socket."""
+    """Every successful sync, {start: end} in wall time, from the status file
+    (`svcproxy run --status-file`; each sync rewrites it by rename)."""
 
-    def __init__(self, sock: Path) -> None:
+    def __init__(self, path: Path) -> None:
         super().__init__(daemon=True)
-        self.sock = sock
+        self.path = path
         self.syncs: dict[float, float] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.wait(0.05):
             try:
-                rec = ask_socket(self.sock, "/svcproxy/status")["last_successful_sync"]
-            except (OSError, ValueError, KeyError, TypeError):
+                rec = json.loads(self.path.read_text())["last_successful_sync"]
+            except (OSError, ValueError, KeyError):
                 continue
             if rec:
                 self.syncs[rec["time"]] = rec["time"] + rec["duration_seconds"]
@@ -160,21 +163,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               iptables: {{netns: {ns}, backend: {args.backend}}}
               nftables: {{netns: {ns}}}
         """))
-        sock = work / "status.sock"
         svcproxy = str(Path(sys.executable).parent / "svcproxy")
         started = time.time()
         with open(work / "svcproxy.log", "wb") as log:
             proc = subprocess.Popen([svcproxy, "run", "--kubeconfig",
                                      str(server.kubeconfig(work / "kubeconfig")),
                                      "--config", str(work / "config.yaml"), "--node", "node-a",
-                                     "--status-socket", str(sock)],
+                                     "--status-socket", "", "--status-file",
+                                     str(work / "status.json")],
                                     stdout=subprocess.DEVNULL, stderr=log)
-        watcher = SyncLog(sock)
+        watcher = SyncLog(work / "status.json")
         watcher.start()
         deadline = time.monotonic() + args.first_sync_timeout
         while not watcher.syncs:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("no first sync:\n" + (work / "svcproxy.log").read_text()[-3000:])
+                raise SystemExit("no first sync:\n"
+                                 + (work / "svcproxy.log").read_text(errors="replace")[-3000:])
             time.sleep(0.1)
         first_sync = max(watcher.syncs.values()) - started
         time.sleep(args.min_sync + 0.5)  # let the first sync's followers settle
@@ -244,6 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 proc.wait()
         server.close()
         subprocess.run(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> int:
