@@ -193,10 +193,9 @@ class IpsetNetlink:
                 failures.append(IpsetFailure(*singles[seq], code))
         return failures
 
-
     def destroy(self, names: Iterable[str]) -> dict[str, int]:
         """Destroy sets by name in one batch; returns {name: errno} for those
-        the kernel refused (in use by a rule: IPSET_ERR_REFERENCED)."""
+        the kernel refused (a rule uses it: IPSET_ERR_BUSY, 4100)."""
         sent = {}
         messages = []
         for name in names:
@@ -205,6 +204,7 @@ class IpsetNetlink:
             messages.append((seq, msg))
         return {sent[seq]: code for seq, code in
                 send_batch(self.sock, messages, self.SEND_CHUNK).items()}
+
 
 # ---- reading ---------------------------------------------------------------------------
 

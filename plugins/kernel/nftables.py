@@ -352,11 +352,8 @@ def table_exists(family: int, table: str, netns: str | None = None) -> bool | No
     for mtype, start, _ in messages:
         if mtype == NFT_MSG_NEWTABLE:
             return True
-        if mtype == NLMSG_ERROR:
-            code = error_code(data, start)
-            if code == errno.ENOENT:
-                return False
-            return None if code else True
+        if mtype == NLMSG_ERROR:  # only ENOENT says "not there"; the rest: ask nft
+            return False if error_code(data, start) == errno.ENOENT else None
     return None
 
 
