@@ -32,7 +32,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,21 +44,17 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "host"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from apiserver import FakeAPIServer  # noqa: E402
 from factories import node  # noqa: E402
 from manifest_scale import cluster as manifest_cluster  # noqa: E402
+from netns import free_port  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 NP = "kubeproxy_network_programming_duration_seconds"
 TRIGGER = "endpoints.kubernetes.io/last-change-trigger-time"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cluster(n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
