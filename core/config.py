@@ -422,6 +422,13 @@ class SvcProxyConfiguration:
     datapath_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: seconds between full syncs; None = max(syncPeriod, 10 x last full sync time)
     full_sync_period: float | None = None
+    #: cold start: a first sync of at least this many Services programs the
+    #: priority Services first (coldStart.minServices)
+    cold_start_min_services: int = 1000
+    #: the priority Services as namespace/name (coldStart.services); None = the
+    #: API server's and the cluster DNS (default/kubernetes, kube-system/kube-dns
+    #: and any Service labelled k8s-app=kube-dns)
+    cold_start_services: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -525,7 +532,7 @@ _PLUGIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 def _load_svcproxy(doc: Mapping[str, Any], problems: list[ConfigProblem]) -> SvcProxyConfiguration:
     known = ["apiVersion", "kind", "enable", "disable", "datapaths", "datapathOptions",
-             "fullSyncPeriod"]
+             "fullSyncPeriod", "coldStart"]
     for key in doc:
         if key == "plugins":
             problems.append(ConfigProblem("plugins", _plugins_migration(doc["plugins"]),
@@ -564,8 +571,49 @@ def _load_svcproxy(doc: Mapping[str, Any], problems: list[ConfigProblem]) -> Svc
             problems.append(ConfigProblem("fullSyncPeriod", str(exc),
                                           line_of(doc, "fullSyncPeriod")))
             full_sync_period = None
+    min_services, priority = _cold_start(doc, problems)
     return SvcProxyConfiguration(plugins=plugins[0], disabled=plugins[1], datapaths=datapaths,
-                                 datapath_options=dp_options, full_sync_period=full_sync_period)
+                                 datapath_options=dp_options, full_sync_period=full_sync_period,
+                                 cold_start_min_services=min_services,
+                                 cold_start_services=priority)
+
+
+_SERVICE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _cold_start(doc: Mapping[str, Any], problems: list[ConfigProblem]
+                ) -> tuple[int, tuple[str, ...] | None]:
+    """coldStart: {minServices: N, services: [namespace/name, ...]}."""
+    default = SvcProxyConfiguration()
+    raw = doc.get("coldStart")
+    if raw is None:
+        return default.cold_start_min_services, None
+    if not isinstance(raw, Mapping):
+        problems.append(ConfigProblem("coldStart", f"must be a mapping with minServices and "
+                                      f"services (got {show(raw)})", line_of(doc, "coldStart")))
+        return default.cold_start_min_services, None
+    min_services = default.cold_start_min_services
+    services: tuple[str, ...] | None = None
+    for key, value in raw.items():
+        where = f"coldStart.{key}"
+        if key == "minServices":
+            try:
+                min_services = _int(0)(value)
+            except _FieldError as exc:
+                problems.append(ConfigProblem(where, str(exc), line_of(raw, key)))
+        elif key == "services":
+            bad = [v for v in value if not isinstance(v, str) or not _SERVICE_NAME.match(v)] \
+                if isinstance(value, list) else None
+            if bad is None or bad:
+                shown = show(value) if bad is None else show(bad[0])
+                problems.append(ConfigProblem(where, f"must be a list of namespace/name "
+                                              f"(got {shown})", line_of(raw, key)))
+            else:
+                services = tuple(value)
+        else:
+            problems.append(ConfigProblem(where, "unknown field; coldStart has minServices "
+                                          "and services", line_of(raw, key)))
+    return min_services, services
 
 
 def _plugin_list(doc: Mapping[str, Any], problems: list[ConfigProblem]

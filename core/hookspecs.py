@@ -165,6 +165,24 @@ def svcproxy_apply_plan(name: str, plan: ServiceMap, delta: PlanDelta,
 
 
 @hookspec(firstresult=True)
+def svcproxy_apply_first(name: str, plan: ServiceMap) -> ApplyResult | None:
+    """Cold start: program the frontends of `plan` with datapath `name` before
+    the rest, without removing or changing anything else the kernel holds.
+
+    Called on a datapath's first sync of a large cluster (at least
+    coldStart.minServices Services) with a plan of the few Services a node
+    needs before all others (the API server's, the cluster DNS); the full
+    apply of the whole plan follows at once. Additive: rules, servers or set
+    members the kernel already holds (a restart, a takeover) stay, so a
+    restart never loses what serves. A datapath that cannot write that way
+    returns None (the core then goes straight to the full apply). A raise is
+    logged and the full apply still runs.
+
+    firstresult: only the active datapath's plugin answers.
+    """
+
+
+@hookspec(firstresult=True)
 def svcproxy_preview_plan(name: str, plan: ServiceMap) -> Sequence[str] | None:
     """What a first full sync of datapath `name` to `plan` would change in this
     node's kernel, one line per change, without changing anything (`svcproxy

@@ -339,6 +339,11 @@ class PluginHost:
             raise PluginError(f"no plugin applied the plan for datapath {name!r}")
         return result  # type: ignore[no-any-return]
 
+    def apply_first(self, name: str, plan: ServiceMap) -> ApplyResult | None:
+        """The datapath's additive cold-start write, or None if it has none."""
+        return self.pm.hook.svcproxy_apply_first(  # type: ignore[no-any-return]
+            name=name, plan=plan)
+
     def plan_formats(self) -> list[str]:
         formats: list[str] = []
         for answer in self.pm.hook.svcproxy_list_plan_formats():

@@ -10,6 +10,7 @@ rules all stay as they were; the runner retries with backoff.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import threading
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 from .bus import EventBus
 from .config import Config
-from .datapath import SyncResult
+from .datapath import ApplyResult, SyncResult
 from .ir import ServiceMap
 from .manager import PluginHost
 from .phases import recording
@@ -27,6 +28,19 @@ from .runner import SyncPolicy, SyncRunner
 from .state import Change, ClusterState
 
 log = logging.getLogger(__name__)
+
+#: the Services a cold start programs first unless coldStart.services names
+#: others: the API server's, the cluster DNS (by name, and by kube-dns's label,
+#: which CoreDNS deployments keep under other names)
+DEFAULT_PRIORITY = ("default/kubernetes", "kube-system/kube-dns")
+DNS_LABEL = ("k8s-app", "kube-dns")
+
+
+def _merged(first: ApplyResult, full: ApplyResult) -> ApplyResult:
+    """The full apply's result with the cold-start write's changes counted in."""
+    details = dict(full.details)
+    details["cold_start_changes"] = first.changes
+    return dataclasses.replace(full, changes=full.changes + first.changes, details=details)
 
 
 @contextlib.contextmanager
@@ -163,7 +177,11 @@ class Proxy:
             full = full or self.needs_full or periodic
             self.needs_full = False
         phases: dict[str, float] = {}
+        first: ApplyResult | None = None
         try:
+            if full and not self.applied:
+                first = self._cold_start(phases)
+            tp = self.clock()
             with self.bus.lock:
                 ctx = self.context()
                 if full:
@@ -171,7 +189,7 @@ class Proxy:
                 else:
                     plan, delta = self.planner.plan_partial(ctx, self.state, self.applied, dirty)
             t1 = self.clock()
-            phases["plan"] = t1 - t0
+            phases["plan"] = t1 - tp
             apply_result = None
             if full or delta or self._followup:
                 # the datapath times its steps with svcproxy.phases.phase();
@@ -182,6 +200,8 @@ class Proxy:
                 finally:
                     phases.update({f"apply.{k}": v for k, v in steps.durations().items()})
                 self._followup = apply_result.followup
+                if first is not None:
+                    apply_result = _merged(first, apply_result)
                 phases.update({f"apply.{k}": v for k, v in apply_result.phases.items()})
             phases["apply"] = self.clock() - t1
         except Exception as exc:
@@ -224,6 +244,53 @@ class Proxy:
                  result.created, result.updated, result.deleted, result.duration)
         self.last_result = result
         self.plugins.observe_sync(result)
+        return result
+
+    def priority_services(self) -> set[str]:
+        """The Services a cold start programs first (namespace/name keys)."""
+        names = self.config.svcproxy.cold_start_services
+        if names is not None:
+            return {n for n in names if n in self.state.services}
+        found = {n for n in DEFAULT_PRIORITY if n in self.state.services}
+        found.update(key for key, svc in self.state.services.items()
+                     if svc.label(DNS_LABEL[0]) == DNS_LABEL[1])
+        return found
+
+    def _cold_start(self, phases: dict[str, float]) -> ApplyResult | None:
+        """A datapath's first sync of a large cluster: the API server's and the
+        cluster DNS's Services are planned and written (additively) first, so
+        they answer long before the whole cluster is programmed (a node with
+        thousands of Services could not reach the API server for its first
+        sync's duration, kubernetes #133773)."""
+        t0 = self.clock()
+        with self.bus.lock:
+            if len(self.state.services) < self.config.svcproxy.cold_start_min_services:
+                return None
+            priority = self.priority_services()
+            if not priority or len(priority) >= len(self.state.services):
+                return None
+            plan, _ = self.planner.plan_partial(self.context(), self.state, ServiceMap(),
+                                                priority)
+        if not plan:
+            return None
+        t1 = self.clock()
+        try:
+            with recording() as steps:
+                result = self.plugins.apply_first(self.datapath, plan)
+        except Exception as exc:
+            log.warning("cold start: writing the %d priority Services first with the %s "
+                        "datapath failed (the full sync follows): %s", len(priority),
+                        self.datapath, exc)
+            return None
+        finally:
+            phases.update({f"first.{k}": v for k, v in steps.durations().items()})
+        if result is None:
+            return None
+        phases["first.plan"] = t1 - t0
+        phases["first"] = self.clock() - t0
+        log.info("cold start: %s programmed first (%d frontends) in %.3fs; the other %d "
+                 "Services follow", ", ".join(sorted(priority)), len(plan), self.clock() - t0,
+                 len(self.state.services) - len(priority))
         return result
 
     def _log_failure(self, full: bool, reason: str) -> None:

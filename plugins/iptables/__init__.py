@@ -28,7 +28,13 @@ from svcproxy.plugins.kernel.iptables import BACKENDS, IptablesKernel, detect_ba
 from svcproxy.plugins.kernel.sysctl import DEFAULT_BACKUP, SysctlStore
 from svcproxy.plugins.kernel.tools import KernelError
 
-from .datapath import FamilyState, cleanup_family, render_iptables_save, sync_family
+from .datapath import (
+    FamilyState,
+    cleanup_family,
+    render_iptables_save,
+    sync_family,
+    sync_first,
+)
 from .rules import RuleOptions
 
 log = logging.getLogger(__name__)
@@ -268,6 +274,25 @@ class IptablesPlugin:
             self.retired = True
         return ApplyResult(changes=written + deleted + jumps, repaired=0 if not full else
                            written + deleted + jumps, details=details)
+
+    @hookimpl
+    def svcproxy_apply_first(self, name: str, plan: ServiceMap) -> ApplyResult | None:
+        """Cold start: the priority Services' chains, added to what each
+        family's tables hold (datapath.sync_first); the full sync follows."""
+        if name != NAME:
+            return None
+        changes = 0
+        for family in sorted({f.family for f in plan.frontends.values()} | {4}):
+            if family == 6 and not self._ipv6_usable():
+                continue
+            opts = rule_options(self.config, family, plan)
+            try:
+                with phase(f"ipv{family}"):
+                    res = sync_first(self._family(family), plan, opts)
+            except KernelError as exc:
+                raise KernelError(f"IPv{family}: {exc}") from None
+            changes += len(res.written) + res.jumps
+        return ApplyResult(changes=changes)
 
     @hookimpl
     def svcproxy_preview_plan(self, name: str, plan: ServiceMap) -> list[str] | None:

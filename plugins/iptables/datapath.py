@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from svcproxy.diffstore import DiffStore
+from svcproxy.diffstore import Diff, DiffStore
 from svcproxy.ir import Frontend, FrontendKey, ServiceMap
 from svcproxy.phases import phase
 from svcproxy.plugins.kernel.iptables import (
@@ -152,6 +152,9 @@ class FamilyState:
     #: svcproxy's chains as the kernel holds them, as far as svcproxy knows
     chains: DiffStore[ChainKey, tuple[str, ...]] = field(default_factory=DiffStore)
     plan: ServiceMap = field(default_factory=ServiceMap)
+    #: sync_first read the kernel (these are the chains it found that are not
+    #: svcproxy's) and only it wrote since: the full sync after it reads no more
+    just_read: dict[ChainKey, tuple[str, ...]] | None = None
 
     @property
     def written(self) -> dict[ChainKey, tuple[str, ...]] | None:
@@ -236,13 +239,24 @@ def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[Frontend
             new_sp = render_service_ports(plan, None, opts)
             desired = desired_ruleset(new_sp, opts)
         with phase("read"):
-            builtin = _read(state, desired)
+            builtin = _read(state, desired) if state.just_read is None else state.just_read
         jumps = [(t, c, body) for t, c, body in jumps_for(opts)
                  if f"-A {c} {body}" not in builtin.get((t, c), ())]
     else:
         with phase("render"):
             desired, scope, new_sp = _partial_desired(state, plan, changed, opts)
-    diff = state.chains.diff(desired, scope)
+    state.just_read = None
+    _write(state, result, state.chains.diff(desired, scope), jumps)
+    with phase("conntrack"):
+        result.conntrack_deleted = clear_stale_udp(state.kernel, state.sp_rules, new_sp)
+    state.sp_rules = new_sp
+    state.plan = plan
+    return result
+
+
+def _write(state: FamilyState, result: FamilyResult, diff: Diff[ChainKey, tuple[str, ...]],
+           jumps: list[tuple[str, str, str]]) -> None:
+    """One restore of what differs; the store follows what the kernel took."""
     writes = {**diff.created, **{c: new for c, (_, new) in diff.updated.items()}}
     text = restore_text(writes, list(diff.deleted), jumps)
     if text:
@@ -251,13 +265,58 @@ def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[Frontend
                 state.kernel.restore(text)
             except Exception:
                 state.chains.forget()  # atomic per table, but which table failed?
+                state.just_read = None
                 raise
     state.chains.applied(diff)
     result.written = sorted(writes)
     result.deleted = sorted(diff.deleted)
     result.jumps = len(jumps)
+
+
+def _merge_shared(chain: ChainKey, have: tuple[str, ...], want: tuple[str, ...]
+                  ) -> tuple[str, ...]:
+    """A shared chain as the kernel holds it plus the rules of `want` it lacks,
+    before nat KUBE-SERVICES' closing jump to KUBE-NODEPORTS."""
+    present = set(have)
+    new = [r for r in want if r not in present and not r.endswith("-j KUBE-NODEPORTS")]
+    if not new:
+        return have
+    if chain == ("nat", "KUBE-SERVICES"):
+        at = next((i for i, r in enumerate(have) if r.endswith("-j KUBE-NODEPORTS")),
+                  len(have))
+        return (*have[:at], *new, *have[at:])
+    return (*have, *new)
+
+
+def sync_first(state: FamilyState, plan: ServiceMap, opts: RuleOptions) -> FamilyResult:
+    """A cold start's first write (family `opts.family`): the kernel is read,
+    `plan`'s service-port chains are written, the shared chains get their rules
+    added to what they hold, chains and jumps the kernel lacks are created;
+    nothing is deleted and no other rule changes, so a restart or a takeover
+    keeps serving every other Service. The full sync that follows reads no
+    more."""
+    result = FamilyResult()
+    with phase("render"):
+        new_sp = render_service_ports(plan, None, opts)
+        wanted = desired_ruleset(new_sp, opts)
+    with phase("read"):
+        builtin = _read(state, wanted)
+    jumps = [(t, c, body) for t, c, body in jumps_for(opts)
+             if f"-A {c} {body}" not in builtin.get((t, c), ())]
+    own = {c for sp in new_sp.values() for c in sp.chains}
+    desired: dict[ChainKey, tuple[str, ...]] = {}
+    for chain, rules in wanted.items():
+        have = state.chains.get(chain)
+        if chain in own or have is None:
+            desired[chain] = rules
+        elif chain in SHARED:
+            desired[chain] = _merge_shared(chain, have, rules)
+    _write(state, result, state.chains.diff(desired, desired), jumps)
+    for t, c, body in jumps:
+        builtin[(t, c)] = (f"-A {c} {body}", *builtin.get((t, c), ()))
+    state.just_read = builtin
     with phase("conntrack"):
-        result.conntrack_deleted = clear_stale_udp(state.kernel, state.sp_rules, new_sp)
+        result.conntrack_deleted = clear_stale_udp(state.kernel, {}, new_sp)
     state.sp_rules = new_sp
     state.plan = plan
     return result

@@ -365,6 +365,34 @@ class IpvsPlugin:
                                     "draining": len(state.draining)},
                            followup=bool(state.draining))
 
+    @hookimpl
+    def svcproxy_apply_first(self, name: str, plan: ServiceMap) -> ApplyResult | None:
+        """Cold start: the priority Services' set members, helper chains,
+        virtual servers and kube-ipvs0 addresses, compared only for their own
+        frontends (the kernel is read first), so nothing else is touched; the
+        full sync follows."""
+        if name != NAME:
+            return None
+        state = self._state()
+        early = 0
+        if not self.helpers:
+            with phase("early"):
+                early = self._early_masquerade(plan)
+        changes = early
+        refused: list[str] = []
+        with phase("helpers"):
+            for family in sorted({4} | plan.families()):
+                helper = self._helper(family)
+                changes += helper.sync_first(plan, self._helper_options(family, plan))
+                refused += helper.refused
+        result = state.sync(plan, list(plan.frontends), additive=True)
+        failures = refused + result.failures
+        if failures:
+            raise SyncError(f"the kernel refused {len(failures)} changes: "
+                            + "; ".join(failures[:5]))
+        return ApplyResult(changes=changes + result.batch_ops + result.bound,
+                           details={"bound": result.bound})
+
     def _remove_iptables_mode(self) -> int:
         removed = 0
         for family, helper in sorted(self.helpers.items()):

@@ -161,6 +161,30 @@ class HelperState:
             written = self._write_chains(opts, self._missing_jumps() if full else [])
         return len(diff) + written
 
+    def sync_first(self, plan: ServiceMap, opts: HelperOptions) -> int:
+        """A cold start's first write: the members `plan`'s frontends need are
+        added (after reading the kernel, unless early() just did), the helper
+        chains written where the kernel lacks them or they need a set that was
+        empty; nothing else is removed. The full sync that follows reads no
+        more: the store holds the kernel as written."""
+        if not self.just_read:
+            with phase("read"):
+                self.read()
+        self.refused = []
+        with phase("sets"):
+            diff = self._members_partial(plan, list(plan.frontends), opts)
+        with phase("ipset"):
+            missing = [n for n in self.names.values() if n not in self.existing]
+            if missing:
+                self._create(missing)
+            if diff:
+                diff = self._write(diff, plan)
+        with phase("rules"):
+            written = self._write_chains(opts, self._missing_jumps())
+        self.opts = opts
+        self.just_read = True
+        return len(diff) + written
+
     def _entries(self, plan: ServiceMap, fk: FrontendKey, node: NodeIP
                  ) -> tuple[tuple[tuple[str, str], ...], tuple[str, str, int] | None]:
         fe = plan.frontends.get(fk)

@@ -251,13 +251,18 @@ class IpvsState:
 
     # -- sync ----------------------------------------------------------------------------
 
-    def sync(self, plan: ServiceMap, changed: Iterable[FrontendKey] | None) -> IpvsResult:
-        """Bring the kernel to `plan`; `changed` None = full sync."""
+    def sync(self, plan: ServiceMap, changed: Iterable[FrontendKey] | None, *,
+             additive: bool = False) -> IpvsResult:
+        """Bring the kernel to `plan`; `changed` None = full sync. `additive`
+        (a cold start's first write): only the `changed` frontends are compared,
+        after reading the kernel if nothing was read yet, so nothing else the
+        kernel holds is touched."""
         result = IpvsResult()
-        full = changed is None or self.vs.unread or self.rs.unread or self.addresses.unread
+        unread = self.vs.unread or self.rs.unread or self.addresses.unread
+        full = changed is None or (unread and not additive)
         scope = None if full or changed is None else list(changed)
         with phase("read"):
-            if scope is None:
+            if scope is None or (additive and unread):
                 self.read_kernel(plan)
             else:
                 keys = {(fk.address, fk.port, fk.protocol) for fk in scope}

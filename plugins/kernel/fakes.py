@@ -288,8 +288,18 @@ class FakeIptables:
     restores: int = 0
     fail_next: str | None = None
 
+    #: conntrack deletions asked for (the iptables datapath's door has them)
+    conntrack: list[list[str]] = field(default_factory=list)
+
     def save_all(self) -> dict[tuple[str, str], tuple[str, ...]]:
         return dict(self.chains)
+
+    def save(self, table: str) -> dict[str, tuple[str, ...]]:
+        return {c: r for (t, c), r in self.chains.items() if t == table}
+
+    def conntrack_delete(self, args: list[str]) -> int:
+        self.conntrack.append(list(args))
+        return 0
 
     def restore(self, text: str) -> None:
         self.restores += 1

@@ -25,7 +25,7 @@ from svcproxy.plugins.kernel.conntrack import conntrack_samples
 from svcproxy.plugins.kernel.nftables import NftKernel
 from svcproxy.plugins.kernel.tools import KernelError
 
-from .datapath import FamilyState, cleanup_family, render_nft, sync_family
+from .datapath import FamilyState, cleanup_family, render_nft, sync_family, sync_first
 from .rules import NftOptions
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,38 @@ class NftablesPlugin:
             details["ipvs_draining"] = self.ipvs_left
         return ApplyResult(changes=changes, repaired=repaired, details=details,
                            followup=followup)
+
+    @hookimpl
+    def svcproxy_apply_first(self, name: str, plan: ServiceMap) -> ApplyResult | None:
+        """Cold start: the priority Services' chains, sets and elements added
+        to each family's table (datapath.sync_first); the full sync follows
+        and, if nobody else committed meanwhile, lists nothing again."""
+        if name != NAME:
+            return None
+        v6 = self._ipv6_usable()
+        start = self._family(4).kernel.generation()
+        commits = sum(s.kernel.transactions for s in self.families.values())
+        changes = 0
+        read = True
+        for family in sorted({f.family for f in plan.frontends.values()} | {4}):
+            if family == 6 and not v6:
+                continue
+            state = self._family(family)
+            read = read and not state.known
+            try:
+                with phase(f"ipv{family}"):
+                    res = sync_first(state, plan, nft_options(self.config, family, plan))
+            except KernelError as exc:
+                raise KernelError(f"IPv{family}: {exc}") from None
+            if res is None:
+                return None
+            changes += res.changes
+        end = self._family(4).kernel.generation()
+        ours = sum(s.kernel.transactions for s in self.families.values()) - commits
+        # the stores were read after `start` and every commit since is ours
+        if read and start is not None and end is not None and end - start == ours:
+            self.generation = end
+        return ApplyResult(changes=changes)
 
     def _retire_ipvs(self) -> list[str]:
         """What the IPVS datapath left goes as its connections end: each

@@ -285,6 +285,38 @@ def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[Frontend
     return result
 
 
+def sync_first(state: FamilyState, plan: ServiceMap, opts: NftOptions) -> FamilyResult | None:
+    """A cold start's first write (family `opts.family`): without a table, the
+    table with only `plan`'s service ports; with one, their chains, sets and
+    elements added in one transaction, nothing else changed. None when the
+    table is there but must be rebuilt (another layout): the full sync does
+    that in one transaction anyway."""
+    result = FamilyResult()
+    with phase("render"):
+        fresh = render_blocks(plan, None, opts)
+    if not state.known:
+        desired = desired_table(fresh, opts)
+        exists = _read(state)
+        if not exists:  # (listing a table that is not there costs no process)
+            _full(state, desired, result, trusted=False)
+        elif _fixed_part_differs(state, desired):
+            return None
+    if not result.transactions:
+        state.shared_users = {}
+        state.blocks = {}
+        _partial(state, set(fresh), fresh, result)
+    users: dict[ElementKey, int] = {}
+    for block in fresh.values():
+        for key in _shared(block):
+            users[key] = users.get(key, 0) + 1
+    state.shared_users = users
+    with phase("conntrack"):
+        result.conntrack_deleted = clear_stale_udp(state.kernel, {}, fresh)
+    state.blocks = fresh
+    state.plan = plan
+    return result
+
+
 def _delete_stale(state: FamilyState, now: float, result: FamilyResult) -> None:
     """Delete chains flushed at least STALE_DELAY ago, in their own transaction
     (a refusal is logged and retried: they are empty and harmless)."""
