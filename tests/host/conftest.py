@@ -6,6 +6,7 @@ import os
 import shutil
 import textwrap
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import vm_tier
@@ -63,7 +64,8 @@ class Node(ProxyHarness):
     against the node namespace."""
 
     def __init__(self, topo: Topology, extra_config: str = "", backend: str = "nft",
-                 start: bool = True, datapath: str = "iptables") -> None:
+                 start: bool = True, datapath: str = "iptables", svcproxy_config: str = "",
+                 extra_plugins: list[tuple[str, Any]] | None = None) -> None:
         """`start`: start the plugins now, as `svcproxy run` does (False: the
         test starts them itself, with its own listeners). `extra_config` may
         say MODE for the configured mode's section (masqueradeAll is read from
@@ -84,8 +86,9 @@ class Node(ProxyHarness):
               iptables: {{netns: {topo.node}, backend: {backend}}}
               nftables: {{netns: {topo.node}}}
               ipvs: {{netns: {topo.node}}}
-        """)
-        super().__init__(text, datapath, [NODE_IP, NODE_IP6], start=start)
+        """) + svcproxy_config
+        super().__init__(text, datapath, [NODE_IP, NODE_IP6], start=start,
+                         extra_plugins=extra_plugins)
         self.topo = topo
 
     def restores(self) -> int:
