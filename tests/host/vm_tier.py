@@ -31,6 +31,7 @@ SPLIT: tuple[tuple[str, ...], ...] = (
     ("tests/vm/test_ipvs_datapath.py", "tests/vm/test_ipvs_faults.py",
      "tests/vm/test_ipvs_netlink.py", "tests/vm/test_ipvs_takeover.py",
      "tests/vm/test_node_integration.py", "tests/vm/test_ipvs_load.py",
+     "tests/vm/test_ipvs_cold_start.py",
      "tests/vm/test_zfallback_without_ipvs.py"),
 )
 #: run only with SVCPROXY_VM_LOAD=1 (in the first VM, before the last file):
