@@ -95,6 +95,8 @@ def bench_sync(n: int, backend: str) -> dict[str, float]:
         topo.create_node()
         proxy = make_proxy(topo.node, backend)
         load_services(proxy, n)
+        plugin = next(p.plugin for p in proxy.plugins.plugins if p.name == "iptables")
+        plugin._family(4).kernel.keep_last_restore = True  # the raw tool replays it
         t0 = time.perf_counter()
         result = proxy.sync(full=True)
         full = time.perf_counter() - t0

@@ -42,18 +42,25 @@ class Diff(Generic[K, V]):
 
 
 def diff_items(have: Mapping[K, V], want: Mapping[K, V],
-               scope: Iterable[K] | None = None) -> Diff[K, V]:
+               scope: Iterable[K] | None = None, *,
+               adopt: dict[K, V] | None = None) -> Diff[K, V]:
     """The difference from `have` to `want`, over every key (`scope` None) or
     only the keys in `scope` (a key in scope that `want` lacks is deleted if
-    `have` has it)."""
+    `have` has it). `adopt` (the dict behind `have`): where a value equals the
+    wanted one but is another object (read from the kernel, the wanted one
+    rendered), the wanted key and value take its place, so one copy is kept."""
     out: Diff[K, V] = Diff()
     if scope is None:
         for key, new in want.items():
             old = have.get(key)
             if old is None:
                 out.created[key] = new
-            elif old != new:
-                out.updated[key] = (old, new)
+            elif old is not new:
+                if old != new:
+                    out.updated[key] = (old, new)
+                elif adopt is not None:
+                    del adopt[key]  # the wanted key object too
+                    adopt[key] = new
         out.deleted = {k: v for k, v in have.items() if k not in want}
         return out
     for key in scope:
@@ -64,8 +71,12 @@ def diff_items(have: Mapping[K, V], want: Mapping[K, V],
                 out.deleted[key] = old
         elif old is None:
             out.created[key] = new_or_none
-        elif old != new_or_none:
-            out.updated[key] = (old, new_or_none)
+        elif old is not new_or_none:
+            if old != new_or_none:
+                out.updated[key] = (old, new_or_none)
+            elif adopt is not None:
+                del adopt[key]
+                adopt[key] = new_or_none
     return out
 
 
@@ -135,8 +146,12 @@ class DiffStore(Generic[K, V]):
 
     def diff(self, desired: Mapping[K, V], scope: Iterable[K] | None = None) -> Diff[K, V]:
         """What differs between the store and `desired`, over every key (`scope`
-        None: a full sync) or over the keys in `scope` (a partial sync)."""
-        return diff_items(self.have, desired, scope)
+        None: a full sync) or over the keys in `scope` (a partial sync).
+        Values equal to the desired ones are replaced by the desired objects
+        (the same content: a store loaded from the kernel would otherwise keep
+        a second copy of every unchanged chain or server beside the rendering
+        the datapath keeps — tens of MB at 10,000 services)."""
+        return diff_items(self.have, desired, scope, adopt=self.have)
 
     def applied(self, diff: Diff[K, V]) -> None:
         """The kernel took `diff`: record it."""

@@ -209,8 +209,8 @@ class IptablesPlugin:
         out = conntrack_samples(self.netns)
         for family, state in sorted(self.families.items()):
             per_table: dict[str, int] = {}
-            for (table, _), rules in (state.written or {}).items():
-                per_table[table] = per_table.get(table, 0) + len(rules)
+            for (table, _), (rules, _digest) in (state.written or {}).items():
+                per_table[table] = per_table.get(table, 0) + rules
             for table, n in sorted(per_table.items()):
                 out.append(MetricSample("kubeproxy_sync_proxy_rules_iptables_total",
                                         "Total number of iptables rules owned by kube-proxy",

@@ -22,10 +22,10 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from svcproxy.diffstore import Diff, DiffStore
+from svcproxy.diffstore import DiffStore
 from svcproxy.ir import Frontend, FrontendKey, ServiceMap
 from svcproxy.phases import phase
 from svcproxy.plugins.kernel.iptables import (
@@ -144,22 +144,41 @@ def render_iptables_save(plan: ServiceMap, opts: RuleOptions) -> str:
     return "\n".join(out) + "\n"
 
 
+#: a chain as the store remembers it: (number of rules, hash of the rules).
+#: Not the text: at 10,000 services the text of every chain, kept beside the
+#: rendering, was ~60 MB; the rendering is made again when a chain is written
+Digest = tuple[int, int]
+#: what a written service-port chain keeps of its text (its key is enough)
+_WRITTEN: tuple[str, ...] = ()
+
+
+def digest(rules: tuple[str, ...]) -> Digest:
+    return (len(rules), hash(rules))
+
+
 @dataclass
 class FamilyState:
     kernel: IptablesKernel
-    #: per service port, what was last applied successfully
+    #: per service port, what was last applied successfully (the fragments in
+    #: the shared chains as text, its own chains by name only)
     sp_rules: dict[SPKey, ServicePortRules] = field(default_factory=dict)
     #: svcproxy's chains as the kernel holds them, as far as svcproxy knows
-    chains: DiffStore[ChainKey, tuple[str, ...]] = field(default_factory=DiffStore)
+    chains: DiffStore[ChainKey, Digest] = field(default_factory=DiffStore)
     plan: ServiceMap = field(default_factory=ServiceMap)
     #: sync_first read the kernel (these are the chains it found that are not
     #: svcproxy's) and only it wrote since: the full sync after it reads no more
     just_read: dict[ChainKey, tuple[str, ...]] | None = None
 
     @property
-    def written(self) -> dict[ChainKey, tuple[str, ...]] | None:
-        """The chains svcproxy holds in the kernel; None until a full sync read them."""
+    def written(self) -> dict[ChainKey, Digest] | None:
+        """The chains svcproxy holds in the kernel (rule count, hash); None
+        until a full sync read them."""
         return self.chains.have if self.chains.known else None
+
+
+def _compact(sp: Mapping[SPKey, ServicePortRules]) -> dict[SPKey, ServicePortRules]:
+    """The renderings as kept once written: own chains by name only."""
+    return {k: replace(v, chains=dict.fromkeys(v.chains, _WRITTEN)) for k, v in sp.items()}
 
 
 @dataclass
@@ -182,18 +201,24 @@ def touched_ports(keys: Iterable[FrontendKey], *plans: ServiceMap) -> set[SPKey]
 
 
 def _read(state: FamilyState, desired: Mapping[ChainKey, object]
-          ) -> dict[ChainKey, tuple[str, ...]]:
+          ) -> tuple[dict[ChainKey, tuple[str, ...]], dict[ChainKey, tuple[str, ...]]]:
     """Load the store from iptables-save (one per table): svcproxy's chains, and
     any chain it wants that it shares with others (KUBE-FIREWALL: kubelet writes
-    the same one); returns the others."""
-    owned: dict[ChainKey, tuple[str, ...]] = {}
+    the same one); returns the others, and the shared chains' text."""
+    owned: dict[ChainKey, Digest] = {}
     builtin: dict[ChainKey, tuple[str, ...]] = {}
+    shared: dict[ChainKey, tuple[str, ...]] = {}
     for table in TABLES:
         for name, rules in state.kernel.save(table).items():
             key = (table, name)
-            (owned if is_owned(table, name) or key in desired else builtin)[key] = rules
+            if is_owned(table, name) or key in desired:
+                owned[key] = digest(rules)
+                if key in SHARED:
+                    shared[key] = rules
+            else:
+                builtin[key] = rules
     state.chains.load(owned)
-    return builtin
+    return builtin, shared
 
 
 def _partial_desired(state: FamilyState, plan: ServiceMap, changed: Iterable[FrontendKey],
@@ -239,25 +264,33 @@ def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[Frontend
             new_sp = render_service_ports(plan, None, opts)
             desired = desired_ruleset(new_sp, opts)
         with phase("read"):
-            builtin = _read(state, desired) if state.just_read is None else state.just_read
+            builtin = _read(state, desired)[0] if state.just_read is None else state.just_read
         jumps = [(t, c, body) for t, c, body in jumps_for(opts)
                  if f"-A {c} {body}" not in builtin.get((t, c), ())]
     else:
         with phase("render"):
             desired, scope, new_sp = _partial_desired(state, plan, changed, opts)
     state.just_read = None
-    _write(state, result, state.chains.diff(desired, scope), jumps)
+    _write(state, result, desired, scope, jumps)
     with phase("conntrack"):
         result.conntrack_deleted = clear_stale_udp(state.kernel, state.sp_rules, new_sp)
-    state.sp_rules = new_sp
+    if full or changed is None:
+        state.sp_rules = _compact(new_sp)
+    else:
+        for key in touched_ports(changed, plan, state.plan):
+            if key in new_sp:
+                new_sp[key] = _compact({key: new_sp[key]})[key]
+        state.sp_rules = new_sp
     state.plan = plan
     return result
 
 
-def _write(state: FamilyState, result: FamilyResult, diff: Diff[ChainKey, tuple[str, ...]],
-           jumps: list[tuple[str, str, str]]) -> None:
-    """One restore of what differs; the store follows what the kernel took."""
-    writes = {**diff.created, **{c: new for c, (_, new) in diff.updated.items()}}
+def _write(state: FamilyState, result: FamilyResult, desired: Mapping[ChainKey, tuple[str, ...]],
+           scope: Iterable[ChainKey] | None, jumps: list[tuple[str, str, str]]) -> None:
+    """One restore of the chains that differ from the store (by digest); the
+    store follows what the kernel took."""
+    diff = state.chains.diff({k: digest(v) for k, v in desired.items()}, scope)
+    writes = {c: desired[c] for c in (*diff.created, *diff.updated)}
     text = restore_text(writes, list(diff.deleted), jumps)
     if text:
         with phase("restore"):
@@ -300,24 +333,23 @@ def sync_first(state: FamilyState, plan: ServiceMap, opts: RuleOptions) -> Famil
         new_sp = render_service_ports(plan, None, opts)
         wanted = desired_ruleset(new_sp, opts)
     with phase("read"):
-        builtin = _read(state, wanted)
+        builtin, shared = _read(state, wanted)
     jumps = [(t, c, body) for t, c, body in jumps_for(opts)
              if f"-A {c} {body}" not in builtin.get((t, c), ())]
     own = {c for sp in new_sp.values() for c in sp.chains}
     desired: dict[ChainKey, tuple[str, ...]] = {}
     for chain, rules in wanted.items():
-        have = state.chains.get(chain)
-        if chain in own or have is None:
+        if chain in own or chain not in state.chains:
             desired[chain] = rules
-        elif chain in SHARED:
-            desired[chain] = _merge_shared(chain, have, rules)
-    _write(state, result, state.chains.diff(desired, desired), jumps)
+        elif chain in shared:
+            desired[chain] = _merge_shared(chain, shared[chain], rules)
+    _write(state, result, desired, desired, jumps)
     for t, c, body in jumps:
         builtin[(t, c)] = (f"-A {c} {body}", *builtin.get((t, c), ()))
     state.just_read = builtin
     with phase("conntrack"):
         result.conntrack_deleted = clear_stale_udp(state.kernel, {}, new_sp)
-    state.sp_rules = new_sp
+    state.sp_rules = _compact(new_sp)
     state.plan = plan
     return result
 

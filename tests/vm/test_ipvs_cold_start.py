@@ -3,7 +3,7 @@ writes the API server's and the cluster DNS's virtual servers, set members
 and addresses first; while it does, every other Service the node already held
 keeps answering with its virtual server, real servers and set members
 unchanged; then the full sync brings the node to the cluster as it is now.
-(tests/host/test_cold_start.py: the same for iptables and nftables.)"""
+(tests/host/test_netfilter_cold_start.py: the same for iptables and nftables.)"""
 
 from __future__ import annotations
 
