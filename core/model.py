@@ -14,6 +14,7 @@ import socket
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from sys import intern
 from typing import Any, Literal
 
 from .errors import ObjectError
@@ -144,7 +145,7 @@ def _frozen_map(d: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 
 # ---- Service -------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     name: str
     protocol: Protocol
@@ -154,7 +155,7 @@ class ServicePort:
     app_protocol: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LoadBalancerIngress:
     ip: str = ""
     hostname: str = ""
@@ -162,7 +163,7 @@ class LoadBalancerIngress:
     ip_mode: str = "VIP"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Service:
     namespace: str
     name: str
@@ -355,7 +356,7 @@ def _affinity(r: _Reader, spec: Mapping[str, Any]) -> tuple[str, int]:
 
 # ---- EndpointSlice -------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     addresses: tuple[str, ...]
     #: conditions with the API's nil defaults resolved: ready nil => true,
@@ -369,14 +370,14 @@ class Endpoint:
     hint_nodes: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointPort:
     name: str
     protocol: Protocol
     port: int | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointSlice:
     namespace: str
     name: str
@@ -435,7 +436,7 @@ def _plain_endpoint(ep: Any) -> Endpoint | None:
     ready_b = True if ready is None else ready
     return Endpoint(addresses=tuple(addrs), ready=ready_b,
                     serving=ready_b if serving is None else serving,
-                    terminating=bool(terminating), node_name=node, zone=zone)
+                    terminating=bool(terminating), node_name=intern(node), zone=intern(zone))
 
 
 def parse_endpoint_slice(obj: Any) -> EndpointSlice:
@@ -481,8 +482,10 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
             addresses=addresses, ready=ready_b,
             serving=ready_b if serving is None else serving,
             terminating=bool(terminating),
-            node_name=r.string(ep, "nodeName", f"{path}.nodeName"),
-            zone=r.string(ep, "zone", f"{path}.zone"), hint_zones=zones, hint_nodes=nodes))
+            # (a few names repeated on every endpoint: one copy each)
+            node_name=intern(r.string(ep, "nodeName", f"{path}.nodeName")),
+            zone=intern(r.string(ep, "zone", f"{path}.zone")), hint_zones=zones,
+            hint_nodes=nodes))
     ports: list[EndpointPort] = []
     for i, p in enumerate(r.seq(obj, "ports", "ports")):
         path = f"ports[{i}]"
@@ -503,13 +506,13 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
 
 # ---- Node ----------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodeAddress:
     type: str
     address: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Node:
     name: str
     addresses: tuple[NodeAddress, ...] = ()
