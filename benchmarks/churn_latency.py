@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             apiVersion: svcproxy.io/v1alpha1
             kind: SvcProxyConfiguration
             disable: [conntrack]
+            {f"fullSyncPeriod: {args.full_sync_period}" if args.full_sync_period else ""}
             datapathOptions:
               iptables: {{netns: {ns}, backend: {args.backend}}}
               nftables: {{netns: {ns}}}
@@ -255,6 +256,8 @@ def main() -> int:
     ap.add_argument("--backend", default="legacy", choices=["legacy", "nft"])
     ap.add_argument("--min-sync", type=float, default=1.0, help="minSyncPeriod, seconds")
     ap.add_argument("--first-sync-timeout", type=float, default=900.0)
+    ap.add_argument("--full-sync-period", default="",
+                    help="fullSyncPeriod (e.g. 1h); default: svcproxy's adaptive period")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("churn_latency.py needs root (network namespaces)", file=sys.stderr)
@@ -262,7 +265,8 @@ def main() -> int:
     r = run(args)
     target = r["min_sync"] + 0.2
     print(f"{r['services']:,} services, {r['rate']:g} changes/s for {r['seconds']} s, "
-          f"{r['datapath']}, minSyncPeriod {r['min_sync']:g} s; first sync "
+          f"{r['datapath']}, minSyncPeriod {r['min_sync']:g} s, fullSyncPeriod "
+          f"{args.full_sync_period or 'adaptive'}; first sync "
           f"{r['first_sync']} s after start")
     print(f"  network programming (metric): mean {r['mean']:.3f} s, p50 {r['p50']:.3f} s, "
           f"p99 {r['p99']:.3f} s (target <= {target:.1f} s); {r['observed']}/{r['changes']} "

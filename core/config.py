@@ -420,7 +420,7 @@ class SvcProxyConfiguration:
     datapaths: tuple[str, ...] = DEFAULT_DATAPATHS
     #: options for datapath plugins, by datapath name
     datapath_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    #: seconds between full syncs; None = max(syncPeriod, 10 x last full sync time)
+    #: seconds between full syncs; None = max(syncPeriod, 100 x last full sync time)
     full_sync_period: float | None = None
     #: cold start: a first sync of at least this many Services programs the
     #: priority Services first (coldStart.minServices)

@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 #: the Services a cold start programs first unless coldStart.services names
 #: others: the API server's, the cluster DNS (by name, and by kube-dns's label,
 #: which CoreDNS deployments keep under other names)
+#: the full-sync period's default is this many times the last full sync's
+#: duration (at least syncPeriod): a full sync blocks the partial syncs behind
+#: it, and at 10,000 services on iptables-legacy a 3-5 s full sync every ~40 s
+#: (when this was 10) doubled churn's p99 programming latency (4.98 s against
+#: 2.38 s without periodic full syncs, benchmarks/RESULTS.md); drift is still
+#: repaired within minutes there, and at once after any failed sync
+FULL_SYNC_COST_FACTOR = 100
 DEFAULT_PRIORITY = ("default/kubernetes", "kube-system/kube-dns")
 DNS_LABEL = ("k8s-app", "kube-dns")
 
@@ -146,14 +153,15 @@ class Proxy:
     def full_sync_period(self) -> float:
         """How often a full sync (re-plan everything, datapath re-reads the kernel
         and repairs drift) runs without another reason: `fullSyncPeriod` when
-        set, else max(syncPeriod, 10 x the last full sync's duration) — every
-        syncPeriod on small nodes, and never more than ~10% of the time on
+        set, else max(syncPeriod, 100 x the last full sync's duration) — every
+        syncPeriod on small nodes, and never more than ~1% of the time on
         large ones (reading back 10,000 services from iptables-nft takes tens
         of seconds)."""
         configured = self.config.svcproxy.full_sync_period
         if configured is not None:
             return configured
-        return max(self.config.kube_proxy.sync_period, 10 * self._last_full_duration)
+        return max(self.config.kube_proxy.sync_period,
+                   FULL_SYNC_COST_FACTOR * self._last_full_duration)
 
     # -- syncing ------------------------------------------------------------------------
 

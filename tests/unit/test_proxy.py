@@ -165,10 +165,10 @@ def test_full_sync_period_adapts_to_full_sync_cost() -> None:
     proxy, _, _, _ = make(dp=SlowFull(), clock=clock)
     populate(proxy)
     assert proxy.sync().full
-    assert proxy.full_sync_period() == 100.0  # 10 x 10s beats syncPeriod 30s
-    clock.t += 50
+    assert proxy.full_sync_period() == 1000.0  # 100 x 10s beats syncPeriod 30s
+    clock.t += 500
     assert not proxy.sync().full
-    clock.t += 51
+    clock.t += 501
     assert proxy.sync().full
 
 
