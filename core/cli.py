@@ -26,6 +26,7 @@ import yaml
 from . import __version__
 from .config import Config, effective_values, load_config, setting_owners, unused_settings
 from .errors import SvcProxyError, UsageError
+from .gcpause import gc_paused
 from .ir import ServiceMap
 from .manager import PluginHost
 from .plan import Planner, make_context
@@ -194,6 +195,12 @@ def _read_cluster(args: argparse.Namespace, config: Config, host: PluginHost,
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    # a one-shot command over a large heap: no cyclic collection (svcproxy.gcpause)
+    with gc_paused():
+        return _plan(args)
+
+
+def _plan(args: argparse.Namespace) -> int:
     config, host = _plugins(args.config)
     datapath = args.datapath or config.datapath_order()[0]
     if args.against_kernel and not args.datapath:

@@ -148,8 +148,11 @@ def categorize(candidates: Sequence[Candidate], *, uses_cluster: bool, uses_loca
     mode = ""
     if uses_cluster:
         mode = _topology_mode(candidates, node_name, zone, prefer_same_node)
-        cluster = _pick(candidates, lambda c: c.backend.ready
-                        and _available(c, mode, node_name, zone))
+        if mode:
+            cluster = _pick(candidates, lambda c: c.backend.ready
+                            and _available(c, mode, node_name, zone))
+        else:  # no topology (most Services): every ready endpoint
+            cluster = tuple(b for c in candidates if (b := c.backend).ready)
         if not cluster:
             # No ready endpoint anywhere (topology never empties a ready set: it is
             # ignored when it would), so fall back to serving+terminating ones.

@@ -140,6 +140,8 @@ class _Reader:
 
 
 def _frozen_map(d: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    if len(d) < 2:  # most objects: no annotations, one label
+        return tuple(d.items())
     return tuple(sorted(d.items()))
 
 
@@ -269,7 +271,7 @@ def _cluster_ips(r: _Reader, spec: Mapping[str, Any]) -> tuple[tuple[str, ...], 
             continue
         path = f"spec.clusterIPs[{i}]" if "clusterIPs" in spec else "spec.clusterIP"
         cluster_ips.append(r.ip(ip, path))
-    families = {ipaddress.ip_address(ip).version for ip in cluster_ips}
+    families = {6 if ":" in ip else 4 for ip in cluster_ips}  # (r.ip checked them)
     if len(cluster_ips) > 2 or len(cluster_ips) != len(families):
         raise r.error("spec.clusterIPs", raw_ips, "at most one IPv4 and one IPv6 address")
     return tuple(cluster_ips), headless

@@ -9,17 +9,16 @@ rules all stay as they were; the runner retries with backoff.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from .bus import EventBus
 from .config import Config
 from .datapath import ApplyResult, SyncResult
+from .gcpause import freeze_once, gc_paused
 from .ir import ServiceMap
 from .manager import PluginHost
 from .phases import recording
@@ -48,26 +47,6 @@ def _merged(first: ApplyResult, full: ApplyResult) -> ApplyResult:
     details = dict(full.details)
     details["cold_start_changes"] = first.changes
     return dataclasses.replace(full, changes=full.changes + first.changes, details=details)
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a sync runs.
-
-    A sync allocates hundreds of thousands of short-lived objects (a plan of
-    10,000 services, its netlink messages), which triggers the collector over
-    and over, and each older-generation pass walks the whole cluster state: 30 %
-    of planning 10,000 services went there. Nearly everything a sync allocates
-    is freed by reference counting anyway; the collector runs again right
-    after."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 class Proxy:
@@ -168,7 +147,10 @@ class Proxy:
     def sync(self, full: bool = False) -> SyncResult:
         """Plan and apply once. Never raises: the outcome is in the SyncResult."""
         with self._sync_lock, gc_paused():
-            return self._sync(full)
+            result = self._sync(full)
+        if result.ok:
+            freeze_once()  # (core/gcpause.py)
+        return result
 
     def _sync(self, full: bool) -> SyncResult:
         if self._switch is not None:

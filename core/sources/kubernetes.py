@@ -36,6 +36,7 @@ import yaml
 from ..bus import Event, EventType
 from ..datapath import WatchedKind
 from ..errors import ObjectError, UsageError, show
+from ..gcpause import gc_paused
 from ..hookspecs import hookimpl
 from ..model import (
     ClusterObject,
@@ -219,7 +220,14 @@ class Reflector:
     # -- list ------------------------------------------------------------------------
 
     def relist(self) -> None:
-        items: list[Any] = []
+        with gc_paused():  # (svcproxy.gcpause)
+            self._relist()
+
+    def _relist(self) -> None:
+        # each page is parsed as it arrives and its raw JSON dropped: the raw
+        # objects of a whole list are ~10x the model's (the peak at 10,000
+        # Services was the list, not the proxy)
+        fresh: dict[str, ClusterObject | WatchedObject] = {}
         cont = None
         rv = ""
         while True:
@@ -232,18 +240,18 @@ class Reflector:
                 body = json.loads(resp.data)
             except ValueError as exc:
                 raise RetryLater(f"list of {self.r.name}: invalid JSON: {exc}") from None
-            items.extend(body.get("items") or [])
+            del resp
+            for raw in body.get("items") or []:
+                obj = self._parse(raw)
+                if obj is not None:
+                    fresh[obj.key] = obj
             meta = body.get("metadata") or {}
             rv = meta.get("resourceVersion", rv)
             cont = meta.get("continue")
+            del body
             if not cont:
                 break
         self.lists += 1
-        fresh: dict[str, ClusterObject | WatchedObject] = {}
-        for raw in items:
-            obj = self._parse(raw)
-            if obj is not None:
-                fresh[obj.key] = obj
         for key, obj in fresh.items():
             old = self.store.get(key)
             if old is None:

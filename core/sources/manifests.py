@@ -40,6 +40,7 @@ import yaml
 from ..bus import Event, EventType
 from ..datapath import WatchedKind
 from ..errors import ManifestError, ObjectError
+from ..gcpause import gc_paused
 from ..model import PARSERS, ClusterObject, WatchedObject
 from ..yamlio import (
     line_of,
@@ -241,7 +242,12 @@ class ManifestSource:
         return state
 
     def scan(self) -> list[Event]:
-        """Re-read changed files, publish the events and return them."""
+        """Re-read changed files, publish the events and return them (with
+        cyclic garbage collection paused: svcproxy.gcpause)."""
+        with gc_paused():
+            return self._scan()
+
+    def _scan(self) -> list[Event]:
         self._scans += 1
         if not self.directory.is_dir():
             if not self._missing and self._scans > 1:

@@ -131,6 +131,8 @@ class ProxyMetrics:
         self.last_queued = Gauge(
             "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
             "The last time a sync of proxy rules was queued", fam, registry=r)
+        #: its children, each looked up once (every object's change sets one)
+        self._queued: dict[int, Any] = {}
         self.network_programming = Histogram(
             "kubeproxy_network_programming_duration_seconds",
             "In Cluster Network Programming Latency in seconds", fam, buckets=NP_BUCKETS,
@@ -208,13 +210,19 @@ class ProxyMetrics:
             self.endpoint_pending.inc()
             self.endpoint_total.inc()
             self.pending_triggers.append((now, trigger, family))
-            self.last_queued.labels(family_name(family)).set(now)
+            self._queued_gauge(family).set(now)
+
+    def _queued_gauge(self, family: int) -> Any:
+        gauge = self._queued.get(family)
+        if gauge is None:
+            gauge = self._queued[family] = self.last_queued.labels(family_name(family))
+        return gauge
 
     def service_change(self) -> None:
         with self.lock:
             self.service_pending.inc()
             self.service_total.inc()
-            self.last_queued.labels("IPv4").set(self.wall())
+            self._queued_gauge(4).set(self.wall())
 
     def sync(self, result: SyncResult) -> None:
         kind = "full" if result.full else "partial"
