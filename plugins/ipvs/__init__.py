@@ -47,6 +47,15 @@ log = logging.getLogger(__name__)
 NAME = "ipvs"
 
 
+
+def _raise_refused(failures: list[str]) -> None:
+    """Fail the sync naming what the kernel refused (the rest was written)."""
+    if failures:
+        shown = "; ".join(failures[:5])
+        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+        raise SyncError(f"the kernel refused {len(failures)} IPVS, kube-ipvs0 and ipset "
+                        f"changes; the rest was written: {shown}{more}")
+
 class _PreviewKernel:
     """IpvsKernelDoors over preview doors (plan --against-kernel)."""
 
@@ -329,10 +338,7 @@ class IpvsPlugin:
         if name != NAME:
             return None
         state = self._state()
-        early = 0
-        if not self.helpers:
-            with phase("early"):
-                early = self._early_masquerade(plan)
+        early = self._early_once(plan)
         # Sets and helper rules first: a VIP is in KUBE-IPVS-IPS (and so its
         # node-originated traffic masqueraded) before it is bound to kube-ipvs0.
         # A refused set member does not stop the rest: everything else is
@@ -352,12 +358,7 @@ class IpvsPlugin:
             # the IPVS datapath serves now: what iptables mode left can go
             with phase("leftovers"):
                 helper_changes += self._remove_iptables_mode()
-        if result.failures or refused:
-            failures = refused + result.failures
-            shown = "; ".join(failures[:5])
-            more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
-            raise SyncError(f"the kernel refused {len(failures)} IPVS, kube-ipvs0 and ipset "
-                            f"changes; the rest was written: {shown}{more}")
+        _raise_refused(refused + result.failures)
         return ApplyResult(changes=result.batch_ops + result.bound + result.unbound
                            + helper_changes + early,
                            details={"bound": result.bound, "unbound": result.unbound,
@@ -374,11 +375,7 @@ class IpvsPlugin:
         if name != NAME:
             return None
         state = self._state()
-        early = 0
-        if not self.helpers:
-            with phase("early"):
-                early = self._early_masquerade(plan)
-        changes = early
+        changes = self._early_once(plan)
         refused: list[str] = []
         with phase("helpers"):
             for family in sorted({4} | plan.families()):
@@ -386,12 +383,16 @@ class IpvsPlugin:
                 changes += helper.sync_first(plan, self._helper_options(family, plan))
                 refused += helper.refused
         result = state.sync(plan, list(plan.frontends), additive=True)
-        failures = refused + result.failures
-        if failures:
-            raise SyncError(f"the kernel refused {len(failures)} changes: "
-                            + "; ".join(failures[:5]))
+        _raise_refused(refused + result.failures)
         return ApplyResult(changes=changes + result.batch_ops + result.bound,
                            details={"bound": result.bound})
+
+    def _early_once(self, plan: ServiceMap) -> int:
+        """early masquerade before the first write of this datapath's life."""
+        if self.helpers:
+            return 0
+        with phase("early"):
+            return self._early_masquerade(plan)
 
     def _remove_iptables_mode(self) -> int:
         removed = 0

@@ -151,6 +151,11 @@ class HelperState:
                 diff = self._members_full(plan, opts)
             else:
                 diff = self._members_partial(plan, list(changed), opts)
+        return self._write_all(diff, plan, opts, self._missing_jumps() if full else [])
+
+    def _write_all(self, diff: Diff[Member, bool], plan: ServiceMap, opts: HelperOptions,
+                   jumps: list[tuple[str, str, str]]) -> int:
+        """Missing sets, the members, then the chains; the number of changes."""
         with phase("ipset"):
             missing = [n for n in self.names.values() if n not in self.existing]
             if missing:
@@ -158,7 +163,7 @@ class HelperState:
             if diff:
                 diff = self._write(diff, plan)
         with phase("rules"):
-            written = self._write_chains(opts, self._missing_jumps() if full else [])
+            written = self._write_chains(opts, jumps)
         return len(diff) + written
 
     def sync_first(self, plan: ServiceMap, opts: HelperOptions) -> int:
@@ -173,17 +178,10 @@ class HelperState:
         self.refused = []
         with phase("sets"):
             diff = self._members_partial(plan, list(plan.frontends), opts)
-        with phase("ipset"):
-            missing = [n for n in self.names.values() if n not in self.existing]
-            if missing:
-                self._create(missing)
-            if diff:
-                diff = self._write(diff, plan)
-        with phase("rules"):
-            written = self._write_chains(opts, self._missing_jumps())
+        changes = self._write_all(diff, plan, opts, self._missing_jumps())
         self.opts = opts
         self.just_read = True
-        return len(diff) + written
+        return changes
 
     def _entries(self, plan: ServiceMap, fk: FrontendKey, node: NodeIP
                  ) -> tuple[tuple[tuple[str, str], ...], tuple[str, str, int] | None]:
