@@ -28,9 +28,6 @@ from .state import Change, ClusterState
 
 log = logging.getLogger(__name__)
 
-#: the Services a cold start programs first unless coldStart.services names
-#: others: the API server's, the cluster DNS (by name, and by kube-dns's label,
-#: which CoreDNS deployments keep under other names)
 #: the full-sync period's default is this many times the last full sync's
 #: duration (at least syncPeriod): a full sync blocks the partial syncs behind
 #: it, and at 10,000 services on iptables-legacy a 3-5 s full sync every ~40 s
@@ -38,6 +35,9 @@ log = logging.getLogger(__name__)
 #: 2.38 s without periodic full syncs, benchmarks/RESULTS.md); drift is still
 #: repaired within minutes there, and at once after any failed sync
 FULL_SYNC_COST_FACTOR = 100
+#: the Services a cold start programs first unless coldStart.services names
+#: others: the API server's, the cluster DNS (by name, and by kube-dns's label,
+#: which CoreDNS deployments keep under other names)
 DEFAULT_PRIORITY = ("default/kubernetes", "kube-system/kube-dns")
 DNS_LABEL = ("k8s-app", "kube-dns")
 
