@@ -79,6 +79,7 @@ class LogWatch(threading.Thread):
         super().__init__(daemon=True)
         self.path = path
         self.seen: dict[str, float] = {}
+        self.lines: dict[str, str] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -91,6 +92,8 @@ class LogWatch(threading.Thread):
             for key, needle in self.WANTED.items():
                 if key not in self.seen and needle in text:
                     self.seen[key] = now
+                    at = text.index(needle)
+                    self.lines[key] = text[at:text.find("\n", at)]
 
 
 PROBE_TIMEOUT = [0.05]
@@ -182,7 +185,7 @@ def run_one(n: int, datapath: str, backend: str, cold: bool, objs: list[dict[str
         return {"datapath": datapath + (f" ({backend})" if datapath == "iptables" else ""),
                 "cold": cold, "lists": lists - started, "api": seen["api"] - lists,
                 "dns": seen["dns"] - lists, "full": first_end - lists,
-                "logged_first": "first" in log.seen}
+                "logged_first": "first" in log.seen, "first_line": log.lines.get("first", "")}
     finally:
         stop.set()
         if proc is not None and proc.poll() is None:
@@ -202,6 +205,7 @@ def main() -> int:
     ap.add_argument("--services", type=int, default=10000)
     ap.add_argument("--datapaths", default="iptables:legacy,iptables:nft,nftables")
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--cold", default="both", choices=["both", "on", "off"])
     ap.add_argument("--probe-timeout", type=float, default=0.05,
                     help="seconds each probe waits (more in the emulated VM)")
     args = ap.parse_args()
@@ -215,11 +219,13 @@ def main() -> int:
     print(f"{'datapath':<20} {'cold start':<11} {'10.96.0.1':>10} {'DNS':>8} {'all':>9}")
     for spec in args.datapaths.split(","):
         datapath, _, backend = spec.partition(":")
-        for cold in (True, False):
+        for cold in {"both": (True, False), "on": (True,), "off": (False,)}[args.cold]:
             r = run_one(args.services, datapath, backend or "nft", cold, objs, args.timeout)
             assert r["logged_first"] == cold, "the cold start ran (or did not) unexpectedly"
             print(f"{r['datapath']:<20} {'on' if cold else 'off':<11} {r['api']:>9.2f}s "
                   f"{r['dns']:>7.2f}s {r['full']:>8.2f}s", flush=True)
+            if r["first_line"]:
+                print(f"    ({r['first_line']})", flush=True)
     return 0
 
 
