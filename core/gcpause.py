@@ -6,19 +6,19 @@ reference counting or kept for good (the cluster state, the plan). The
 collector, triggered by those allocations, walked the whole growing heap over
 and over: 40 % of `svcproxy plan` at 10,000 Services (3.0-3.5 s with it, 1.8-2.1
 s without), and 30 % of planning in a sync. So the collector is paused while
-they run (`gc_paused`), and once the first sync is done the heap it built is
-moved out of the collector's generations (`freeze_once`, gc.freeze): later
-collections only look at what came after.
+they run (`gc_paused`).
+
+Not gc.freeze() after the first sync: objects frozen in a reference cycle
+are never collected, and a cycle holding a netlink socket then keeps its
+network namespace (and the IPVS state in it) alive for good: with it, the VM
+tier could no longer unload ip_vs after its tests' namespaces were deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import threading
 from collections.abc import Iterator
-
-_frozen = threading.Event()
 
 
 @contextlib.contextmanager
@@ -34,14 +34,3 @@ def gc_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
-
-
-def freeze_once() -> None:
-    """After the first sync: everything alive now (the cluster state, the
-    plan, the datapath's stores) is left out of later collections. Objects in
-    it are still freed by reference counting when dropped."""
-    if _frozen.is_set():
-        return
-    _frozen.set()
-    gc.collect()
-    gc.freeze()

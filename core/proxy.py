@@ -18,7 +18,7 @@ from collections.abc import Callable
 from .bus import EventBus
 from .config import Config
 from .datapath import ApplyResult, SyncResult
-from .gcpause import freeze_once, gc_paused
+from .gcpause import gc_paused
 from .ir import ServiceMap
 from .manager import PluginHost
 from .phases import recording
@@ -147,10 +147,7 @@ class Proxy:
     def sync(self, full: bool = False) -> SyncResult:
         """Plan and apply once. Never raises: the outcome is in the SyncResult."""
         with self._sync_lock, gc_paused():
-            result = self._sync(full)
-        if result.ok:
-            freeze_once()  # (core/gcpause.py)
-        return result
+            return self._sync(full)
 
     def _sync(self, full: bool) -> SyncResult:
         if self._switch is not None:
