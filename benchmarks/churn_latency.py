@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             healthzBindAddress: ""
             iptables: {{minSyncPeriod: {args.min_sync}s}}
             nftables: {{minSyncPeriod: {args.min_sync}s}}
+            ipvs: {{minSyncPeriod: {args.min_sync}s}}
             ---
             apiVersion: svcproxy.io/v1alpha1
             kind: SvcProxyConfiguration
@@ -158,6 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             datapathOptions:
               iptables: {{netns: {ns}, backend: {args.backend}}}
               nftables: {{netns: {ns}}}
+              ipvs: {{netns: {ns}, sysctlBackup: {work / 'sysctl.json'}}}
         """))
         svcproxy = str(Path(sys.executable).parent / "svcproxy")
         started = time.time()
@@ -252,7 +254,8 @@ def main() -> int:
     ap.add_argument("--services", type=int, default=10000)
     ap.add_argument("--rate", type=float, default=50.0, help="endpoint changes per second")
     ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--datapath", default="iptables", choices=["iptables", "nftables"])
+    ap.add_argument("--datapath", default="iptables", choices=["iptables", "nftables", "ipvs"],
+                    help="ipvs: inside the VM (benchmarks/run-in-vm.sh)")
     ap.add_argument("--backend", default="legacy", choices=["legacy", "nft"])
     ap.add_argument("--min-sync", type=float, default=1.0, help="minSyncPeriod, seconds")
     ap.add_argument("--first-sync-timeout", type=float, default=900.0)
