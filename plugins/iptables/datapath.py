@@ -176,9 +176,10 @@ class FamilyState:
         return self.chains.have if self.chains.known else None
 
 
-def _compact(sp: Mapping[SPKey, ServicePortRules]) -> dict[SPKey, ServicePortRules]:
-    """The renderings as kept once written: own chains by name only."""
-    return {k: replace(v, chains=dict.fromkeys(v.chains, _WRITTEN)) for k, v in sp.items()}
+def _kept(sp: ServicePortRules) -> ServicePortRules:
+    """A rendering as the state keeps it once the desired chains are built from
+    it: its own chains by name only."""
+    return replace(sp, chains=dict.fromkeys(sp.chains, _WRITTEN))
 
 
 @dataclass
@@ -226,7 +227,8 @@ def _partial_desired(state: FamilyState, plan: ServiceMap, changed: Iterable[Fro
                      ) -> tuple[dict[ChainKey, tuple[str, ...]], set[ChainKey],
                                 dict[SPKey, ServicePortRules]]:
     """The touched service ports' chains and the shared chains whose fragments
-    changed; the chains to compare (those and the touched ports' old ones)."""
+    changed; the chains to compare (those and the touched ports' old ones); the
+    renderings to keep."""
     touched = touched_ports(changed, plan, state.plan)
     fresh = render_service_ports(plan, touched, opts)
     new_sp = dict(state.sp_rules)
@@ -238,7 +240,7 @@ def _partial_desired(state: FamilyState, plan: ServiceMap, changed: Iterable[Fro
         if old is not None:
             scope.update(old.chains)
         if new is not None:
-            new_sp[key] = new
+            new_sp[key] = _kept(new)
         for chain in SHARED:
             before = old.fragments.get(chain, ()) if old else ()
             after = new.fragments.get(chain, ()) if new else ()
@@ -263,6 +265,7 @@ def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[Frontend
         with phase("render"):
             new_sp = render_service_ports(plan, None, opts)
             desired = desired_ruleset(new_sp, opts)
+            new_sp = {k: _kept(v) for k, v in new_sp.items()}
         with phase("read"):
             builtin = _read(state, desired)[0] if state.just_read is None else state.just_read
         jumps = [(t, c, body) for t, c, body in jumps_for(opts)
@@ -274,13 +277,7 @@ def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[Frontend
     _write(state, result, desired, scope, jumps)
     with phase("conntrack"):
         result.conntrack_deleted = clear_stale_udp(state.kernel, state.sp_rules, new_sp)
-    if full or changed is None:
-        state.sp_rules = _compact(new_sp)
-    else:
-        for key in touched_ports(changed, plan, state.plan):
-            if key in new_sp:
-                new_sp[key] = _compact({key: new_sp[key]})[key]
-        state.sp_rules = new_sp
+    state.sp_rules = new_sp
     state.plan = plan
     return result
 
@@ -349,7 +346,7 @@ def sync_first(state: FamilyState, plan: ServiceMap, opts: RuleOptions) -> Famil
     state.just_read = builtin
     with phase("conntrack"):
         result.conntrack_deleted = clear_stale_udp(state.kernel, {}, new_sp)
-    state.sp_rules = _compact(new_sp)
+    state.sp_rules = {k: _kept(v) for k, v in new_sp.items()}
     state.plan = plan
     return result
 

@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 NAME = "ipvs"
 
 
-
 def _raise_refused(failures: list[str]) -> None:
     """Fail the sync naming what the kernel refused (the rest was written)."""
     if failures:
@@ -55,6 +54,7 @@ def _raise_refused(failures: list[str]) -> None:
         more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
         raise SyncError(f"the kernel refused {len(failures)} IPVS, kube-ipvs0 and ipset "
                         f"changes; the rest was written: {shown}{more}")
+
 
 class _PreviewKernel:
     """IpvsKernelDoors over preview doors (plan --against-kernel)."""

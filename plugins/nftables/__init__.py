@@ -193,9 +193,8 @@ class NftablesPlugin:
         followup = False
         details: dict[str, object] = {}
         v6 = self._ipv6_usable()  # (its first probe commits: before `start`)
-        start = self._family(4).kernel.generation()
-        trusted = start is not None and start == self.generation
-        commits = sum(s.kernel.transactions for s in self.families.values())
+        mark = self._mark()
+        trusted = mark[0] is not None and mark[0] == self.generation
         self.generation = None  # unknown until this apply is done
         for family in sorted(families):
             if family == 6 and not v6:
@@ -221,12 +220,10 @@ class NftablesPlugin:
                 "sets": res.sets, "rebuilt": res.rebuilt, "transactions": res.transactions,
                 "listed": res.listed}
         details["conntrack_deleted"] = conntrack
-        # every commit since `start` svcproxy's own, and the stores were trusted
-        # or read after `start`: the tables are what the stores say
-        end = self._family(4).kernel.generation()
-        ours = sum(s.kernel.transactions for s in self.families.values()) - commits
-        if start is not None and end is not None and end - start == ours and \
-                (trusted or full):
+        # every commit since the mark svcproxy's own, and the stores were
+        # trusted or read after it: the tables are what the stores say
+        end = self._only_ours_since(mark)
+        if end is not None and (trusted or full):
             self.generation = end
         if full and not self.retired:
             details["retired"] = self._retire()
@@ -248,8 +245,8 @@ class NftablesPlugin:
         if name != NAME:
             return None
         v6 = self._ipv6_usable()
-        start = self._family(4).kernel.generation()
-        commits = sum(s.kernel.transactions for s in self.families.values())
+        mark = self._mark()
+        self.generation = None
         changes = 0
         read = True
         for family in sorted({f.family for f in plan.frontends.values()} | {4}):
@@ -265,12 +262,23 @@ class NftablesPlugin:
             if res is None:
                 return None
             changes += res.changes
-        end = self._family(4).kernel.generation()
-        ours = sum(s.kernel.transactions for s in self.families.values()) - commits
-        # the stores were read after `start` and every commit since is ours
-        if read and start is not None and end is not None and end - start == ours:
+        end = self._only_ours_since(mark)
+        if read and end is not None:  # the stores were read after the mark
             self.generation = end
         return ApplyResult(changes=changes)
+
+    def _mark(self) -> tuple[int | None, int]:
+        """The ruleset generation now, and how many transactions svcproxy has
+        committed so far."""
+        return (self._family(4).kernel.generation(),
+                sum(s.kernel.transactions for s in self.families.values()))
+
+    def _only_ours_since(self, mark: tuple[int | None, int]) -> int | None:
+        """The generation now, if every commit since `mark` was svcproxy's."""
+        start, commits = mark
+        end = self._family(4).kernel.generation()
+        ours = sum(s.kernel.transactions for s in self.families.values()) - commits
+        return end if start is not None and end is not None and end - start == ours else None
 
     def _retire_ipvs(self) -> list[str]:
         """What the IPVS datapath left goes as its connections end: each

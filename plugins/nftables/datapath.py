@@ -263,11 +263,7 @@ def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[Frontend
             blocks = render_blocks(plan, None, opts)
             desired = desired_table(blocks, opts)
         _full(state, desired, result, trusted)
-        users: dict[ElementKey, int] = {}
-        for block in blocks.values():
-            for key in _shared(block):
-                users[key] = users.get(key, 0) + 1
-        state.shared_users = users
+        state.shared_users = _count_users(blocks)
     else:
         with phase("render"):
             touched = touched_ports(changed, plan, state.plan)
@@ -283,6 +279,15 @@ def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[Frontend
     state.plan = plan
     result.followup = bool(state.stale)
     return result
+
+
+def _count_users(blocks: Mapping[SPKey, ServicePortBlock]) -> dict[ElementKey, int]:
+    """How many service ports hold each element of a shared set."""
+    users: dict[ElementKey, int] = {}
+    for block in blocks.values():
+        for key in _shared(block):
+            users[key] = users.get(key, 0) + 1
+    return users
 
 
 def sync_first(state: FamilyState, plan: ServiceMap, opts: NftOptions) -> FamilyResult | None:
@@ -305,11 +310,7 @@ def sync_first(state: FamilyState, plan: ServiceMap, opts: NftOptions) -> Family
         state.shared_users = {}
         state.blocks = {}
         _partial(state, set(fresh), fresh, result)
-    users: dict[ElementKey, int] = {}
-    for block in fresh.values():
-        for key in _shared(block):
-            users[key] = users.get(key, 0) + 1
-    state.shared_users = users
+    state.shared_users = _count_users(fresh)
     with phase("conntrack"):
         result.conntrack_deleted = clear_stale_udp(state.kernel, {}, fresh)
     state.blocks = fresh
