@@ -9,6 +9,9 @@ For N services x 5 endpoints, each size in its own process (for its peak RSS):
   resync    a periodic full sync with nothing changed (lists the table,
             compares, writes nothing)
   partial   one endpoint of one service changes: svcproxy's partial sync
+            (median of five, over netlink as it runs; and of five more with
+            the netlink writer off, through `nft -f`); "kernel" is the same
+            batch committed by a bare netlink client: the kernel's own cost
   latency   median TCP connect time from a client namespace through the VIP of
             the last service to a real backend, for nftables, iptables-nft and
             iptables-legacy (the same harness as benchmarks/iptables_sync.py)
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -44,6 +48,7 @@ from iptables_sync import ip, load_services, publish  # noqa: E402
 from netns import Topology  # noqa: E402
 
 from svcproxy.bus import EventType  # noqa: E402
+from svcproxy.plugins.kernel import nft_netlink  # noqa: E402
 from svcproxy.proxy import Proxy  # noqa: E402
 
 
@@ -119,21 +124,45 @@ def bench_one(n: int) -> dict[str, Any]:
         re = proxy.sync(full=True)
         resync = time.perf_counter() - t0
         assert re.ok and re.apply is not None and re.apply.changes == 0, re
-        publish(proxy, slice_("svc-00007", "bench", endpoints=[
-            endpoint(ip(7 * 5 + j, 128)) for j in range(4)] + [endpoint("10.250.0.1")],
-            ports=[{"name": "http", "port": 8080}]), EventType.MODIFIED)
-        t0 = time.perf_counter()
-        part = proxy.sync()
-        partial = time.perf_counter() - t0
-        assert part.ok and not part.full
-        partial_text = sent[-1]
+        partials: dict[str, list[float]] = {"netlink": [], "nft": []}
+        part = None
+        for k in range(10):
+            # one endpoint of one service changes, back and forth; the first
+            # five over netlink (the default), the last five through `nft -f`
+            writer = "netlink" if k < 5 else "nft"
+            kernel.netlink = writer == "netlink"
+            last = "10.250.0.1" if k % 2 == 0 else ip(7 * 5 + 4, 128)
+            publish(proxy, slice_("svc-00007", "bench", endpoints=[
+                endpoint(ip(7 * 5 + j, 128)) for j in range(4)] + [endpoint(last)],
+                ports=[{"name": "http", "port": 8080}]), EventType.MODIFIED)
+            t0 = time.perf_counter()
+            part = proxy.sync()
+            partials[writer].append(time.perf_counter() - t0)
+            assert part.ok and not part.full
+            if k == 0:
+                partial_text = sent[-1]
+                assert kernel.netlink_transactions == 1, "the partial sync did not use netlink"
+        assert part is not None
+        # the kernel's own part: the first change's batch committed again and
+        # again by a bare netlink client (flush and re-add: the same table)
+        batch = nft_netlink.compile_batch(partial_text, 4, "kube-proxy", kernel.key_types.get)
+        channel = nft_netlink.Channel(topo.node)
+        commits = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            channel.commit(batch)
+            commits.append(time.perf_counter() - t0)
+        channel.close()
     finally:
         topo.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     raw = nft_f(sent[0], f"svnr{n}")
     plain = nft_f(plain_numgen(n), f"svnp{n}")
     return {"services": n, "chains": chains, "rules": rules, "full": full, "raw": raw,
-            "plain": plain, "resync": resync, "partial": partial,
+            "plain": plain, "resync": resync,
+            "partial": statistics.median(partials["netlink"]),
+            "partial_nft": statistics.median(partials["nft"]),
+            "partial_kernel": statistics.median(commits),
             "partial_statements": len(partial_text.splitlines()), "rss_mb": rss,
             "phases": result.phases, "resync_phases": re.phases,
             "partial_phases": part.phases}
@@ -207,7 +236,7 @@ def main() -> None:
     print("nftables datapath benchmark (one process per size)")
     print(f"{'services':>9} {'chains':>7} {'rules':>7} {'svcproxy full':>14} {'nft -f same':>12} "
           f"{'ratio':>6} {'nft -f plain':>13} {'ratio':>6} {'resync':>8} {'partial':>8} "
-          f"{'RSS':>7}")
+          f"{'(nft -f)':>8} {'kernel':>8} {'RSS':>7}")
     results = []
     for n in (int(s) for s in args.sizes.split(",") if s):
         proc = subprocess.run([sys.executable, __file__, "--one", str(n)], capture_output=True,
@@ -216,7 +245,9 @@ def main() -> None:
         results.append(r)
         print(f"{n:>9} {r['chains']:>7} {r['rules']:>7} {r['full']:>13.3f}s {r['raw']:>11.3f}s "
               f"{r['full'] / r['raw']:>6.2f} {r['plain']:>12.3f}s {r['full'] / r['plain']:>6.2f} "
-              f"{r['resync']:>7.3f}s {r['partial']:>7.3f}s {r['rss_mb']:>5.0f}MB")
+              f"{r['resync']:>7.3f}s {r['partial']:>7.3f}s {r['partial_nft']:>7.3f}s "
+              f"{r['partial_kernel']:>7.3f}s "
+              f"{r['rss_mb']:>5.0f}MB")
         for label in ("phases", "resync_phases", "partial_phases"):
             phases = ", ".join(f"{k} {v:.3f}s" for k, v in sorted(r[label].items()))
             print(f"{'':>9} {label.replace('_', ' ')}: {phases}")
@@ -225,7 +256,10 @@ def main() -> None:
         base = results[0]
         for r in results[1:]:
             print(f"one endpoint change at {r['services']:,} vs {base['services']:,}: "
-                  f"{r['partial'] / base['partial']:.2f}x")
+                  f"{r['partial'] / base['partial']:.2f}x over netlink, "
+                  f"{r['partial_nft'] / base['partial_nft']:.2f}x through nft -f, "
+                  f"{r['partial_kernel'] / base['partial_kernel']:.2f}x for the kernel's commit "
+                  "alone")
     if args.latency_sizes:
         latency_part(args)
 

@@ -232,7 +232,10 @@ class IptablesPlugin:
                             full: bool) -> ApplyResult | None:
         if name != NAME:
             return None
-        families = {f.family for f in plan.frontends.values()} | {4} | set(self.families)
+        # (a partial sync looks only at what changed, not at every frontend)
+        families = {4} | set(self.families) | (
+            {f.family for f in plan.frontends.values()} if full else
+            {ip_family(k.address) for k in delta.changed})
         written = deleted = jumps = conntrack = 0
         details: dict[str, object] = {}
         for family in sorted(families):

@@ -384,6 +384,9 @@ class FakeNft:
     def generation(self) -> int | None:
         return self.gen
 
+    def close(self) -> None:
+        """(NftKernel closes its netlink socket)"""
+
     def _apply(self, table: NftTable | None, stmt: str) -> NftTable | None:
         verb, kind, rest = stmt.split(" ", 2)
         if not rest.startswith(self.prefix):

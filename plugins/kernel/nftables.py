@@ -2,7 +2,11 @@
 in the host or in a network namespace: the door the nftables datapath uses.
 
 Programming goes through `nft -f -`: one transaction per call, applied
-entirely or not at all. Reading goes through `nft list table`, parsed into
+entirely or not at all. Small transactions (a partial sync's few statements)
+are compiled and committed over nf_tables netlink instead (nft_netlink.py),
+equally all or nothing: `nft` would first fetch the whole table's chains
+and sets, half a second at 50,000 services, for a change of seven
+statements. Reading goes through `nft list table`, parsed into
 `NftTable` (chains with their rule lines, sets and maps with their elements)
 in the text nft prints, which is also the text the datapath renders, so the
 two compare line by line. Only the named table is ever read, written or
@@ -19,6 +23,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from . import nft_netlink
 from .conntrack import conntrack_delete
 from .tools import KernelError, run_tool
 
@@ -28,6 +33,12 @@ MIN_KERNEL = (5, 13)
 MIN_NFT = (1, 0, 1)
 
 _COUNTER = re.compile(r"counter packets \d+ bytes \d+")
+#: transactions of at most this many statements may go over netlink (the
+#: compiler takes ~30 us a statement: beyond this `nft -f` is as quick)
+NETLINK_STATEMENTS = 1000
+#: set and map declarations and deletions, and table deletions, in a transaction
+_SET_STATEMENT = re.compile(r"^(add|delete) (?:(?:set|map) \S+ \S+ (\S+)(?: \{ (.*) \})?"
+                            r"|table .*)$", re.MULTILINE)
 
 
 @dataclass
@@ -193,8 +204,21 @@ class NftKernel:
         self.netns = netns
         self.table = table
         self.word = family_word(family)
-        #: transactions committed (tests count them)
+        #: transactions committed (tests count them), and how many of them
+        #: went over netlink rather than through `nft -f`
         self.transactions = 0
+        self.netlink_transactions = 0
+        #: small transactions over netlink (False: always `nft -f`)
+        self.netlink = True
+        #: key types of the table's sets and maps, as last written or listed
+        #: (element keys are encoded from them)
+        self.key_types: dict[str, tuple[str, ...]] = {}
+        #: the netlink socket for generation queries and commits, kept open
+        self.channel = nft_netlink.Channel(netns)
+
+    def close(self) -> None:
+        """Close the netlink socket (it opens again when needed)."""
+        self.channel.close()
 
     @property
     def prefix(self) -> str:
@@ -202,22 +226,61 @@ class NftKernel:
         return f"{self.word} {self.table}"
 
     def run(self, text: str) -> None:
-        """Commit one transaction (`nft -f -`): all of it or, on error, none."""
+        """Commit one transaction: all of it or, on error, none. Up to
+        NETLINK_STATEMENTS statements of the kinds nft_netlink compiles go
+        over netlink, the rest through `nft -f -`."""
         if not text:
             return
-        proc = run_tool(["nft", "-f", "-"], self.netns, stdin=text, check=False)
-        if proc.returncode != 0:
-            raise KernelError(f"nft -f (table {self.prefix}) failed: "
-                              f"{explain_failure(proc.stderr, text)}")
+        if not (self.netlink and text.count("\n") <= NETLINK_STATEMENTS and
+                self._run_netlink(text)):
+            proc = run_tool(["nft", "-f", "-"], self.netns, stdin=text, check=False)
+            if proc.returncode != 0:
+                raise KernelError(f"nft -f (table {self.prefix}) failed: "
+                                  f"{explain_failure(proc.stderr, text)}")
         self.transactions += 1
+        self._learn(text)
+
+    def _run_netlink(self, text: str) -> bool:
+        """Commit `text` over netlink; False when it has a statement
+        nft_netlink does not compile (then nothing was sent)."""
+        try:
+            batch = nft_netlink.compile_batch(text, self.family, self.table,
+                                              self.key_types.get)
+            self.channel.commit(batch)
+        except nft_netlink.Unsupported:
+            return False
+        except nft_netlink.Refused as exc:
+            outcome = "whether it committed is not known" if exc.unknown else \
+                "nothing of it was committed"
+            raise KernelError(f"nftables refused a transaction on table {self.prefix} "
+                              f"({outcome}): {exc}") from None
+        except OSError:  # no netlink socket here (nothing was sent): nft decides
+            return False
+        self.netlink_transactions += 1
+        return True
+
+    def _learn(self, text: str) -> None:
+        """Keep the key types of the sets and maps a committed transaction
+        declared or deleted."""
+        for m in _SET_STATEMENT.finditer(text):
+            verb, name, body = m.groups()
+            if name is None:  # a table
+                if verb == "delete":
+                    self.key_types.clear()
+            elif verb == "delete":
+                self.key_types.pop(name, None)
+            else:
+                types = nft_netlink.key_types((body or "").split(" ; "))
+                if types is not None:
+                    self.key_types[name] = types
 
     def generation(self) -> int | None:
         """The namespace's ruleset generation (ruleset_generation)."""
-        return ruleset_generation(self.netns)
+        return ruleset_generation(self.netns, self.channel)
 
     def list_text(self) -> str | None:
         """`nft list table`, None when the table does not exist."""
-        if table_exists(self.family, self.table, self.netns) is False:
+        if table_exists(self.family, self.table, self.netns, self.channel) is False:
             return None
         proc = run_tool(["nft", "list", "table", self.word, self.table], self.netns,
                         check=False)
@@ -229,13 +292,17 @@ class NftKernel:
 
     def list_table(self, zero_counters: bool = True) -> NftTable | None:
         text = self.list_text()
-        return None if text is None else parse_table(text, zero_counters)
+        table = None if text is None else parse_table(text, zero_counters)
+        self.key_types = {} if table is None else {
+            name: types for name, s in table.sets.items()
+            if (types := nft_netlink.key_types(s.header)) is not None}
+        return table
 
     def delete_table(self) -> bool:
         """Delete the table (and everything in it); False when there was none
         (asked over netlink first: most nodes have none, and an nft process
         costs more than the question)."""
-        if table_exists(self.family, self.table, self.netns) is False:
+        if table_exists(self.family, self.table, self.netns, self.channel) is False:
             return False
         proc = run_tool(["nft", "delete", "table", self.word, self.table], self.netns,
                         check=False)
@@ -290,40 +357,28 @@ NFTA_TABLE_NAME = 1
 NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
 
 
-def _query(netns: str | None, msg: int, nfproto: int, attrs: bytes = b""
+def _query(netns: str | None, msg: int, nfproto: int, attrs: bytes = b"",
+           channel: nft_netlink.Channel | None = None
            ) -> tuple[bytes, list[tuple[int, int, int]]] | None:
-    """One nf_tables netlink request in `netns` and its answer: the datagram
-    and its messages (type without the subsystem, payload start, end); None
-    when netfilter netlink cannot be reached."""
-    from .netlink import NLMSG_ERROR, each_message, open_socket
-    from .netns import opened_in
-
+    """One nf_tables netlink request in `netns` (on `channel`, or a socket of
+    its own) and its answer (nft_netlink.Channel.request)."""
+    if channel is not None:
+        return channel.request(msg, nfproto, attrs)
+    own = nft_netlink.Channel(netns)
     try:
-        sock = opened_in(netns, lambda: open_socket(NETLINK_NETFILTER))
-    except OSError:
-        return None
-    try:
-        body = struct.pack("=BBH", nfproto, 0, 0) + attrs  # nfgenmsg: family, v0, res 0
-        header = struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_NFTABLES << 8) | msg,
-                             1, 1, 0)  # NLM_F_REQUEST, seq 1
-        sock.send(header + body)
-        data = sock.recv(65536)
-    except OSError:
-        return None
+        return own.request(msg, nfproto, attrs)
     finally:
-        sock.close()
-    return data, [(NLMSG_ERROR if mtype == NLMSG_ERROR else mtype & 0xFF, start, end)
-                  for mtype, _, start, end in each_message(data)
-                  if mtype == NLMSG_ERROR or mtype >> 8 == NFNL_SUBSYS_NFTABLES]
+        own.close()
 
 
-def ruleset_generation(netns: str | None = None) -> int | None:
+def ruleset_generation(netns: str | None = None,
+                       channel: nft_netlink.Channel | None = None) -> int | None:
     """The nftables ruleset generation of `netns` (NFT_MSG_GETGEN): the kernel
     adds one with every committed transaction, anybody's; None when it cannot
     be read."""
     from .netlink import each_attr
 
-    answer = _query(netns, NFT_MSG_GETGEN, 0)  # AF_UNSPEC
+    answer = _query(netns, NFT_MSG_GETGEN, 0, channel=channel)  # AF_UNSPEC
     if answer is None:
         return None
     data, messages = answer
@@ -336,7 +391,8 @@ def ruleset_generation(netns: str | None = None) -> int | None:
     return None
 
 
-def table_exists(family: int, table: str, netns: str | None = None) -> bool | None:
+def table_exists(family: int, table: str, netns: str | None = None,
+                 channel: nft_netlink.Channel | None = None) -> bool | None:
     """Whether nftables table `table` of `family` (4/6) exists in `netns`
     (NFT_MSG_GETTABLE: no nft process for the common "not there"); None when
     netlink cannot tell (no nf_tables: then nft cannot either)."""
@@ -345,7 +401,7 @@ def table_exists(family: int, table: str, netns: str | None = None) -> bool | No
     name = table.encode() + b"\0"
     attr = struct.pack("=HH", 4 + len(name), NFTA_TABLE_NAME) + name
     attr += b"\0" * (-len(attr) % 4)
-    answer = _query(netns, NFT_MSG_GETTABLE, NFPROTO[family], attr)
+    answer = _query(netns, NFT_MSG_GETTABLE, NFPROTO[family], attr, channel=channel)
     if answer is None:
         return None
     data, messages = answer

@@ -141,10 +141,20 @@ class NftablesPlugin:
         scratch, and retire the previous datapath's state once this one serves."""
         self.active = datapath == NAME
         if self.active:
-            self.families.clear()
+            self._close()
             self.retired = False
             self.ipvs_left = None
             self.generation = None
+
+    @hookimpl
+    def svcproxy_stop_proxy(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        """Forget the families' state and close their netlink sockets."""
+        for state in self.families.values():
+            state.kernel.close()
+        self.families.clear()
 
     @hookimpl
     def svcproxy_datapath_status(self, name: str) -> dict[str, Any] | None:
@@ -188,7 +198,11 @@ class NftablesPlugin:
                             full: bool) -> ApplyResult | None:
         if name != NAME:
             return None
-        families = {f.family for f in plan.frontends.values()} | {4} | set(self.families)
+        # (a partial sync looks only at what changed: every frontend of 50,000
+        # services is 40 ms of Python at 10,000)
+        families = {4} | set(self.families) | (
+            {f.family for f in plan.frontends.values()} if full else
+            {ip_family(k.address) for k in delta.changed})
         changes = repaired = conntrack = 0
         followup = False
         details: dict[str, object] = {}

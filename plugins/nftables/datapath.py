@@ -161,7 +161,9 @@ class Transaction:
             self.head.append(f"add chain {self.prefix} {name} {base.declaration()}")
         elif header:
             self.head.append(f"add chain {self.prefix} {name} {{ " + " ; ".join(header) + " ; }")
-        else:
+        elif not exists:
+            # (an "add" of a chain that is there costs the kernel a commit of
+            # its own kind, 10-20 ms: a rewritten chain is only flushed)
             self.head.append(f"add chain {self.prefix} {name}")
         if exists:
             self.flushes.append(f"flush chain {self.prefix} {name}")
