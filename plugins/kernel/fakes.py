@@ -384,6 +384,11 @@ class FakeNft:
     def generation(self) -> int | None:
         return self.gen
 
+    def run_two(self, first: str, second: str) -> None:
+        """(NftKernel's: two transactions, one after the other)"""
+        self.run(first)
+        self.run(second)
+
     def close(self) -> None:
         """(NftKernel closes its netlink socket)"""
 

@@ -206,7 +206,8 @@ class NftablesPlugin:
         changes = repaired = conntrack = 0
         followup = False
         details: dict[str, object] = {}
-        v6 = self._ipv6_usable()  # (its first probe commits: before `start`)
+        # (its first probe commits: before the mark; only once IPv6 is wanted)
+        v6 = 6 in families and self._ipv6_usable()
         mark = self._mark()
         trusted = mark[0] is not None and mark[0] == self.generation
         self.generation = None  # unknown until this apply is done

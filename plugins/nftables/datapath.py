@@ -44,12 +44,14 @@ from svcproxy.plugins.kernel.tools import KernelError
 from .rules import (
     AFFINITY_PREFIX,
     BASE_CHAINS,
+    FIREWALL_PREFIX,
     SHARED_SETS,
     TABLE_COMMENT,
     Chain,
     ElementKey,
     NftOptions,
     ServicePortBlock,
+    is_service_chain,
     service_port_block,
     skeleton,
 )
@@ -167,6 +169,9 @@ class Transaction:
             self.head.append(f"add chain {self.prefix} {name}")
         if exists:
             self.flushes.append(f"flush chain {self.prefix} {name}")
+        self.rules.extend(f"add rule {self.prefix} {name} {rule}" for rule in rules)
+
+    def add_rules(self, name: str, rules: Iterable[str]) -> None:
         self.rules.extend(f"add rule {self.prefix} {name} {rule}" for rule in rules)
 
     def flush_chain(self, name: str) -> None:
@@ -397,10 +402,28 @@ def _full(state: FamilyState, desired: Desired, result: FamilyResult, trusted: b
         tx.add_table()
         for name, decl in desired.sets.items():
             tx.add_set(name, decl)
+        # a new table is written in two transactions: first the fixed part
+        # and every declaration, chains in order (nft -f), inert while its
+        # maps are empty; then the service ports' rules and elements, all at
+        # once (over netlink: nft's own parsing was half of the time)
+        body = Transaction(state.kernel.prefix) if not why else tx
         for name, chain in desired.chains.items():
-            tx.write_chain(name, chain, exists=False)
-        tx.elements(desired.elements, ())
-        _commit(state, tx)
+            if body is tx or _declares(name):
+                tx.write_chain(name, chain, exists=False)
+            else:
+                tx.write_chain(name, (chain[0], ()), exists=False)
+                body.add_rules(name, chain[1])
+        body.elements(desired.elements, ())
+        if body is tx:
+            _commit(state, tx)
+        else:
+            with phase("transaction"):
+                try:
+                    state.kernel.run_two(tx.text(), body.text())
+                except Exception:
+                    state.forget()
+                    raise
+            result.transactions += 1
         state.chains.load(desired.chains)
         state.sets.load(desired.sets)
         state.elements.load(desired.elements)
@@ -418,6 +441,13 @@ def _full(state: FamilyState, desired: Desired, result: FamilyResult, trusted: b
             del chains.deleted[name]
     _apply(state, tx, chains, state.sets.diff(desired.sets),
            state.elements.diff(desired.elements), result)
+
+
+def _declares(chain: str) -> bool:
+    """Whether a new table's first transaction writes this chain's rules: the
+    fixed chains, and firewall chains (their anonymous sets of source ranges
+    are for nft to write; no packet reaches them before the second)."""
+    return not is_service_chain(chain) or chain.startswith(FIREWALL_PREFIX)
 
 
 def _partial(state: FamilyState, touched: set[SPKey], fresh: Mapping[SPKey, ServicePortBlock],

@@ -158,6 +158,11 @@ class PreviewNft:
     def generation(self) -> int | None:
         return None  # a preview always reads the table
 
+    def run_two(self, first: str, second: str) -> None:
+        """(NftKernel's: two transactions, one after the other)"""
+        self.run(first)
+        self.run(second)
+
     def conntrack_delete(self, args: list[str]) -> int:
         self.changes.append("conntrack -D " + " ".join(args))
         return 0

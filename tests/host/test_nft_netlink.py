@@ -111,13 +111,15 @@ def test_partial_syncs_go_over_netlink_and_serve(topo: Topology) -> None:
     every_kind(n)
     n.sync()
     kernel = n.plugin.families[4].kernel
-    assert kernel.netlink_transactions == 0  # a first sync declares the table: nft -f
+    # a new table: declarations through nft -f, then the service ports' rules
+    # and elements over netlink
+    assert kernel.transactions == 2 and kernel.netlink_transactions == 1
     n.publish(slice_("web", endpoints=[endpoint("10.244.1.12", "node-a")]), EventType.MODIFIED)
     n.publish(service("new", cluster_ip="10.96.0.70", ports=HTTP))
     n.publish(slice_("new", endpoints=[endpoint("10.244.1.11", "node-a")]))
     result = n.sync()
     assert not result.full
-    assert kernel.netlink_transactions == 1 and kernel.transactions == 2
+    assert kernel.netlink_transactions == 2 and kernel.transactions == 3
     assert parse_table(sh("nft", "list", "table", "ip", "kube-proxy", netns=topo.node).stdout) \
         == parse_table(rendered(n, 4))
     assert topo.answers("c1", "http", "10.96.0.10", 80, 4) == {"b": 4}
