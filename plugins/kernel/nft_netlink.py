@@ -440,10 +440,13 @@ def encode_rule(family: int, rule: str) -> tuple[bytes, bytes]:
 def key_types(declaration: Iterable[str]) -> tuple[str, ...] | None:
     """The key's types from a set or map declaration's lines ("type ipv4_addr .
     inet_proto . inet_service : verdict" -> ("ipv4_addr", "inet_proto",
-    "inet_service")); None without a type line."""
-    for line in declaration:
+    "inet_service")); None without a type line, or for an interval set."""
+    lines = [line.rstrip(" ;") for line in declaration]
+    if any(line.startswith("flags ") and "interval" in line for line in lines):
+        return None  # (interval elements are ranges: nft encodes those)
+    for line in lines:
         if line.startswith("type "):
-            key = line[5:].rstrip(" ;").partition(" : ")[0]
+            key = line[5:].partition(" : ")[0]
             return tuple(part.strip() for part in key.split(" . "))
     return None
 

@@ -35,6 +35,7 @@ def test_key_types_come_from_a_declaration() -> None:
                          'comment "x"']) == TYPES["service-ips"]
     assert nn.key_types(["type ipv6_addr ;"]) == ("ipv6_addr",)
     assert nn.key_types(['comment "no type"']) is None
+    assert nn.key_types(["type ipv4_addr", "flags interval"]) is None  # ranges: for nft
 
 
 @pytest.mark.parametrize("statement", [
