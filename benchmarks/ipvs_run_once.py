@@ -30,6 +30,9 @@ from factories import endpoint, node, service, slice_  # noqa: E402
 from ipvs_sync import HTTP, ip, ipvsadm_rules, netns  # noqa: E402
 from manifest_scale import write  # noqa: E402
 
+#: --profile's directory
+PROFILE: str | None = None
+
 
 def cluster(n: int) -> list[dict[str, object]]:
     """ipvs_sync.py's cluster (the same virtual and real servers as its
@@ -64,9 +67,12 @@ def run_once(n: int, work: Path) -> tuple[float, float]:
             datapathOptions:
               ipvs: {{netns: {ns}, sysctlBackup: {work / 'sysctl.json'}}}
         """))
-        svcproxy = str(Path(sys.executable).parent / "svcproxy")
+        svcproxy = [str(Path(sys.executable).parent / "svcproxy")]
+        if PROFILE:
+            svcproxy = [sys.executable, "-m", "cProfile", "-o",
+                        str(Path(PROFILE) / f"run-once-{n}.prof"), "-m", "svcproxy.cli"]
         t0 = time.perf_counter()
-        proc = subprocess.Popen([svcproxy, "run", "--once", "--manifests",
+        proc = subprocess.Popen([*svcproxy, "run", "--once", "--manifests",
                                  str(work / "manifests"), "--config", str(work / "config.yaml"),
                                  "--node", "node-a", "--status-socket", ""],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -97,7 +103,12 @@ def restore(n: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="1000,10000")
+    p.add_argument("--profile", metavar="DIR",
+                   help="run svcproxy under cProfile, writing DIR/run-once-N.prof (times "
+                   "are then not comparable)")
     args = p.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     sizes = [int(s) for s in args.sizes.split(",") if s]
     print("svcproxy run --once --manifests vs ipvsadm -R (inside the VM, software emulation)")
     print(f"{'services':>9} {'run --once':>11} {'peak RSS':>9} {'ipvsadm -R':>11} {'ratio':>6}")

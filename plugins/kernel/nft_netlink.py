@@ -197,7 +197,7 @@ def _host_port(fam: _Family, text: str) -> tuple[bytes, int]:
         addr, _, port = text[1:].partition("]:")
     else:
         addr, _, port = text.rpartition(":")
-    if not port.isdigit():
+    if not port.isdigit() or int(port) > 65535:
         raise Unsupported(f"dnat to {text}")
     return _address(fam, addr), int(port)
 
@@ -431,8 +431,8 @@ def encode_rule(family: int, rule: str) -> tuple[bytes, bytes]:
         return _Rule(family, rule).encode()
     except Unsupported:
         raise
-    except ValueError as exc:  # an address or network that does not parse
-        raise Unsupported(f"rule {rule!r}: {exc}") from None
+    except (ValueError, struct.error) as exc:  # an address that does not parse, a
+        raise Unsupported(f"rule {rule!r}: {exc}") from None  # number out of range
 
 
 # ---- elements --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ deleted: the rest of the ruleset belongs to others.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from . import nft_netlink
 from .conntrack import conntrack_delete
 from .tools import KernelError, run_tool
+
+log = logging.getLogger(__name__)
 
 TABLE = "kube-proxy"
 #: kube-proxy's nftables mode needs these (pkg/proxy/nftables, knftables)
@@ -276,6 +279,10 @@ class NftKernel:
         try:
             return nft_netlink.compile_batch(text, self.family, self.table, types.get)
         except nft_netlink.Unsupported:
+            return None
+        except Exception as exc:  # a compiler bug: nothing was sent, nft can do it
+            log.warning("nftables netlink compiler failed (%s: %s); using nft -f",
+                        type(exc).__name__, exc)
             return None
 
     def _commit(self, batch: nft_netlink.Batch) -> None:

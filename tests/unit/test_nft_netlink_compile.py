@@ -113,3 +113,43 @@ def test_the_kernel_door_learns_key_types_from_what_it_commits(
     assert kernel.key_types == {"service-ips": TYPES["service-ips"]}
     kernel.run("add table ip kube-proxy\ndelete table ip kube-proxy\n")
     assert kernel.key_types == {}
+
+
+def test_the_endpoint_rule_fast_path_writes_what_the_parser_writes() -> None:
+    rules = []
+    for family, host in ((4, "10.244.1.11:8080"), (4, "192.0.2.255:1"),
+                         (6, "[fd00:244:1::11]:8080"), (6, "[::1]:65535")):
+        for proto in ("tcp", "udp", "sctp"):
+            for test in ("", "numgen random mod 5 0 ", "numgen random mod 7 < 3 ",
+                         "numgen random mod 1000 < 999 "):
+                rules.append((family, f"meta l4proto {proto} {test}counter packets 0 bytes 0 "
+                                      f"dnat to {host}"))
+    for family, rule in rules:
+        fast = nn._fast_dnat(family, rule)
+        assert fast is not None, rule
+        assert fast == nn._Rule(family, rule).encode()[0], rule
+    # shapes it does not take go to the parser (or are refused there)
+    for family, rule in ((4, "meta l4proto tcp counter packets 0 bytes 0 dnat to [fd00::1]:80"),
+                         (6, "meta l4proto tcp counter packets 0 bytes 0 dnat to 10.0.0.1:80"),
+                         (4, "meta l4proto tcp counter packets 0 bytes 0 dnat to 10.0.0.1:70000")):
+        assert nn._fast_dnat(family, rule) is None
+        with pytest.raises(nn.Unsupported):
+            nn.encode_rule(family, rule)
+
+
+def test_a_compiler_failure_falls_back_to_nft(monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    kernel = NftKernel(4, "nowhere")
+    sent: list[str] = []
+    monkeypatch.setattr("svcproxy.plugins.kernel.nftables.run_tool",
+                        lambda args, netns, stdin="", check=True: sent.append(stdin) or
+                        type("P", (), {"returncode": 0, "stderr": ""})())
+
+    def broken(*args: object) -> None:
+        raise KeyError("bug")
+
+    monkeypatch.setattr(nn, "compile_batch", broken)
+    kernel.run("flush chain ip kube-proxy service-X\n")
+    assert sent == ["flush chain ip kube-proxy service-X\n"]
+    assert kernel.transactions == 1 and kernel.netlink_transactions == 0
+    assert "netlink compiler failed (KeyError" in caplog.text
