@@ -17,6 +17,9 @@ tier could no longer unload ip_vs after its tests' namespaces were deleted.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import gc
 from collections.abc import Iterator
 
@@ -34,3 +37,23 @@ def gc_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+@functools.cache
+def _malloc_trim() -> object | None:
+    """glibc's malloc_trim, if this is glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc malloc_trim).
+    A full sync's transients (the transaction text, its netlink batch, the
+    plan being compared) are freed after it but glibc keeps the pages: at
+    10,000 Services tens of MB of RSS that nothing uses."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)  # type: ignore[operator]

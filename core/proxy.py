@@ -18,7 +18,7 @@ from collections.abc import Callable
 from .bus import EventBus
 from .config import Config
 from .datapath import ApplyResult, SyncResult
-from .gcpause import gc_paused
+from .gcpause import gc_paused, trim_heap
 from .ir import ServiceMap
 from .manager import PluginHost
 from .phases import recording
@@ -146,8 +146,12 @@ class Proxy:
 
     def sync(self, full: bool = False) -> SyncResult:
         """Plan and apply once. Never raises: the outcome is in the SyncResult."""
-        with self._sync_lock, gc_paused():
-            return self._sync(full)
+        with self._sync_lock:
+            with gc_paused():
+                result = self._sync(full)
+            if result.full:
+                trim_heap()
+            return result
 
     def _sync(self, full: bool) -> SyncResult:
         if self._switch is not None:

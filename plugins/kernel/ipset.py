@@ -14,6 +14,7 @@ there" as success, like `ipset -exist`. Creating sets still goes through
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
@@ -56,36 +57,56 @@ _NFGEN = struct.Struct("=BBH")
 _LINENO = _attr(ATTR_LINENO, struct.pack("=I", 0))
 
 
+#: the nested IPSET_ATTR_IP / IPSET_ATTR_IP2 headers, by attribute and address size
+_IP_HEADS = {(kind, size): struct.pack("=HHHH", 8 + size, kind | NLA_F_NESTED, 4 + size,
+                                       (ATTR_IPADDR_IPV6 if size == 16 else ATTR_IPADDR_IPV4)
+                                       | NLA_F_NET_BYTEORDER)
+             for kind in (ATTR_IP, ATTR_IP2) for size in (4, 16)}
+_DATA_HEAD = struct.Struct("=HH")
+
+
 def _ip(kind: int, address: str) -> bytes:
     if ":" in address:
-        inner = _attr(ATTR_IPADDR_IPV6 | NLA_F_NET_BYTEORDER,
-                      socket.inet_pton(socket.AF_INET6, address))
-    else:
-        inner = _attr(ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER,
-                      socket.inet_pton(socket.AF_INET, address))
-    return _attr(kind | NLA_F_NESTED, inner)
+        return _IP_HEADS[(kind, 16)] + socket.inet_pton(socket.AF_INET6, address)
+    return _IP_HEADS[(kind, 4)] + socket.inet_pton(socket.AF_INET, address)
+
+
+@functools.lru_cache(maxsize=4096)
+def _proto_port(text: str) -> bytes:
+    """IPSET_ATTR_PORT and IPSET_ATTR_PROTO of "tcp:8080" (few distinct:
+    cached)."""
+    proto, _, port = text.rpartition(":")
+    number = PROTO_NUMBERS.get(proto) if not proto.isdigit() else int(proto)
+    if number is None:
+        raise ValueError(f"unknown protocol {proto!r}")
+    return (_attr(ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack("!H", int(port)))
+            + _attr(ATTR_PROTO, struct.pack("B", number)))
+
+
+@functools.lru_cache(maxsize=256)
+def _cidr2(cidr: str) -> bytes:
+    return _attr(ATTR_CIDR2, struct.pack("B", int(cidr)))
 
 
 def member_data(member: str) -> bytes:
-    """IPSET_ATTR_DATA for one member in ipset's text form."""
+    """IPSET_ATTR_DATA for one member in ipset's text form (assembled from
+    fixed headers: 20,000 members at 10,000 services)."""
     parts = member.split(",")
     if len(parts) == 1 and parts[0].isdigit():  # bitmap:port
         return _attr(ATTR_DATA | NLA_F_NESTED,
                      _attr(ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack("!H", int(parts[0]))))
-    attrs = [_ip(ATTR_IP, parts[0])]
+    body = _ip(ATTR_IP, parts[0])
     if len(parts) >= 2:
-        proto, _, port = parts[1].rpartition(":")
-        number = PROTO_NUMBERS.get(proto) if not proto.isdigit() else int(proto)
-        if number is None:
-            raise ValueError(f"unknown protocol in ipset member {member!r}")
-        attrs.append(_attr(ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack("!H", int(port))))
-        attrs.append(_attr(ATTR_PROTO, struct.pack("B", number)))
+        try:
+            body += _proto_port(parts[1])
+        except ValueError as exc:
+            raise ValueError(f"{exc} in ipset member {member!r}") from None
     if len(parts) >= 3:
         address, _, cidr = parts[2].partition("/")
-        attrs.append(_ip(ATTR_IP2, address))
+        body += _ip(ATTR_IP2, address)
         if cidr:
-            attrs.append(_attr(ATTR_CIDR2, struct.pack("B", int(cidr))))
-    return _attr(ATTR_DATA | NLA_F_NESTED, b"".join(attrs))
+            body += _cidr2(cidr)
+    return _DATA_HEAD.pack(4 + len(body), ATTR_DATA | NLA_F_NESTED) + body
 
 
 @dataclass
