@@ -85,12 +85,24 @@ def _identity(raw: Mapping[str, Any]) -> ObjectKey | None:
     return kind, f"{meta.get('namespace') or 'default'}/{meta['name']}"
 
 
-def _items(doc: Any) -> Iterator[Any]:
-    """Flatten `kind: List` (and `ServiceList` etc.) documents."""
+def _take(seq: list[Any], consume: bool) -> Iterator[Any]:
+    """The list's items in order; `consume`: each taken out of it as it is
+    yielded, so a parse tree shrinks while the model made of it grows."""
+    if not consume:
+        yield from seq
+        return
+    seq.reverse()
+    while seq:
+        yield seq.pop()
+
+
+def _items(doc: Any, consume: bool = False) -> Iterator[Any]:
+    """Flatten `kind: List` (and `ServiceList` etc.) documents (`consume`:
+    see _take; a 10,000-Service List's tree is larger than its objects)."""
     if isinstance(doc, Mapping) and isinstance(doc.get("items"), list) and \
             str(doc.get("kind", "")).endswith("List"):
         item_kind = str(doc["kind"])[:-4]
-        for item in doc["items"]:
+        for item in _take(doc["items"], consume):
             if isinstance(item, dict) and "kind" not in item and item_kind in PARSERS:
                 item["kind"] = item_kind  # typed lists may omit the items' kind
             yield item
@@ -198,7 +210,9 @@ class ManifestSource:
         except (ValueError, yaml.YAMLError):
             pass
         else:
-            state = self._objects(path, fast, previous)
+            # (consumed as it is read: a failure parses the text again anyway)
+            state = self._objects(path, fast, previous, consume=True)
+            del fast
             if not state.errors:
                 state.digest = digest
                 return state
@@ -212,10 +226,11 @@ class ManifestSource:
         state.digest = digest
         return state
 
-    def _objects(self, path: Path, docs: list[Any], previous: _FileState) -> _FileState:
+    def _objects(self, path: Path, docs: list[Any], previous: _FileState,
+                 consume: bool = False) -> _FileState:
         state = _FileState()
-        for doc in docs:
-            for raw in _items(doc):
+        for doc in _take(docs, consume):
+            for raw in _items(doc, consume):
                 if not isinstance(raw, Mapping):
                     state.errors.append(ManifestError(str(path), "a manifest must be a mapping",
                                                       line_of(doc)))
