@@ -65,7 +65,7 @@ def test_members_encode_as_before(member: str) -> None:
 
 
 def test_bad_members_are_errors() -> None:
-    with pytest.raises(ValueError, match="unknown protocol .icmp. in ipset member"):
+    with pytest.raises(ValueError, match=r"unknown protocol .icmp. in ipset member"):
         member_data("10.0.0.1,icmp:0")
     with pytest.raises(OSError):
         member_data("10.0.0.999,tcp:80")
