@@ -230,15 +230,8 @@ class NftKernel:
         """Commit one transaction: all of it or, on error, none. One whose
         every statement nft_netlink compiles goes over netlink, the rest
         through `nft -f -`."""
-        if not text:
-            return
-        batch = self._compile(text, self.key_types)
-        if batch is None:
-            self._nft_f(text)
-        else:
-            self._commit(batch)
-        self.transactions += 1
-        _learn(self.key_types, text)
+        if text:
+            self._send(text, self._compile(text, self.key_types))
 
     def run_two(self, first: str, second: str) -> None:
         """Commit `first`, then `second`, as two transactions: while `nft -f`
@@ -263,12 +256,16 @@ class NftKernel:
             worker.join()
         if failure:
             raise failure[0]
+        self._send(second, batch)
+
+    def _send(self, text: str, batch: nft_netlink.Batch | None) -> None:
+        """Commit `text`: as its batch when it compiled, else through nft."""
         if batch is None:
-            self._nft_f(second)
+            self._nft_f(text)
         else:
             self._commit(batch)
         self.transactions += 1
-        _learn(self.key_types, second)
+        _learn(self.key_types, text)
 
     def _compile(self, text: str, types: dict[str, tuple[str, ...]]
                  ) -> nft_netlink.Batch | None:
