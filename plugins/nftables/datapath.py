@@ -16,7 +16,9 @@ over different keys:
   the same transaction: delete and create commit together, so no packet sees
   it half-built.
 
-Each sync is one `nft -f` transaction. Chains that fall out of use are
+Each sync is one transaction (NftKernel sends it over nf_tables netlink, or
+through `nft -f` when it declares something); a new table is two, its
+declarations first. Chains that fall out of use are
 flushed at once and deleted at a later sync, at least a second after: a
 kernel before 6.2 still counts a verdict-map element's reference to a chain
 for a moment after the element is deleted (kube-proxy does the same).
@@ -169,7 +171,7 @@ class Transaction:
             self.head.append(f"add chain {self.prefix} {name}")
         if exists:
             self.flushes.append(f"flush chain {self.prefix} {name}")
-        self.rules.extend(f"add rule {self.prefix} {name} {rule}" for rule in rules)
+        self.add_rules(name, rules)
 
     def add_rules(self, name: str, rules: Iterable[str]) -> None:
         self.rules.extend(f"add rule {self.prefix} {name} {rule}" for rule in rules)
