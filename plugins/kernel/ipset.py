@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .netlink import (
+    _NLA,
     _NLMSGHDR,
     NLM_F_DUMP,
     NLM_F_REQUEST,
@@ -62,7 +63,6 @@ _IP_HEADS = {(kind, size): struct.pack("=HHHH", 8 + size, kind | NLA_F_NESTED, 4
                                        (ATTR_IPADDR_IPV6 if size == 16 else ATTR_IPADDR_IPV4)
                                        | NLA_F_NET_BYTEORDER)
              for kind in (ATTR_IP, ATTR_IP2) for size in (4, 16)}
-_DATA_HEAD = struct.Struct("=HH")
 
 
 def _ip(kind: int, address: str) -> bytes:
@@ -106,7 +106,7 @@ def member_data(member: str) -> bytes:
         body += _ip(ATTR_IP2, address)
         if cidr:
             body += _cidr2(cidr)
-    return _DATA_HEAD.pack(4 + len(body), ATTR_DATA | NLA_F_NESTED) + body
+    return _NLA.pack(4 + len(body), ATTR_DATA | NLA_F_NESTED) + body
 
 
 @dataclass

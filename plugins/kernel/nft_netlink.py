@@ -36,7 +36,15 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from .netlink import NLA_F_NESTED, NLMSG_ERROR, each_attr, each_message, error_code, open_socket
+from .netlink import (
+    NLMSG_ERROR,
+    _attr,
+    _nested,
+    each_attr,
+    each_message,
+    error_code,
+    open_socket,
+)
 from .netns import opened_in
 
 NETLINK_NETFILTER = 12
@@ -48,7 +56,7 @@ NFPROTO = {4: 2, 6: 10}
 
 # nf_tables messages
 NEWCHAIN, DELCHAIN, NEWRULE, GETRULE, DELRULE = 3, 5, 6, 7, 8
-DELSET, NEWSETELEM, DELSETELEM, GETGEN = 11, 12, 14, 16
+DELSET, NEWSETELEM, DELSETELEM = 11, 12, 14
 # attributes (include/uapi/linux/netfilter/nf_tables.h)
 TABLE_ATTR, CHAIN_NAME = 1, 3              # NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME
 RULE_TABLE, RULE_CHAIN, RULE_EXPRESSIONS, RULE_USERDATA = 1, 2, 4, 7
@@ -88,15 +96,6 @@ class Unsupported(ValueError):
 
 # ---- attributes ----------------------------------------------------------------------
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = 4 + len(payload)
-    return struct.pack("=HH", length, kind) + payload + b"\0" * (-length % 4)
-
-
-def _nest(kind: int, *attrs: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(attrs))
-
-
 def _str(kind: int, text: str) -> bytes:
     return _attr(kind, text.encode() + b"\0")
 
@@ -106,18 +105,18 @@ def _u32(kind: int, value: int) -> bytes:
 
 
 def _value(kind: int, data: bytes) -> bytes:
-    return _nest(kind, _attr(DATA_VALUE, data))
+    return _nested(kind, _attr(DATA_VALUE, data))
 
 
 def _verdict(kind: int, verb: str, chain: str | None = None) -> bytes:
     inner = _u32(VERDICT_CODE, VERDICTS[verb])
     if chain is not None:
         inner += _str(VERDICT_CHAIN, chain)
-    return _nest(kind, _nest(DATA_VERDICT, inner))
+    return _nested(kind, _nested(DATA_VERDICT, inner))
 
 
 def _expr(name: str, *attrs: bytes) -> bytes:
-    return _nest(LIST_ELEM, _str(EXPR_NAME, name), _nest(EXPR_DATA, *attrs))
+    return _nested(LIST_ELEM, _str(EXPR_NAME, name), _nested(EXPR_DATA, *attrs))
 
 
 # ---- expressions, as nft linearizes them ----------------------------------------------
@@ -486,7 +485,7 @@ def _element(types: tuple[str, ...], item: str) -> bytes:
             attrs.append(_verdict(ELEM_DATA, words[0]))
         else:
             raise Unsupported(f"element value {value!r}")
-    return _nest(LIST_ELEM, *attrs)
+    return _nested(LIST_ELEM, *attrs)
 
 
 # ---- statements and the batch ------------------------------------------------------------
@@ -582,7 +581,7 @@ def compile_batch(text: str, family: int, table: str,
             batch.add(msg, flags, tbl + attr, number)
         elif kind == "rule" and verb == "add" and rest:
             exprs, userdata = encode_rule(family, rest)
-            body = tbl + _chain_attr(name) + _nest(RULE_EXPRESSIONS, exprs)
+            body = tbl + _chain_attr(name) + _nested(RULE_EXPRESSIONS, exprs)
             if userdata:
                 body += _attr(RULE_USERDATA, userdata)
             batch.add(NEWRULE, NLM_F_CREATE | NLM_F_APPEND, body, number)
@@ -600,11 +599,11 @@ def compile_batch(text: str, family: int, table: str,
             for item in rest[2:-2].split(", "):
                 elem = _element(key, item)
                 if chunk and size + len(elem) > ELEMENT_CHUNK:
-                    batch.add(msg, flags, head + _nest(ELEM_LIST_ELEMENTS, *chunk), number)
+                    batch.add(msg, flags, head + _nested(ELEM_LIST_ELEMENTS, *chunk), number)
                     chunk, size = [], 0
                 chunk.append(elem)
                 size += len(elem)
-            batch.add(msg, flags, head + _nest(ELEM_LIST_ELEMENTS, *chunk), number)
+            batch.add(msg, flags, head + _nested(ELEM_LIST_ELEMENTS, *chunk), number)
         else:
             raise Unsupported(f"statement {line[:80]!r}")
     return batch

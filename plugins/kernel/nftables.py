@@ -376,15 +376,12 @@ class NftKernel:
         return conntrack_delete(args, self.family, self.netns)
 
 
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWTABLE = 0
 NFT_MSG_GETTABLE = 1
 NFT_MSG_GETGEN = 16
 NFT_MSG_NEWGEN = 15
 NFTA_GEN_ID = 1
 NFTA_TABLE_NAME = 1
-NFPROTO = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6
 
 
 def _learn(types: dict[str, tuple[str, ...]], text: str) -> None:
@@ -449,7 +446,7 @@ def table_exists(family: int, table: str, netns: str | None = None,
     name = table.encode() + b"\0"
     attr = struct.pack("=HH", 4 + len(name), NFTA_TABLE_NAME) + name
     attr += b"\0" * (-len(attr) % 4)
-    answer = _query(netns, NFT_MSG_GETTABLE, NFPROTO[family], attr, channel=channel)
+    answer = _query(netns, NFT_MSG_GETTABLE, nft_netlink.NFPROTO[family], attr, channel=channel)
     if answer is None:
         return None
     data, messages = answer

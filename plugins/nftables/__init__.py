@@ -259,12 +259,13 @@ class NftablesPlugin:
         and, if nobody else committed meanwhile, lists nothing again."""
         if name != NAME:
             return None
-        v6 = self._ipv6_usable()
+        families = {f.family for f in plan.frontends.values()} | {4}
+        v6 = 6 in families and self._ipv6_usable()  # (as in svcproxy_apply_plan)
         mark = self._mark()
         self.generation = None
         changes = 0
         read = True
-        for family in sorted({f.family for f in plan.frontends.values()} | {4}):
+        for family in sorted(families):
             if family == 6 and not v6:
                 continue
             state = self._family(family)

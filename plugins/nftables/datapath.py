@@ -416,15 +416,8 @@ def _full(state: FamilyState, desired: Desired, result: FamilyResult, trusted: b
                 tx.write_chain(name, (chain[0], ()), exists=False)
                 body.add_rules(name, chain[1])
         body.elements(desired.elements, ())
-        if body is tx:
-            _commit(state, tx)
-        else:
-            with phase("transaction"):
-                try:
-                    state.kernel.run_two(tx.text(), body.text())
-                except Exception:
-                    state.forget()
-                    raise
+        _commit(state, tx, None if body is tx else body)
+        if body is not tx:
             result.transactions += 1
         state.chains.load(desired.chains)
         state.sets.load(desired.sets)
@@ -549,10 +542,14 @@ def _apply(state: FamilyState, tx: Transaction, chains: Diff[str, Chain],
     result.elements += len(elements)
 
 
-def _commit(state: FamilyState, tx: Transaction) -> None:
+def _commit(state: FamilyState, tx: Transaction, then: Transaction | None = None) -> None:
+    """Commit `tx` (and, as a second transaction, `then`)."""
     with phase("transaction"):
         try:
-            state.kernel.run(tx.text())
+            if then is None:
+                state.kernel.run(tx.text())
+            else:
+                state.kernel.run_two(tx.text(), then.text())
         except Exception:
             state.forget()  # all or nothing, but say so to the next sync: read back
             raise
