@@ -28,6 +28,7 @@ from .netlink import (
     NLM_F_REQUEST,
     NLMSG_DONE,
     NLMSG_ERROR,
+    PROTO_NUMBERS,
     SEND_CHUNK,
     _attr,
     each_attr,
@@ -49,7 +50,6 @@ ATTR_IP, ATTR_PORT, ATTR_PROTO, ATTR_IP2, ATTR_CIDR2 = 1, 4, 7, 20, 21
 ATTR_IPADDR_IPV4, ATTR_IPADDR_IPV6 = 1, 2
 NLA_F_NESTED = 0x8000
 NLA_F_NET_BYTEORDER = 0x4000
-PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 
 _NFGEN = struct.Struct("=BBH")
 

@@ -28,6 +28,8 @@ CTRL_CMD_GETFAMILY = 3
 CTRL_ATTR_FAMILY_ID = 1
 CTRL_ATTR_FAMILY_NAME = 2
 NLA_F_NESTED = 0x8000
+#: IP protocol numbers of the protocols Services use (ipset and nf_tables keys)
+PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 NLA_TYPE_MASK = 0x3FFF
 
 _NLMSGHDR = struct.Struct("=IHHII")

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from .netlink import (
     NLMSG_ERROR,
+    PROTO_NUMBERS,
     _attr,
     _nested,
     each_attr,
@@ -76,7 +77,6 @@ FIB_F_SADDR, FIB_RESULT_ADDRTYPE, RTN_LOCAL = 1, 3, 2
 NAT_DNAT, NAT_RANGE_PROTO_SPECIFIED = 1, 2
 DYNSET_OP_UPDATE = 1
 UDATA_RULE_COMMENT = 0
-PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 IFNAMSIZ = 16
 
 #: one batch at most this many bytes (sent in one sendmsg, which needs a send
@@ -256,7 +256,7 @@ class _Rule:
 
     def meta(self) -> None:
         self.take("meta", "l4proto")
-        proto = PROTOCOLS.get(self.peek())
+        proto = PROTO_NUMBERS.get(self.peek())
         if proto is None:
             raise self.fail()
         self.i += 1
@@ -373,7 +373,7 @@ _DNAT_RULE = re.compile(r"meta l4proto (tcp|udp|sctp) (?:numgen random mod (\d+)
 @functools.lru_cache(maxsize=4096)
 def _dnat_head(proto: str, modulus: int | None, below: int | None) -> bytes:
     """What comes before the DNAT's address: protocol, numgen test, counter."""
-    out = _meta(META_L4PROTO) + _cmp(CMP_EQ, bytes([PROTOCOLS[proto]]))
+    out = _meta(META_L4PROTO) + _cmp(CMP_EQ, bytes([PROTO_NUMBERS[proto]]))
     if modulus is not None:
         out += _expr("numgen", _u32(1, REG_1), _u32(2, modulus), _u32(3, NG_RANDOM), _u32(4, 0))
         if below is None:
@@ -464,8 +464,8 @@ def encode_key(types: tuple[str, ...], text: str) -> bytes:
                                          else socket.AF_INET6, part)
             except OSError:
                 raise Unsupported(f"element field {part!r} of type {kind}") from None
-        elif kind == "inet_proto" and part in PROTOCOLS:
-            value = bytes([PROTOCOLS[part]])
+        elif kind == "inet_proto" and part in PROTO_NUMBERS:
+            value = bytes([PROTO_NUMBERS[part]])
         elif kind == "inet_service" and part.isdigit() and int(part) < 65536:
             value = struct.pack("!H", int(part))
         else:

@@ -2,15 +2,16 @@
 in the host or in a network namespace: the door the nftables datapath uses.
 
 Programming goes through `nft -f -`: one transaction per call, applied
-entirely or not at all. Small transactions (a partial sync's few statements)
-are compiled and committed over nf_tables netlink instead (nft_netlink.py),
-equally all or nothing: `nft` would first fetch the whole table's chains
-and sets, half a second at 50,000 services, for a change of seven
-statements. Reading goes through `nft list table`, parsed into
-`NftTable` (chains with their rule lines, sets and maps with their elements)
-in the text nft prints, which is also the text the datapath renders, so the
-two compare line by line. Only the named table is ever read, written or
-deleted: the rest of the ruleset belongs to others.
+entirely or not at all. A transaction that declares nothing (a partial
+sync, the rules and elements of a new table) is compiled and committed over
+nf_tables netlink instead (nft_netlink.py), equally all or nothing: `nft`
+would first fetch the whole table's chains and sets (0.3-0.6 s at 50,000
+services for a change of six statements) and parse the text. Reading goes
+through `nft list table`, parsed into `NftTable` (chains with their rule
+lines, sets and maps with their elements) in the text nft prints, which is
+also the text the datapath renders, so the two compare line by line. Only
+the named table is ever read, written or deleted: the rest of the ruleset
+belongs to others.
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ class NftKernel:
         #: went over netlink rather than through `nft -f`
         self.transactions = 0
         self.netlink_transactions = 0
-        #: small transactions over netlink (False: always `nft -f`)
+        #: compiled transactions over netlink (False: always `nft -f`)
         self.netlink = True
         #: key types of the table's sets and maps, as last written or listed
         #: (element keys are encoded from them)
@@ -290,10 +291,9 @@ class NftKernel:
                 "nothing of it was committed"
             raise KernelError(f"nftables refused a transaction on table {self.prefix} "
                               f"({outcome}): {exc}") from None
-        except nft_netlink.Unsupported:  # (too large for one sendmsg)
-            self._nft_f(batch.text)
-            return
-        except OSError:  # no netlink socket here (nothing was sent): nft decides
+        except (nft_netlink.Unsupported, OSError):
+            # too large for one sendmsg, or no netlink socket here: nothing
+            # was sent, nft decides
             self._nft_f(batch.text)
             return
         self.netlink_transactions += 1
@@ -441,11 +441,9 @@ def table_exists(family: int, table: str, netns: str | None = None,
     """Whether nftables table `table` of `family` (4/6) exists in `netns`
     (NFT_MSG_GETTABLE: no nft process for the common "not there"); None when
     netlink cannot tell (no nf_tables: then nft cannot either)."""
-    from .netlink import NLMSG_ERROR, error_code
+    from .netlink import NLMSG_ERROR, _attr, error_code
 
-    name = table.encode() + b"\0"
-    attr = struct.pack("=HH", 4 + len(name), NFTA_TABLE_NAME) + name
-    attr += b"\0" * (-len(attr) % 4)
+    attr = _attr(NFTA_TABLE_NAME, table.encode() + b"\0")
     answer = _query(netns, NFT_MSG_GETTABLE, nft_netlink.NFPROTO[family], attr, channel=channel)
     if answer is None:
         return None
