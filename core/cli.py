@@ -31,7 +31,8 @@ from .ir import ServiceMap
 from .manager import PluginHost
 from .plan import Planner, make_context
 from .proxy import Proxy
-from .sources.kubernetes import KubernetesSource, load_client
+from .sources.kubeclient import load_client
+from .sources.kubernetes import KubernetesSource
 from .sources.manifests import ManifestSource
 from .state import ClusterState
 from .status import DEFAULT_SOCKET, StatusFile, StatusSocket
@@ -148,12 +149,14 @@ def _state(b: Any) -> str:
 
 
 def _kubernetes_source(args: argparse.Namespace, config: Config, host: PluginHost,
-                       proxy: Proxy) -> KubernetesSource:
+                       proxy: Proxy, one_shot: bool) -> KubernetesSource:
     """The API server source of `run` and `plan`, feeding `proxy`; not started.
-    --kubeconfig wins over clientConnection.kubeconfig, as with kube-proxy."""
+    --kubeconfig wins over clientConnection.kubeconfig, as with kube-proxy.
+    A one-shot command (`plan`, `run --once`) also waits for the Node's list:
+    its one sync is all it writes (NodePort addresses, local endpoints)."""
     api = load_client(args.kubeconfig or config.kube_proxy.client_connection.kubeconfig)
     proxy.set_node_name(_resolve_node_name(args.node, config, None))
-    for name in KubernetesSource.REQUIRED:
+    for name in KubernetesSource.REQUIRED + (("nodes",) if one_shot else ()):
         proxy.bus.expect(name)
     return KubernetesSource(api, proxy.node_name, proxy.bus.publish, proxy.bus.mark_synced,
                             resync_period=config.kube_proxy.config_sync_period,
@@ -178,7 +181,7 @@ def _read_cluster(args: argparse.Namespace, config: Config, host: PluginHost,
         where = args.manifests
     else:
         try:
-            k8s = _kubernetes_source(args, config, host, proxy)
+            k8s = _kubernetes_source(args, config, host, proxy, one_shot=True)
         except UsageError as exc:
             raise UsageError(f"{exc} (or plan a manifest directory: --manifests DIR)") from None
         k8s.start()
@@ -355,7 +358,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             background.append(threading.Thread(target=source.watch, args=(stop,),
                                                name="manifests", daemon=True))
     else:
-        k8s = _kubernetes_source(args, config, host, proxy)
+        k8s = _kubernetes_source(args, config, host, proxy, one_shot=args.once)
         host.register("kubernetes-events", k8s)
     _status_observers(args, host, proxy.node_name)
     host.start(datapath, skipped, proxy.node_name)

@@ -1,6 +1,6 @@
 """An in-process HTTP server speaking the Kubernetes API's list/watch wire
-protocol for Services, EndpointSlices and Nodes, so the real `kubernetes`
-client can be tested without a kube-apiserver binary.
+protocol for Services, EndpointSlices and Nodes, so svcproxy's real API client
+(core/sources/kubeclient.py) can be tested without a kube-apiserver binary.
 
 What it implements, as the API server does:
 - list: `{"kind": "ServiceList", "metadata": {"resourceVersion", "continue"},
@@ -10,7 +10,10 @@ What it implements, as the API server does:
 - watch: a chunked stream of `{"type": ADDED|MODIFIED|DELETED|BOOKMARK|ERROR,
   "object": ...}` lines from `resourceVersion`, bookmarks when asked, an ERROR
   event with code 410 for an expired resourceVersion, `timeoutSeconds`;
-- POST of core/v1 Events.
+- POST of core/v1 Events;
+- authentication: a bearer token (401 without it, as the API server answers
+  an unauthenticated request when anonymous auth is off), and TLS with an
+  optional required client certificate (`tls=`).
 
 Faults a test can inject: answer the next N requests with a status (500, 429
 with Retry-After, 410), drop a watch stream in the middle of an event, delay
@@ -75,8 +78,21 @@ class Fault:
     watch_only: bool = False
 
 
+@dataclass
+class TLS:
+    """The server's certificate and key (PEM files), and the CA whose client
+    certificates it requires (None: no client certificate asked for)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
 class FakeAPIServer:
-    def __init__(self) -> None:
+    def __init__(self, tls: TLS | None = None, token: str | None = "test-token") -> None:
+        self.tls = tls
+        #: the bearer token a request must carry (None: any request is served)
+        self.token = token
         self.cond = threading.Condition()
         self.rv = 1000
         self.min_rv = 0  # watches/continues from before this get 410
@@ -99,6 +115,10 @@ class FakeAPIServer:
 
             def setup(self) -> None:
                 super().setup()
+                if server.tls is not None:
+                    self.connection.settimeout(10)
+                    self.connection.do_handshake()  # here, not in the accepting thread
+                    self.connection.settimeout(None)
                 with server.cond:
                     server.connections.add(self.connection)
 
@@ -111,10 +131,12 @@ class FakeAPIServer:
                 pass
 
             def do_GET(self) -> None:
-                server._get(self)
+                if server._authorized(self):
+                    server._get(self)
 
             def do_POST(self) -> None:
-                server._post(self)
+                if server._authorized(self):
+                    server._post(self)
 
         self.handler = Handler
         self._listen(0)
@@ -122,6 +144,16 @@ class FakeAPIServer:
     def _listen(self, port: int) -> None:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self.handler)
         self.httpd.daemon_threads = True
+        if self.tls is not None:
+            import ssl
+
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(self.tls.cert), str(self.tls.key))
+            if self.tls.client_ca is not None:
+                ctx.verify_mode = ssl.CERT_REQUIRED
+                ctx.load_verify_locations(str(self.tls.client_ca))
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True,
+                                                do_handshake_on_connect=False)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -150,13 +182,18 @@ class FakeAPIServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
 
-    def kubeconfig(self, path: Path) -> Path:
+    def kubeconfig(self, path: Path, cluster: dict[str, Any] | None = None,
+                   user: dict[str, Any] | None = None) -> Path:
+        """A kubeconfig for this server; `cluster` and `user` add or replace
+        fields (the user's default is the token)."""
         path.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "test",
-            "clusters": [{"name": "test", "cluster": {"server": self.url}}],
-            "users": [{"name": "test", "user": {"token": "test-token"}}],
+            "clusters": [{"name": "test", "cluster": {"server": self.url, **(cluster or {})}}],
+            "users": [{"name": "test", "user": user if user is not None
+                       else {"token": "test-token"}}],
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
         }))
         return path
@@ -256,6 +293,16 @@ class FakeAPIServer:
                     f.count -= 1
                     return f
         return None
+
+    def _authorized(self, h: BaseHTTPRequestHandler) -> bool:
+        if self.token is None or h.headers.get("Authorization") == f"Bearer {self.token}":
+            return True
+        self.requests.append("UNAUTHORIZED " + urlparse(h.path).path)
+        length = int(h.headers.get("Content-Length") or 0)
+        if length:
+            h.rfile.read(length)
+        self._status(h, 401, "Unauthorized", "Unauthorized")
+        return False
 
     def _get(self, h: BaseHTTPRequestHandler) -> None:
         url = urlparse(h.path)

@@ -1,6 +1,6 @@
 """The Kubernetes API source: list+watch of Services, EndpointSlices and this
-node's Node object with the official `kubernetes` client, as kube-proxy's
-informers do.
+node's Node object, as kube-proxy's informers do, over svcproxy's own small
+API client (sources/kubeclient.py).
 
 Per resource a reflector thread lists (in pages), publishes what changed
 against what it holds, then watches from the list's resourceVersion with
@@ -10,16 +10,14 @@ objects that vanished meanwhile and MODIFIED only for objects whose content
 changed. Errors back off exponentially with jitter (honouring Retry-After);
 every `configSyncPeriod` the reflector relists to repair anything missed.
 
-Objects are read as raw JSON (``_preload_content=False``) and parsed by
-svcproxy's own model, so events reach the bus exactly as the manifest source's
-do.
+Objects are read as raw JSON and parsed by svcproxy's own model, so events
+reach the bus exactly as the manifest source's do.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import functools
+import http.client
 import json
 import logging
 import random
@@ -27,15 +25,13 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from ..bus import Event, EventType
 from ..datapath import WatchedKind
-from ..errors import ObjectError, UsageError, show
+from ..errors import ObjectError, show
 from ..gcpause import gc_paused
 from ..hookspecs import hookimpl
 from ..model import (
@@ -45,6 +41,7 @@ from ..model import (
     parse_node,
     parse_service,
 )
+from .kubeclient import ApiClient, ApiError, Session, event_path
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +63,9 @@ class RetryLater(Exception):
 
 def connection_error(exc: BaseException) -> str:
     """What went wrong reaching the server, the same text for every retry of
-    one fault: urllib3's underlying reason, without the request's URL (a
-    watch's carries its resourceVersion) or object addresses."""
-    cause = getattr(exc, "reason", None)
-    err: BaseException = cause if isinstance(cause, BaseException) else exc
-    text = re.sub(r"<[^<>]* at 0x[0-9a-f]+>:? ?", "", str(err))
-    text = re.sub(r"^\w+\(host='[^']*', port=\d+\): ", "", text)
-    return f"{type(err).__name__}: {text}"
+    one fault: the error, without object addresses."""
+    text = re.sub(r"<[^<>]* at 0x[0-9a-f]+>:? ?", "", str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @dataclass
@@ -93,70 +86,14 @@ class Backoff:
         self.attempts = 0
 
 
-class _QuietRetries(logging.Filter):
-    """urllib3 retries a failed connection up to three times within one
-    request, warning each time; the reflector reports the request's failure
-    itself, once per fault (Reflector._failure), so those warnings go."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Retrying (")
-
-
-_QUIET = _QuietRetries()
-
-
-def load_client(kubeconfig: str | None) -> Any:
-    """An ApiClient from a kubeconfig file, $KUBECONFIG or the in-cluster
-    service account. Raises UsageError naming what is wrong."""
-    from kubernetes import client, config
-    from kubernetes.config.config_exception import ConfigException
-
-    pool_log = logging.getLogger("urllib3.connectionpool")
-    if _QUIET not in pool_log.filters:
-        pool_log.addFilter(_QUIET)
-
-    try:
-        if kubeconfig:
-            cfg = client.Configuration()
-            config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=kubeconfig, client_configuration=cfg)
-            return client.ApiClient(cfg)
-        try:
-            cfg = client.Configuration()
-            config.load_incluster_config(  # type: ignore[no-untyped-call]
-                client_configuration=cfg)
-            return client.ApiClient(cfg)
-        except ConfigException:
-            cfg = client.Configuration()
-            # $KUBECONFIG or ~/.kube/config
-            config.load_kube_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-            return client.ApiClient(cfg)
-    except (ConfigException, OSError, ValueError, TypeError, yaml.YAMLError) as exc:
-        where = kubeconfig or "in-cluster config, $KUBECONFIG or ~/.kube/config"
-        raise UsageError(f"--kubeconfig: cannot load a Kubernetes client config from "
-                         f"{where}: {exc}") from None
-
-
-def _lines(resp: Any) -> Iterator[str]:
-    """Complete lines of a streamed (chunked) watch response. A partial line at
-    the end (the connection dropped mid-event) is discarded."""
-    buf = b""
-    for chunk in resp.stream(4096, decode_content=False):
-        buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            if line.strip():
-                yield line.decode()
-
-
 @dataclass
 class Resource:
     name: str  # for logs and the bus's sync tracking: "services", "endpointslices", "nodes"
-    list_fn: Callable[..., Any]
+    path: str  # the list's URL path: /api/v1/services
     parse: Callable[[Any], Any]  # a ClusterObject, or a plugin's WatchedObject
     kind: str
     api_version: str
-    selector: dict[str, str]
+    selector: dict[str, str]  # query parameters: labelSelector, fieldSelector
 
 
 class Reflector:
@@ -166,7 +103,8 @@ class Reflector:
                  on_synced: Callable[[str], None], stop: threading.Event,
                  resync_period: float, watch_timeout: tuple[int, int] = (240, 480),
                  request_timeout: float = 30.0, backoff_cap: float = 30.0,
-                 on_error: Callable[[str, str], object] | None = None) -> None:
+                 on_error: Callable[[str, str], object] | None = None,
+                 client: ApiClient | None = None) -> None:
         self.r = resource
         self.publish = publish
         self.on_synced = on_synced
@@ -185,37 +123,41 @@ class Reflector:
         self.failed = 0
         self.failing_since = 0.0
         self._logged = ""
-        self._resp: Any = None
+        self.session = Session(client) if client is not None else None
         self.lists = 0  # how many full lists ran (tests watch relists)
 
     # -- HTTP ------------------------------------------------------------------------
 
-    def _call(self, **kwargs: Any) -> Any:
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
+    def _call(self, query: dict[str, Any], timeout: tuple[float, float],
+              whole: bool = True) -> Any:
+        """One GET of the resource: the body (bytes) when `whole`, else the
+        streamed response. Failures raise Gone or RetryLater."""
+        if self.session is None:
+            raise RetryLater(f"{self.r.name}: no API client")
         try:
-            resp = self.r.list_fn(_preload_content=False, **self.r.selector, **kwargs)
-        except ApiException as exc:
+            resp = self.session.request("GET", self.r.path, {**self.r.selector, **query},
+                                        timeout=timeout)
+            out = self.session.finish(resp) if whole else resp
+        except ApiError as exc:
             if exc.status == 410:
-                raise Gone(str(exc.reason)) from None
+                raise Gone(exc.message or exc.reason) from None
             if exc.status == 404:
                 # a custom resource whose CRD is not installed (yet): look again later
                 raise RetryLater(f"{self.r.name}: not served by the API server (is its "
                                  "CRD installed?)", 300.0) from None
             retry = None
-            if exc.headers and exc.headers.get("Retry-After"):
+            if exc.headers.get("retry-after"):
                 try:
-                    retry = float(exc.headers["Retry-After"])
+                    retry = float(exc.headers["retry-after"])
                 except ValueError:
                     retry = None
             raise RetryLater(f"{self.r.name}: the API server answered {exc.status} "
                              f"{exc.reason}", retry) from None
-        except (HTTPError, OSError) as exc:
+        except (http.client.HTTPException, OSError) as exc:
             raise RetryLater(f"{self.r.name}: cannot reach the API server: "
                              f"{connection_error(exc)}") from None
         self._recovered()
-        return resp
+        return out
 
     # -- list ------------------------------------------------------------------------
 
@@ -231,16 +173,17 @@ class Reflector:
         cont = None
         rv = ""
         while True:
-            kwargs: dict[str, Any] = {"limit": PAGE_SIZE,
-                                      "_request_timeout": self.request_timeout}
+            query: dict[str, Any] = {"limit": PAGE_SIZE}
             if cont:
-                kwargs["_continue"] = cont
-            resp = self._call(**kwargs)
+                query["continue"] = cont
+            data = self._call(query, (self.request_timeout, self.request_timeout))
             try:
-                body = json.loads(resp.data)
+                body = json.loads(data)
             except ValueError as exc:
                 raise RetryLater(f"list of {self.r.name}: invalid JSON: {exc}") from None
-            del resp
+            del data
+            if not isinstance(body, dict):
+                raise RetryLater(f"list of {self.r.name}: not a list: {show(body)[:200]}")
             for raw in body.get("items") or []:
                 obj = self._parse(raw)
                 if obj is not None:
@@ -286,12 +229,12 @@ class Reflector:
         passes (resync), or stop is set."""
         timeout = random.randint(*self.watch_timeout)
         timeout = max(1, min(timeout, int(until - time.monotonic()) + 1))
-        resp = self._call(watch=True, resource_version=self.resource_version,
-                          allow_watch_bookmarks=True, timeout_seconds=timeout,
-                          _request_timeout=(self.request_timeout, timeout + 30))
-        self._resp = resp
+        resp = self._call({"watch": True, "resourceVersion": self.resource_version,
+                           "allowWatchBookmarks": True, "timeoutSeconds": timeout},
+                          (self.request_timeout, timeout + 30), whole=False)
+        assert self.session is not None
         try:
-            for line in _lines(resp):
+            for line in self.session.lines(resp):
                 if self.stop.is_set():
                     return
                 try:
@@ -305,14 +248,14 @@ class Reflector:
                     return
         except (Gone, RetryLater):
             raise
-        except Exception as exc:  # urllib3 raises several kinds when a stream breaks
+        except (http.client.HTTPException, OSError, ValueError) as exc:
             if self.stop.is_set():
                 return
-            raise RetryLater(f"watch of {self.r.name} broke: {type(exc).__name__}: {exc}") \
+            raise RetryLater(f"watch of {self.r.name} broke: {connection_error(exc)}") \
                 from None
         finally:
-            self._resp = None
-            resp.release_conn()
+            # a stream left before its end cannot carry the next request
+            self.session.release()
 
     def _handle(self, event: Any) -> None:
         raw = event.get("object") if isinstance(event, Mapping) else None
@@ -404,15 +347,9 @@ class Reflector:
             self._logged = ""
 
     def interrupt(self) -> None:
-        resp = self._resp
-        if resp is not None:
-            # closing under a blocked reader may raise in either thread: the
-            # reader sees stop set and exits quietly
-            with contextlib.suppress(Exception):
-                if hasattr(resp, "shutdown"):
-                    resp.shutdown()
-                else:
-                    resp.close()
+        """End a blocked read (stop): the reader sees stop set and exits quietly."""
+        if self.session is not None:
+            self.session.shutdown()
 
 
 class KubernetesSource:
@@ -421,38 +358,33 @@ class KubernetesSource:
 
     name = "kubernetes"
 
-    def __init__(self, api_client: Any, node_name: str, publish: Callable[[Event], object],
+    def __init__(self, api_client: ApiClient, node_name: str, publish: Callable[[Event], object],
                  on_synced: Callable[[str], None], resync_period: float = 900.0,
                  watch_timeout: tuple[int, int] = (240, 480),
                  extra_kinds: Sequence[WatchedKind] = (),
                  on_error: Callable[[str, str], object] | None = None,
                  backoff_cap: float = 30.0) -> None:
-        from kubernetes import client
-
         self.api_client = api_client
         self.node_name = node_name
-        self.core = client.CoreV1Api(api_client)
-        self.discovery = client.DiscoveryV1Api(api_client)
         self.stop_event = threading.Event()
         resources = [
-            Resource("services", self.core.list_service_for_all_namespaces, parse_service,
-                     "Service", "v1", {"label_selector": PROXY_SELECTOR}),
-            Resource("endpointslices", self.discovery.list_endpoint_slice_for_all_namespaces,
+            Resource("services", "/api/v1/services", parse_service, "Service", "v1",
+                     {"labelSelector": PROXY_SELECTOR}),
+            Resource("endpointslices", "/apis/discovery.k8s.io/v1/endpointslices",
                      parse_endpoint_slice, "EndpointSlice", "discovery.k8s.io/v1",
-                     {"label_selector": PROXY_SELECTOR}),
-            Resource("nodes", self.core.list_node, parse_node, "Node", "v1",
-                     {"field_selector": f"metadata.name={node_name}"}),
+                     {"labelSelector": PROXY_SELECTOR}),
+            Resource("nodes", "/api/v1/nodes", parse_node, "Node", "v1",
+                     {"fieldSelector": f"metadata.name={node_name}"}),
         ]
         # kinds plugins asked for (svcproxy_watch_kinds): not needed for the first
         # sync (not in REQUIRED)
-        custom = client.CustomObjectsApi(api_client)
         for extra in extra_kinds:
             resources.append(Resource(
-                extra.plural, functools.partial(custom.list_cluster_custom_object,
-                                                extra.group, extra.version, extra.plural),
+                extra.plural, f"/apis/{extra.group}/{extra.version}/{extra.plural}",
                 extra.parse, extra.kind, extra.api_version, {}))
         self.reflectors = [Reflector(r, publish, on_synced, self.stop_event, resync_period,
-                                     watch_timeout, backoff_cap=backoff_cap, on_error=on_error)
+                                     watch_timeout, backoff_cap=backoff_cap, on_error=on_error,
+                                     client=api_client)
                            for r in resources]
         self.threads: list[threading.Thread] = []
 
@@ -491,21 +423,28 @@ class KubernetesSource:
 
     def post_event(self, kind: str, namespace: str, name: str, reason: str, message: str,
                    type_: str = "Warning") -> None:
-        from kubernetes import client
-
-        now = datetime.datetime.now(datetime.UTC)
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         event_ns = namespace or "default"
-        body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{name}.svcproxy-",
-                                         namespace=event_ns),
-            involved_object=client.V1ObjectReference(
-                kind=kind, name=name, namespace=namespace or None,
-                uid=name if kind == "Node" else None, api_version="v1"),
-            reason=reason, message=message, type=type_, count=1,
-            first_timestamp=now, last_timestamp=now,
-            source=client.V1EventSource(component="svcproxy", host=self.node_name),
-            reporting_component="svcproxy", reporting_instance=socket.gethostname())
+        involved: dict[str, str] = {"kind": kind, "name": name, "apiVersion": "v1"}
+        if namespace:
+            involved["namespace"] = namespace
+        if kind == "Node":
+            involved["uid"] = name  # as the kubelet's Node events
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{name}.svcproxy-", "namespace": event_ns},
+            "involvedObject": involved, "reason": reason, "message": message,
+            "type": type_, "count": 1, "firstTimestamp": now, "lastTimestamp": now,
+            "source": {"component": "svcproxy", "host": self.node_name},
+            "reportingComponent": "svcproxy", "reportingInstance": socket.gethostname(),
+        }
+        session = Session(self.api_client)
         try:
-            self.core.create_namespaced_event(event_ns, body, _request_timeout=10)
-        except Exception as exc:  # an event is best effort; the log already says it
+            resp = session.request("POST", event_path(event_ns), body=body,
+                                   timeout=(10.0, 10.0))
+            session.finish(resp)
+        except (ApiError, http.client.HTTPException, OSError) as exc:
+            # an event is best effort; the log already says it
             log.warning("could not post the %s event on %s %s: %s", reason, kind, name, exc)
+        finally:
+            session.close()

@@ -115,7 +115,7 @@ def test_api_server_gone_for_a_while_and_back(topo: Topology, tmp_path: Path) ->
         # once per resource, however many retries
         assert len(lines(log, "cannot reach the API server")) == 3, log
         assert len(lines(log, "answers again")) == 3, log
-        assert "Retrying" not in log  # nor urllib3's own retries within a request
+        assert "Retrying" not in log  # no per-request retry chatter either
         assert "Traceback" not in log
     finally:
         server.close()

@@ -188,7 +188,7 @@ def test_watch_events_of_any_shape_never_stop_the_valid_ones(junk: list[Any]) ->
     from svcproxy.sources.kubernetes import Gone, Reflector, Resource, RetryLater
 
     published: list[Event] = []
-    resource = Resource("services", lambda **kw: None, parse_object, "Service", "v1", {})
+    resource = Resource("services", "/api/v1/services", parse_object, "Service", "v1", {})
     reflector = Reflector(resource, published.append, lambda name: None, threading.Event(),
                           resync_period=900)
     for event in junk:

@@ -1,4 +1,4 @@
-"""The Kubernetes source with the real `kubernetes` client against an in-process
+"""The Kubernetes source with its real API client against an in-process
 server that speaks the API's list/watch wire protocol, including its faults."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from factories import endpoint, node, service, slice_, wait_for
 from svcproxy.bus import Event
 from svcproxy.model import parse_endpoint_slice, parse_node, parse_service
 from svcproxy.sources import kubernetes as k8s
-from svcproxy.sources.kubernetes import KubernetesSource, load_client
+from svcproxy.sources.kubeclient import load_client
+from svcproxy.sources.kubernetes import KubernetesSource
 from svcproxy.state import ClusterState
 
 
