@@ -68,7 +68,7 @@ class _Reader:
             raise _err(kind, shown, "metadata.name", name, "a name is required")
         if not isinstance(namespace, str):
             raise _err(kind, shown, "metadata.namespace", namespace, "must be a string")
-        self.namespace: str = namespace
+        self.namespace: str = intern(namespace)  # (a few, on every object)
         self.name: str = name
         self.obj = obj
         self.meta = meta
@@ -99,6 +99,12 @@ class _Reader:
         if not isinstance(value, str):
             raise self.error(path, value, "must be a string")
         return value
+
+    def word(self, parent: Mapping[str, Any], key: str, path: str, default: str = "") -> str:
+        """A string field with few distinct values (a protocol, a policy, a port
+        name), interned: one copy for the whole cluster, not one per object (a
+        parsed API object's strings are all distinct)."""
+        return intern(self.string(parent, key, path, default))
 
     def boolean(self, parent: Mapping[str, Any], key: str, path: str) -> bool | None:
         value = parent.get(key)
@@ -135,7 +141,7 @@ class _Reader:
         for k, v in raw.items():
             if not isinstance(v, str):
                 raise self.error(f"metadata.{key}.{k}", v, "must be a string")
-            out[str(k)] = v
+            out[intern(str(k))] = intern(v) if len(v) <= 63 else v  # (label-sized: shared)
         return out
 
 
@@ -226,19 +232,19 @@ def parse_service(obj: Any) -> Service:
     r = _Reader("Service", obj)
     spec = r.mapping(obj, "spec", "spec")
     status = r.mapping(obj, "status", "status")
-    svc_type = r.string(spec, "type", "spec.type", "ClusterIP")
+    svc_type = r.word(spec, "type", "spec.type", "ClusterIP")
     if svc_type not in SERVICE_TYPES:
         raise r.error("spec.type", svc_type, f"must be one of {', '.join(SERVICE_TYPES)}")
     cluster_ips, headless = _cluster_ips(r, spec)
     external_ips = tuple(r.ip(ip, f"spec.externalIPs[{i}]")
                          for i, ip in enumerate(r.seq(spec, "externalIPs", "spec.externalIPs")))
     affinity, timeout = _affinity(r, spec)
-    etp = r.string(spec, "externalTrafficPolicy", "spec.externalTrafficPolicy", "Cluster")
+    etp = r.word(spec, "externalTrafficPolicy", "spec.externalTrafficPolicy", "Cluster")
     # "Global" is the pre-1.19 spelling of Cluster; the API server still accepts it.
     etp = "Cluster" if etp == "Global" else etp
     if etp not in TRAFFIC_POLICIES:
         raise r.error("spec.externalTrafficPolicy", etp, "must be Cluster or Local")
-    itp = r.string(spec, "internalTrafficPolicy", "spec.internalTrafficPolicy", "Cluster")
+    itp = r.word(spec, "internalTrafficPolicy", "spec.internalTrafficPolicy", "Cluster")
     if itp not in TRAFFIC_POLICIES:
         raise r.error("spec.internalTrafficPolicy", itp, "must be Cluster or Local")
     hc = r.integer(spec, "healthCheckNodePort", "spec.healthCheckNodePort", 0, 65535, 0) or 0
@@ -251,7 +257,7 @@ def parse_service(obj: Any) -> Service:
         affinity_timeout=timeout, external_traffic_policy=etp, internal_traffic_policy=itp,
         health_check_node_port=hc, external_name=r.string(spec, "externalName",
                                                           "spec.externalName"),
-        traffic_distribution=r.string(spec, "trafficDistribution", "spec.trafficDistribution"),
+        traffic_distribution=r.word(spec, "trafficDistribution", "spec.trafficDistribution"),
         labels=_frozen_map(r.labels("labels")), annotations=_frozen_map(r.labels("annotations")),
         resource_version=str(r.meta.get("resourceVersion") or ""),
     )
@@ -293,10 +299,10 @@ def _service_ports(r: _Reader, spec: Mapping[str, Any]) -> tuple[ServicePort, ..
 def _service_port(r: _Reader, p: Any, path: str, several: bool) -> ServicePort:
     if not isinstance(p, Mapping):
         raise r.error(path, p, "must be a mapping")
-    name = r.string(p, "name", f"{path}.name")
+    name = r.word(p, "name", f"{path}.name")
     if several and not name:
         raise r.error(f"{path}.name", name, "every port needs a name when there are several")
-    protocol = r.string(p, "protocol", f"{path}.protocol", "TCP")
+    protocol = r.word(p, "protocol", f"{path}.protocol", "TCP")
     if protocol not in PROTOCOLS:
         raise r.error(f"{path}.protocol", protocol, "must be TCP, UDP or SCTP")
     port = r.integer(p, "port", f"{path}.port", 1, 65535)
@@ -310,7 +316,7 @@ def _service_port(r: _Reader, p: Any, path: str, several: bool) -> ServicePort:
     node_port = r.integer(p, "nodePort", f"{path}.nodePort", 0, 65535, 0) or 0
     return ServicePort(name=name, protocol=protocol,  # type: ignore[arg-type]
                        port=port, target_port=target, node_port=node_port,
-                       app_protocol=r.string(p, "appProtocol", f"{path}.appProtocol"))
+                       app_protocol=r.word(p, "appProtocol", f"{path}.appProtocol"))
 
 
 def _ingress(r: _Reader, status: Mapping[str, Any]) -> tuple[LoadBalancerIngress, ...]:
@@ -343,7 +349,7 @@ def _source_ranges(r: _Reader, spec: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def _affinity(r: _Reader, spec: Mapping[str, Any]) -> tuple[str, int]:
-    affinity = r.string(spec, "sessionAffinity", "spec.sessionAffinity", "None")
+    affinity = r.word(spec, "sessionAffinity", "spec.sessionAffinity", "None")
     if affinity not in ("None", "ClientIP"):
         raise r.error("spec.sessionAffinity", affinity, "must be None or ClientIP")
     timeout = DEFAULT_AFFINITY_TIMEOUT
@@ -445,7 +451,7 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
     r = _Reader("EndpointSlice", obj)
     labels = r.labels("labels")
     service_name = labels.get(LABEL_SERVICE_NAME, "")
-    address_type = r.string(obj, "addressType", "addressType")
+    address_type = r.word(obj, "addressType", "addressType")
     if address_type not in ("IPv4", "IPv6", "FQDN"):
         raise r.error("addressType", address_type, "must be IPv4, IPv6 or FQDN")
     endpoints: list[Endpoint] = []
@@ -493,10 +499,10 @@ def parse_endpoint_slice(obj: Any) -> EndpointSlice:
         path = f"ports[{i}]"
         if not isinstance(p, Mapping):
             raise r.error(path, p, "must be a mapping")
-        protocol = r.string(p, "protocol", f"{path}.protocol", "TCP")
+        protocol = r.word(p, "protocol", f"{path}.protocol", "TCP")
         if protocol not in PROTOCOLS:
             raise r.error(f"{path}.protocol", protocol, "must be TCP, UDP or SCTP")
-        ports.append(EndpointPort(name=r.string(p, "name", f"{path}.name"),
+        ports.append(EndpointPort(name=r.word(p, "name", f"{path}.name"),
                                   protocol=protocol,  # type: ignore[arg-type]
                                   port=r.integer(p, "port", f"{path}.port", 1, 65535)))
     return EndpointSlice(

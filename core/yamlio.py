@@ -6,6 +6,8 @@ with the line-remembering pass run only when there is an error to report."""
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import yaml
@@ -59,11 +61,12 @@ def load_documents(text: str) -> list[Any]:
 _FAST_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def load_fast(text: str) -> list[Any]:
+def load_fast(text: str) -> list[Any] | Iterator[Any]:
     """Every document, as load_documents returns them but without line
-    numbers: JSON text through the json module, YAML through libyaml. Raises
-    ValueError or yaml.YAMLError on bad input (parse again with load_documents
-    for the line to report)."""
+    numbers: JSON text through the json module, YAML through libyaml, one
+    document at a time (so a multi-document file's trees are not all held at
+    once). Raises ValueError or yaml.YAMLError on bad input, possibly after
+    some documents (parse again with load_documents for the line to report)."""
     head = text.lstrip()[:1]
     if head in ("{", "["):
         try:
@@ -72,7 +75,79 @@ def load_fast(text: str) -> list[Any]:
             pass  # YAML flow style, or broken: libyaml says which
         else:
             return [] if doc is None else [doc]
-    return [doc for doc in yaml.load_all(text, Loader=_FAST_LOADER) if doc is not None]
+    return (doc for doc in yaml.load_all(text, Loader=_FAST_LOADER) if doc is not None)
+
+
+_DECODER = json.JSONDecoder()
+_WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+_scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
+
+
+def _skip(text: str, idx: int) -> int:
+    """The index of the first non-whitespace character from idx."""
+    found = _WS.match(text, idx)
+    return found.end() if found else idx
+
+
+class JsonObject:
+    """A JSON text holding one object, read key by key, its "items" array (a
+    List's, `kubectl get -o json`'s) element by element: `items()` yields each
+    element as soon as it is parsed, so a caller that turns it into something
+    smaller and drops it never holds the whole tree. (A 10,000-Service List's
+    tree is ~3x the objects made of it; parsed whole, it left ~40 MB of freed
+    but fragmented heap behind.) After `items()` is exhausted, `head` holds the
+    object's other keys (`kind` may come after `items`: kubectl sorts them) and
+    `streamed` says whether it had an "items" array. The same values as
+    json.loads, or ValueError where json.loads raises it."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.head: dict[str, Any] = {}
+        self.streamed = False
+
+    @staticmethod
+    def holds_object(text: str) -> bool:
+        return text[_skip(text, 0):][:1] == "{"
+
+    def _expect(self, idx: int, chars: str) -> tuple[int, str]:
+        idx = _skip(self.text, idx)
+        char = self.text[idx:idx + 1]
+        if not char or char not in chars:
+            raise ValueError(f"JSON: expected one of {chars!r} at character {idx}")
+        return _skip(self.text, idx + 1), char
+
+    def items(self) -> Iterator[Any]:
+        text = self.text
+        idx, _ = self._expect(0, "{")
+        closing = text.startswith("}", idx)
+        idx += closing
+        while not closing:
+            if not text.startswith('"', idx):
+                raise ValueError(f"JSON: expected a key at character {idx}")
+            key, idx = _scanstring(text, idx + 1)
+            idx, _ = self._expect(idx, ":")
+            if key == "items" and text.startswith("[", idx) and not self.streamed:
+                self.streamed = True
+                idx = yield from self._array(idx)
+            else:
+                self.head[key], idx = _DECODER.raw_decode(text, idx)
+            idx, char = self._expect(idx, ",}")
+            closing = char == "}"
+        if _skip(text, idx) != len(text):
+            raise ValueError(f"JSON: extra data at character {idx}")
+
+    def _array(self, idx: int) -> Generator[Any, None, int]:
+        """The elements of the array at idx; returns the index after it."""
+        text = self.text
+        idx = _skip(text, idx + 1)
+        if text.startswith("]", idx):
+            return idx + 1
+        while True:
+            item, idx = _DECODER.raw_decode(text, idx)
+            yield item
+            idx, char = self._expect(idx, ",]")
+            if char == "]":
+                return idx
 
 
 def syntax_error_line(exc: yaml.YAMLError) -> int | None:

@@ -30,7 +30,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from ..errors import ManifestError, ObjectError
 from ..gcpause import gc_paused
 from ..model import PARSERS, ClusterObject, WatchedObject
 from ..yamlio import (
+    JsonObject,
     line_of,
     load_documents,
     load_fast,
@@ -85,10 +86,10 @@ def _identity(raw: Mapping[str, Any]) -> ObjectKey | None:
     return kind, f"{meta.get('namespace') or 'default'}/{meta['name']}"
 
 
-def _take(seq: list[Any], consume: bool) -> Iterator[Any]:
-    """The list's items in order; `consume`: each taken out of it as it is
+def _take(seq: Iterable[Any], consume: bool) -> Iterator[Any]:
+    """The items in order; `consume` (a list): each taken out of it as it is
     yielded, so a parse tree shrinks while the model made of it grows."""
-    if not consume:
+    if not consume or not isinstance(seq, list):
         yield from seq
         return
     seq.reverse()
@@ -108,6 +109,33 @@ def _items(doc: Any, consume: bool = False) -> Iterator[Any]:
             yield item
     else:
         yield doc
+
+
+def _flat(docs: Iterable[Any], consume: bool = False) -> Iterator[tuple[Any, Any]]:
+    """(document, object) for each object of the documents (_take, _items)."""
+    for doc in _take(docs, consume):
+        for raw in _items(doc, consume):
+            yield doc, raw
+
+
+def _streamed(doc: JsonObject) -> Iterator[tuple[Any, Any]]:
+    """What _items yields for a JSON object, its items parsed one at a time
+    (JsonObject). Raises ValueError where that cannot be known as they come:
+    an item without a kind before the List's kind is known, or an object that
+    turns out not to be a List (the caller parses the text whole then)."""
+    for item in doc.items():
+        kind = doc.head.get("kind")
+        if isinstance(item, dict) and "kind" not in item:
+            if not (isinstance(kind, str) and kind.endswith("List")):
+                raise ValueError("a List item without a kind, before the List's kind")
+            if kind[:-4] in PARSERS:
+                item["kind"] = kind[:-4]  # typed lists may omit the items' kind
+        yield None, item
+    kind = doc.head.get("kind")
+    if not doc.streamed:
+        yield from _flat([doc.head])
+    elif "items" in doc.head or not (isinstance(kind, str) and kind.endswith("List")):
+        raise ValueError("not a List")
 
 
 @dataclass
@@ -205,55 +233,60 @@ class ManifestSource:
         something in it is wrong, parsed again remembering lines, so the error
         names the line to fix. (A 10,000-Service List spent nearly all its time
         in the line-remembering pure-Python loader.)"""
-        try:
-            fast = load_fast(text)
-        except (ValueError, yaml.YAMLError):
-            pass
-        else:
-            # (consumed as it is read: a failure parses the text again anyway)
-            state = self._objects(path, fast, previous, consume=True)
-            del fast
+        # a JSON object (a List) item by item, else JSON or YAML document by
+        # document; anything wrong: parsed again remembering lines
+        attempts: list[Callable[[], Iterator[tuple[Any, Any]]]] = [
+            lambda: _flat(load_fast(text), consume=True)]
+        if JsonObject.holds_object(text):
+            attempts.insert(0, lambda: _streamed(JsonObject(text)))
+        for attempt in attempts:
+            try:
+                # (consumed as it is read: a failure parses the text again anyway)
+                state = self._objects(path, attempt(), previous)
+            except (ValueError, yaml.YAMLError):
+                continue  # (not a List after all, or broken)
             if not state.errors:
                 state.digest = digest
                 return state
+            break
         try:
             docs = load_documents(text)
         except yaml.YAMLError as exc:
             # keep serving the last good content
             return _FileState(digest=digest, objects=previous.objects, errors=[
                 ManifestError(str(path), syntax_error_text(exc), syntax_error_line(exc))])
-        state = self._objects(path, docs, previous)
+        state = self._objects(path, _flat(docs), previous)
         state.digest = digest
         return state
 
-    def _objects(self, path: Path, docs: list[Any], previous: _FileState,
-                 consume: bool = False) -> _FileState:
+    def _objects(self, path: Path, raws: Iterable[tuple[Any, Any]],
+                 previous: _FileState) -> _FileState:
+        """The objects of (document, raw object) pairs (_flat, _streamed)."""
         state = _FileState()
-        for doc in _take(docs, consume):
-            for raw in _items(doc, consume):
-                if not isinstance(raw, Mapping):
-                    state.errors.append(ManifestError(str(path), "a manifest must be a mapping",
-                                                      line_of(doc)))
-                    continue
-                parser = self.parsers.get(str(raw.get("kind")))
-                if parser is None:
-                    continue
-                ident = _identity(raw)
-                try:
-                    obj = parser(raw)
-                except ObjectError as exc:
-                    state.errors.append(ManifestError(str(path), str(exc),
-                                                      field_line(raw, exc.field)))
-                    if ident is not None and ident in previous.objects:
-                        state.objects[ident] = previous.objects[ident]
-                    continue
-                key = (obj.kind, obj.key)
-                if key in state.objects:
-                    state.errors.append(ManifestError(
-                        str(path), f"{obj.kind} {obj.key} is defined twice; the first is used",
-                        line_of(raw)))
-                    continue
-                state.objects[key] = obj
+        for doc, raw in raws:
+            if not isinstance(raw, Mapping):
+                state.errors.append(ManifestError(str(path), "a manifest must be a mapping",
+                                                  line_of(doc)))
+                continue
+            parser = self.parsers.get(str(raw.get("kind")))
+            if parser is None:
+                continue
+            ident = _identity(raw)
+            try:
+                obj = parser(raw)
+            except ObjectError as exc:
+                state.errors.append(ManifestError(str(path), str(exc),
+                                                  field_line(raw, exc.field)))
+                if ident is not None and ident in previous.objects:
+                    state.objects[ident] = previous.objects[ident]
+                continue
+            key = (obj.kind, obj.key)
+            if key in state.objects:
+                state.errors.append(ManifestError(
+                    str(path), f"{obj.kind} {obj.key} is defined twice; the first is used",
+                    line_of(raw)))
+                continue
+            state.objects[key] = obj
         return state
 
     def scan(self) -> list[Event]:

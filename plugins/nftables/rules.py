@@ -23,14 +23,13 @@ docs/nftables.md.
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from svcproxy.ir import Backend, Frontend
-from svcproxy.plugins.iptables.rules import PortPlan, RuleOptions, port_plan
+from svcproxy.plugins.iptables.rules import PortPlan, RuleOptions, port_plan, udp_endpoints
 from svcproxy.plugins.kernel.nftables import addr_type, family_word
 
 # chains every table has
@@ -194,12 +193,10 @@ def _port_name(service_port: str, protocol: str) -> str:
     return f"{svc}/{protocol}/{port}"
 
 
-@functools.lru_cache(maxsize=65536)
 def port_chain_base(service_port: str, protocol: str) -> str:
     return _hash_and_truncate(_port_name(service_port, protocol))
 
 
-@functools.lru_cache(maxsize=262144)
 def endpoint_base(service_port: str, protocol: str, address: str, port: int) -> str:
     ip = address.replace(":", ".")
     return _hash_and_truncate(f"{_port_name(service_port, protocol)}__{ip}/{port}")
@@ -255,7 +252,7 @@ class ServicePortBlock:
     #: affinity set name -> declaration lines
     sets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     udp_targets: tuple[tuple[str, int], ...] = ()  # (frontend address, port)
-    endpoints: frozenset[str] = frozenset()  # endpoint IPs reachable through it
+    endpoints: frozenset[str] = frozenset()  # endpoint IPs reachable through it (UDP only)
 
 
 @dataclass(frozen=True)
@@ -410,8 +407,7 @@ def service_port_block(frontends: Sequence[Frontend], opts: NftOptions) -> Servi
     udp = tuple((f.address, f.port) for f in frontends) if pp.proto == "udp" else ()
     return ServicePortBlock(
         chains={name: ((), tuple(rs)) for name, rs in rules.items()},
-        elements=elements, sets=sets, udp_targets=udp,
-        endpoints=frozenset(b.address for b in pp.reachable.values()))
+        elements=elements, sets=sets, udp_targets=udp, endpoints=udp_endpoints(pp))
 
 
 # ---- the fixed part of the table -------------------------------------------------------
