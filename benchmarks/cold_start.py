@@ -124,7 +124,7 @@ def probe(stop: threading.Event, seen: dict[str, float]) -> None:
 
 
 def run_one(n: int, datapath: str, backend: str, cold: bool, objs: list[dict[str, Any]],
-            timeout: float) -> dict[str, Any]:
+            timeout: float, show_log: bool = False) -> dict[str, Any]:
     topo = Topology()
     server = FakeAPIServer()
     work = Path(tempfile.mkdtemp(prefix="svp-cold-"))
@@ -167,7 +167,8 @@ def run_one(n: int, datapath: str, backend: str, cold: bool, objs: list[dict[str
         svcproxy = str(Path(sys.executable).parent / "svcproxy")
         started = time.time()
         with open(work / "svcproxy.log", "wb") as out:
-            proc = subprocess.Popen([svcproxy, "run", "--kubeconfig",
+            proc = subprocess.Popen([svcproxy, "--log-level", "debug" if show_log else "info",
+                                     "run", "--kubeconfig",
                                      str(server.kubeconfig(work / "kubeconfig")),
                                      "--config", str(work / "config.yaml"), "--node", "node-a",
                                      "--status-socket", "", "--status-file",
@@ -182,6 +183,9 @@ def run_one(n: int, datapath: str, backend: str, cold: bool, objs: list[dict[str
         time.sleep(0.1)
         lists = max(log.seen.get("services", 0.0), log.seen.get("slices", 0.0))
         first_end = min(syncs.syncs.values())
+        if show_log:
+            text = (work / "svcproxy.log").read_text(errors="replace")
+            print(text[:text.find("full sync")], flush=True)
         return {"datapath": datapath + (f" ({backend})" if datapath == "iptables" else ""),
                 "cold": cold, "lists": lists - started, "api": seen["api"] - lists,
                 "dns": seen["dns"] - lists, "full": first_end - lists,
@@ -208,6 +212,9 @@ def main() -> int:
     ap.add_argument("--cold", default="both", choices=["both", "on", "off"])
     ap.add_argument("--probe-timeout", type=float, default=0.05,
                     help="seconds each probe waits (more in the emulated VM)")
+    ap.add_argument("--show-log", action="store_true",
+                    help="print svcproxy's log up to the first full sync (with --log-level "
+                         "debug: what it did between the lists and the first write)")
     args = ap.parse_args()
     PROBE_TIMEOUT[0] = args.probe_timeout
     if os.geteuid() != 0:
@@ -220,7 +227,8 @@ def main() -> int:
     for spec in args.datapaths.split(","):
         datapath, _, backend = spec.partition(":")
         for cold in {"both": (True, False), "on": (True,), "off": (False,)}[args.cold]:
-            r = run_one(args.services, datapath, backend or "nft", cold, objs, args.timeout)
+            r = run_one(args.services, datapath, backend or "nft", cold, objs, args.timeout,
+                        args.show_log)
             assert r["logged_first"] == cold, "the cold start ran (or did not) unexpectedly"
             print(f"{r['datapath']:<20} {'on' if cold else 'off':<11} {r['api']:>9.2f}s "
                   f"{r['dns']:>7.2f}s {r['full']:>8.2f}s", flush=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from . import __version__
+from . import __version__, runner
 from .config import Config, effective_values, load_config, setting_owners, unused_settings
 from .errors import SvcProxyError, UsageError
 from .gcpause import gc_paused
@@ -366,6 +366,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if k8s is not None:
             k8s.start()
             log.info("waiting for the initial lists of Services and EndpointSlices")
+            if not args.once:
+                runner.preload()
             deadline = time.monotonic() + args.sync_timeout
             while not proxy.bus.wait_ready(0.2):
                 if stop.is_set():

@@ -279,8 +279,11 @@ class Proxy:
             return None
         phases["first.plan"] = t1 - t0
         phases["first"] = self.clock() - t0
-        log.info("cold start: %s programmed first (%d frontends) in %.3fs; the other %d "
+        slowest = sorted(((v, k) for k, v in phases.items() if k.startswith("first.")),
+                         reverse=True)[:6]
+        log.info("cold start: %s programmed first (%d frontends) in %.3fs (%s); the other %d "
                  "Services follow", ", ".join(sorted(priority)), len(plan), self.clock() - t0,
+                 ", ".join(f"{k[6:]} {v:.3f}s" for v, k in slowest),
                  len(self.state.services) - len(priority))
         return result
 

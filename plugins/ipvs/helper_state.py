@@ -35,11 +35,11 @@ from .helpers import (
     SetIndex,
     frontend_entries,
     helper_chains,
-    ipset_create,
     iptables_mode_leftovers,
     is_owned,
     net_changes,
     set_name,
+    set_specs,
     vip_source_rule,
 )
 
@@ -253,9 +253,9 @@ class HelperState:
     # -- writing ---------------------------------------------------------------------
 
     def _create(self, names: list[str]) -> None:
-        """Create sets (rare: the first sync) with `ipset restore`."""
+        """Create sets (rare: the first sync), over netlink."""
         try:
-            self.ipset.restore(ipset_create(names, self.family))
+            self.ipset.create(set_specs(names, self.family))
         except Exception:
             self.members.forget()
             raise

@@ -29,6 +29,7 @@ from svcproxy.plugins.iptables.rules import (
     static_chains,
 )
 from svcproxy.plugins.iptables.rules import is_owned as iptables_owned
+from svcproxy.plugins.kernel.ipset import SetSpec
 
 #: name -> (type, comment) for IPv4; IPv6 names are "KUBE-6-..." (31 chars max)
 SETS: dict[str, tuple[str, str]] = {
@@ -431,15 +432,14 @@ def helper_chains(entries: Mapping[str, Collection[str] | int],
     }
 
 
+def set_specs(names: list[str], family: int) -> list[SetSpec]:
+    """These sets as kube-proxy creates them (hash sets: hashsize 1024, maxelem
+    65536; port bitmaps: every port); created over netlink, members too
+    (svcproxy.plugins.kernel.ipset)."""
+    return [SetSpec(name, SETS.get(_BASES.get(name, name), ("hash:ip,port", ""))[0], family)
+            for name in names]
+
+
 def ipset_create(names: list[str], family: int) -> str:
-    """`ipset restore` input creating these sets (-exist). Members go through
-    netlink (svcproxy.plugins.kernel.ipset)."""
-    lines = []
-    fam = "inet" if family == 4 else "inet6"
-    for name in names:
-        kind = SETS.get(_BASES.get(name, name), ("hash:ip,port", ""))[0]
-        if kind.startswith("bitmap"):
-            lines.append(f"create {name} {kind} range 0-65535 -exist")
-        else:
-            lines.append(f"create {name} {kind} family {fam} hashsize 1024 maxelem 65536 -exist")
-    return "\n".join(lines) + "\n"
+    """The same as `ipset restore` input (-exist)."""
+    return "".join(spec.text() + "\n" for spec in set_specs(names, family))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-from .ipset import IpsetFailure
+from .ipset import IpsetFailure, SetSpec
 from .ipvs import RealServer, VirtualServer
 from .netlink import Failure
 
@@ -61,8 +61,8 @@ class IpsetDoor(Protocol):
               family: int) -> Sequence[IpsetFailure]:
         """Add and delete (set, member) pairs; what the kernel refused."""
         ...
-    def restore(self, text: str) -> None:
-        """`ipset restore` input (set creation)."""
+    def create(self, specs: Sequence[SetSpec]) -> None:
+        """Create sets (-exist); raises KernelError naming refused ones."""
         ...
     def destroy(self, names: Iterable[str]) -> Mapping[str, int]:
         """Destroy sets; {name: errno} of those the kernel refused."""

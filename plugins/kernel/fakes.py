@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from .ipset import IPSET_ERR_HASH_FULL, IpsetFailure
+from .ipset import IPSET_ERR_HASH_FULL, IpsetFailure, SetSpec
 from .ipvs import RealServer, VirtualServer
 from .netlink import Failure
 from .nftables import NftChain, NftSet, NftTable
@@ -238,6 +238,7 @@ class FakeIpset:
     writes: list[tuple[str, str, str]] = field(default_factory=list)  # (op, set, member)
     #: sets a rule outside svcproxy's uses: destroying them is refused
     referenced: set[str] = field(default_factory=set)
+    created: list[SetSpec] = field(default_factory=list)
 
     def read(self, wanted: Callable[[str], bool]) -> dict[str, set[str]]:
         return {name: set(members) for name, members in self.sets.items() if wanted(name)}
@@ -256,11 +257,10 @@ class FakeIpset:
                     self.writes.append((op, name, member))
         return failures
 
-    def restore(self, text: str) -> None:
-        for line in text.splitlines():
-            parts = line.split()
-            if parts[:1] == ["create"]:
-                self.sets.setdefault(parts[1], set())
+    def create(self, specs: Sequence[SetSpec]) -> None:
+        for spec in specs:
+            self.sets.setdefault(spec.name, set())
+            self.created.append(spec)
 
     def destroy(self, names: Iterable[str]) -> dict[str, int]:
         """As the kernel: a set in `self.referenced` (a rule uses it) stays."""

@@ -8,12 +8,14 @@ This module sends ADD/DEL messages for members in kube-proxy's text form
 "203.0.113.10,tcp:80,198.51.100.0/24", "30080", "10.96.0.1") many per
 system call, as the IPVS writer does (netlink.send_batch: only refusals and
 the last message are answered). Without NLM_F_EXCL the kernel treats "already there" and "not
-there" as success, like `ipset -exist`. Creating sets still goes through
-`ipset restore` (rare: the first sync).
+there" as success, like `ipset -exist`. Sets are created the same way
+(IPSET_CMD_CREATE, at the revision `ipset create` would pick): a new node's
+first write started `ipset restore` twice, 0.5-1 s each in the emulated VM.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import socket
@@ -38,13 +40,22 @@ from .netlink import (
     send_batch,
 )
 from .netns import opened_in
-from .tools import KernelError, run_tool
+from .tools import KernelError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_IPSET = 6
 IPSET_PROTOCOL = 7
-CMD_DESTROY, CMD_ADD, CMD_DEL = 3, 9, 10
+CMD_CREATE, CMD_DESTROY, CMD_ADD, CMD_DEL, CMD_TYPE = 2, 3, 9, 10, 13
 ATTR_PROTOCOL, ATTR_SETNAME, ATTR_DATA, ATTR_ADT, ATTR_LINENO = 1, 2, 7, 8, 9
+ATTR_TYPENAME, ATTR_REVISION, ATTR_FAMILY, ATTR_REVISION_MIN = 3, 4, 5, 10
+# inside IPSET_ATTR_DATA of a create
+ATTR_PORT_TO, ATTR_HASHSIZE, ATTR_MAXELEM = 5, 18, 19
+NFPROTO_UNSPEC, NFPROTO_IPV4, NFPROTO_IPV6 = 0, 2, 10
+#: the newest revision of each set type that `ipset` 7.17 (Debian bookworm's:
+#: the image's, and kube-proxy's) creates; svcproxy creates the newer of this
+#: and what the kernel offers at most, so `ipset list` in the image reads them
+USERSPACE_REVISIONS = {"hash:ip": 6, "hash:ip,port": 7, "hash:ip,port,ip": 6,
+                       "hash:ip,port,net": 8, "hash:net": 7, "bitmap:port": 3}
 # inside IPSET_ATTR_DATA
 ATTR_IP, ATTR_PORT, ATTR_PROTO, ATTR_IP2, ATTR_CIDR2 = 1, 4, 7, 20, 21
 ATTR_IPADDR_IPV4, ATTR_IPADDR_IPV6 = 1, 2
@@ -52,6 +63,40 @@ NLA_F_NESTED = 0x8000
 NLA_F_NET_BYTEORDER = 0x4000
 
 _NFGEN = struct.Struct("=BBH")
+
+
+@dataclass(frozen=True)
+class SetSpec:
+    """A set to create, as `ipset create` takes it (the port bitmaps span every
+    port)."""
+
+    name: str
+    type: str
+    family: int = 4  # of a hash type
+    hashsize: int = 1024
+    maxelem: int = 65536
+
+    @property
+    def nfproto(self) -> int:
+        if self.type.startswith("bitmap:"):
+            return NFPROTO_UNSPEC
+        return NFPROTO_IPV6 if self.family == 6 else NFPROTO_IPV4
+
+    def text(self) -> str:
+        """The `ipset restore` line (previews, docs)."""
+        if self.type.startswith("bitmap:"):
+            return f"create {self.name} {self.type} range 0-65535 -exist"
+        fam = "inet" if self.family == 4 else "inet6"
+        return (f"create {self.name} {self.type} family {fam} hashsize {self.hashsize} "
+                f"maxelem {self.maxelem} -exist")
+
+    def data(self) -> bytes:
+        """IPSET_ATTR_DATA's attributes (numbers in network order, flagged so)."""
+        if self.type.startswith("bitmap:"):
+            return (_attr(ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack(">H", 0))
+                    + _attr(ATTR_PORT_TO | NLA_F_NET_BYTEORDER, struct.pack(">H", 65535)))
+        return (_attr(ATTR_HASHSIZE | NLA_F_NET_BYTEORDER, struct.pack(">I", self.hashsize))
+                + _attr(ATTR_MAXELEM | NLA_F_NET_BYTEORDER, struct.pack(">I", self.maxelem)))
 
 
 #: IPSET_ATTR_LINENO (the kernel requires one with IPSET_ATTR_ADT)
@@ -135,7 +180,8 @@ IPSET_ERR_HASH_FULL = 4352
 
 #: ipset's own error numbers (linux/netfilter/ipset/ip_set.h, ip_set_hash.h)
 IPSET_ERRORS = {
-    4097: "protocol error", 4099: "too many sets", 4100: "the set is in use",
+    4097: "protocol error", 4098: "no such set type (its kernel module is missing?)",
+    4099: "too many sets", 4100: "the set is in use",
     4102: "the set type does not match", 4103: "the element already exists",
     4104: "invalid CIDR", 4106: "invalid address family", 4107: "timeout not supported",
     4108: "the set is referenced", 4109: "an IPv4 address was expected",
@@ -153,6 +199,8 @@ class IpsetNetlink:
     def __init__(self) -> None:
         self.sock = open_socket(NETLINK_NETFILTER)
         self.seq = int.from_bytes(os.urandom(2), "big")
+        #: (type, nfproto) -> the revision to create
+        self.revisions: dict[tuple[str, int], int] = {}
 
     def close(self) -> None:
         self.sock.close()
@@ -161,10 +209,15 @@ class IpsetNetlink:
         """Every set by name, with the members of those `parse` accepts."""
         return IpsetReader(self.sock).sets(parse)
 
-    def _message(self, cmd: int, family: int, set_name: str, data: bytes) -> tuple[int, bytes]:
+    def _message(self, cmd: int, family: int, set_name: str, data: bytes,
+                 type_name: str = "") -> tuple[int, bytes]:
         self.seq += 1
-        payload = (_attr(ATTR_PROTOCOL, bytes([IPSET_PROTOCOL]))
-                   + _attr(ATTR_SETNAME, set_name.encode() + b"\0") + data)
+        payload = _attr(ATTR_PROTOCOL, bytes([IPSET_PROTOCOL]))
+        if set_name:
+            payload += _attr(ATTR_SETNAME, set_name.encode() + b"\0")
+        if type_name:
+            payload += _attr(ATTR_TYPENAME, type_name.encode() + b"\0")
+        payload += data
         body = _NFGEN.pack(family, 0, 0) + payload
         return self.seq, _NLMSGHDR.pack(_NLMSGHDR.size + len(body), (NFNL_SUBSYS_IPSET << 8) | cmd,
                                         NLM_F_REQUEST, self.seq, 0) + body
@@ -214,6 +267,53 @@ class IpsetNetlink:
                 failures.append(IpsetFailure(*singles[seq], code))
         return failures
 
+    def revision(self, type_name: str, nfproto: int) -> int:
+        """The revision of a set type to create: the kernel's newest
+        (IPSET_CMD_TYPE, which also loads the type's module), or `ipset`'s if
+        that is older. Raises KernelError naming the type the kernel lacks."""
+        key = (type_name, nfproto)
+        if key in self.revisions:
+            return self.revisions[key]
+        seq, msg = self._message(CMD_TYPE, nfproto, "", _attr(ATTR_FAMILY, bytes([nfproto])),
+                                 type_name=type_name)
+        self.sock.send(msg)
+        newest = oldest = -1
+        while newest < 0:
+            data = self.sock.recv(65536)
+            for mtype, mseq, start, end in each_message(data):
+                if mseq != seq:
+                    continue
+                if mtype == NLMSG_ERROR:
+                    code = error_code(data, start)
+                    raise KernelError(f"ipset: the kernel has no set type {type_name} "
+                                      f"({IpsetFailure.describe(code)})")
+                top = _nested_attrs(data, start + _NFGEN.size, end)
+                if ATTR_REVISION in top:
+                    newest = data[top[ATTR_REVISION][0]]
+                    oldest = data[top[ATTR_REVISION_MIN][0]] if ATTR_REVISION_MIN in top \
+                        else newest
+        chosen = max(oldest, min(newest, USERSPACE_REVISIONS.get(type_name, newest)))
+        self.revisions[key] = chosen
+        return chosen
+
+    def create(self, specs: Iterable[SetSpec]) -> dict[str, int]:
+        """Create sets in one batch, as `ipset restore -exist` does: a set that
+        is there with the same type and parameters is left alone. Returns
+        {name: errno} of those the kernel refused (IPSET_ERR_EXIST_SETNAME2 or
+        EEXIST: one by that name and of another kind is there)."""
+        sent = {}
+        messages = []
+        for spec in specs:
+            payload = (_attr(ATTR_REVISION, bytes([self.revision(spec.type, spec.nfproto)]))
+                       + _attr(ATTR_FAMILY, bytes([spec.nfproto]))
+                       + _attr(ATTR_DATA | NLA_F_NESTED, spec.data()))
+            seq, msg = self._message(CMD_CREATE, spec.nfproto, spec.name, payload,
+                                     type_name=spec.type)
+            sent[seq] = spec.name
+            messages.append((seq, msg))
+        return {sent[seq]: code for seq, code in
+                send_batch(self.sock, messages, self.SEND_CHUNK).items()}
+
     def destroy(self, names: Iterable[str]) -> dict[str, int]:
         """Destroy sets by name in one batch; returns {name: errno} for those
         the kernel refused (a rule uses it: IPSET_ERR_BUSY, 4100)."""
@@ -230,7 +330,6 @@ class IpsetNetlink:
 # ---- reading ---------------------------------------------------------------------------
 
 CMD_LIST = 7
-ATTR_TYPENAME = 3
 ATTR_CIDR = 3
 PROTO_NAMES = {number: name for name, number in PROTO_NUMBERS.items()}
 
@@ -341,11 +440,15 @@ class Ipset:
               family: int) -> list[IpsetFailure]:
         return self._netlink().write(adds, dels, family)
 
-    def restore(self, text: str) -> None:
-        """`ipset restore` (creating sets: rare, the first sync)."""
-        proc = run_tool(["ipset", "restore"], self.netns, stdin=text, check=False, timeout=300)
-        if proc.returncode != 0:
-            raise KernelError(f"ipset restore failed: {proc.stderr.strip()}")
+    def create(self, specs: Sequence[SetSpec]) -> None:
+        """Create sets (-exist: one that is there alike is kept) over netlink.
+        Raises KernelError naming each set the kernel refused and why."""
+        refused = self._netlink().create(specs)
+        if refused:
+            raise KernelError("ipset create refused: " + "; ".join(
+                f"{name}: " + ("a set of that name is there, of another type or size"
+                               if code == errno.EEXIST else IpsetFailure.describe(code))
+                for name, code in sorted(refused.items())))
 
     def destroy(self, names: Iterable[str]) -> dict[str, int]:
         """Destroy the sets `names` (one netlink batch, no process per set);

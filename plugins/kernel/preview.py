@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .doors import IpsetDoor, IpvsDoor, LinkDoor, VSKey
-from .ipset import IpsetFailure
+from .ipset import IpsetFailure, SetSpec
 from .ipvs import RealServer, VirtualServer, ipvsadm_dest, ipvsadm_service
 from .netlink import Failure
 
@@ -132,9 +132,8 @@ class PreviewIpset:
         self.changes.extend(f"ipset del {name} {member}" for name, member in dels)
         return []
 
-    def restore(self, text: str) -> None:
-        self.changes.extend(f"ipset {line}" for line in text.splitlines()
-                            if line.strip() and not line.startswith("#"))
+    def create(self, specs: Sequence[SetSpec]) -> None:
+        self.changes.extend(f"ipset {spec.text()}" for spec in specs)
 
     def destroy(self, names: Iterable[str]) -> dict[str, int]:
         self.changes.extend(f"ipset destroy {name}" for name in names)

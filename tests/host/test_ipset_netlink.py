@@ -151,3 +151,50 @@ def test_sets_are_destroyed_in_one_batch_except_one_a_rule_uses(ns: str) -> None
     assert {name: IpsetFailure.describe(code) for name, code in refused.items()} \
         == {"IPS": "the set is in use"}
     assert set(saved(ns)) == {"CIDR", "NP", "IPS", "CIDR6"}
+
+
+def _headers(ns: str) -> dict[str, tuple[str, str, str]]:
+    """{set: (type, revision, header without initval)} as `ipset list -t` says."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "ipset", "list", "-t"], text=True,
+                         capture_output=True, check=True).stdout
+    found: dict[str, tuple[str, str, str]] = {}
+    for block in out.strip().split("\n\n"):
+        f = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        header = " ".join(w for w in f["Header"].split() if not w.startswith("0x"))
+        found[f["Name"]] = (f["Type"], f["Revision"], header.replace(" initval", ""))
+    return found
+
+
+def test_sets_created_over_netlink_are_what_ipset_restore_makes() -> None:
+    """Ipset.create (the IPVS datapath's, at a new node's first write) against
+    `ipset restore` of the same lines in another namespace: the same type,
+    revision and header for every set type and family kube-proxy uses; again
+    is a no-op (-exist); a clash and an unknown type are named."""
+    from svcproxy.plugins.ipvs.helpers import SETS as IPVS_SETS
+    from svcproxy.plugins.ipvs.helpers import set_name, set_specs
+    from svcproxy.plugins.kernel.ipset import Ipset, SetSpec
+    from svcproxy.plugins.kernel.tools import KernelError
+
+    names = {4: list(IPVS_SETS), 6: [set_name(n, 6) for n in IPVS_SETS]}
+    specs = [s for fam, ns_names in names.items() for s in set_specs(ns_names, fam)]
+    made, tool = "svpipsetnl", "svpipsettool"
+    for ns in (made, tool):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+    door = Ipset(made)
+    try:
+        subprocess.run(["ip", "netns", "exec", tool, "ipset", "restore"],
+                       input="".join(s.text() + "\n" for s in specs), text=True, check=True)
+        door.create(specs)
+        want = _headers(tool)
+        assert len(want) == len(specs) and _headers(made) == want
+        door.create(specs[:3])  # there alike: fine
+        with pytest.raises(KernelError, match=r"KUBE-CLUSTER-IP: a set of that name is "
+                                              r"there, of another type"):
+            door.create([SetSpec("KUBE-CLUSTER-IP", "hash:ip,port,ip")])
+        with pytest.raises(KernelError, match="no set type hash:nothing"):
+            door.create([SetSpec("X", "hash:nothing")])
+        assert _headers(made) == want
+    finally:
+        door.close()
+        for ns in (made, tool):
+            subprocess.run(["ip", "netns", "del", ns], check=False)

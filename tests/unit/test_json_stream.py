@@ -91,10 +91,10 @@ def test_kubectl_order_typed_lists_and_lookalikes(tmp_path: Path) -> None:
     (tmp_path / "d.json").write_text(json.dumps(
         {"items": [service("e", cluster_ip="10.96.0.14")], **lookalike}))
     # a repeated items key: the last one counts, as json.loads has it
+    first = json.dumps(service("x", cluster_ip="10.96.0.15"))
+    last = json.dumps(service("f", cluster_ip="10.96.0.16"))
     (tmp_path / "f.json").write_text(
-        '{"apiVersion": "v1", "kind": "List", "items": [%s], "items": [%s]}' % (
-            json.dumps(service("x", cluster_ip="10.96.0.15")),
-            json.dumps(service("f", cluster_ip="10.96.0.16"))))
+        f'{{"apiVersion": "v1", "kind": "List", "items": [{first}], "items": [{last}]}}')
     src = src_of(tmp_path)
     assert sorted(names(src.scan())) == [
         "ADDED EndpointSlice default/a-abc", "ADDED Service default/a",
