@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -38,7 +39,7 @@ from svcproxy.plugins.kernel.sysctl import DEFAULT_BACKUP, SysctlStore
 from svcproxy.plugins.kernel.tools import KernelError
 
 from .helper_state import HelperState
-from .helpers import HelperOptions
+from .helpers import SETS, HelperOptions
 from .kernel import IpvsKernel
 from .servers import NODE_PORT_RANGE, IpvsOptions, IpvsState, render_ipvsadm, to_ipvs
 
@@ -130,6 +131,10 @@ class IpvsPlugin:
         self.backup_path = SYSCTL_BACKUP
         self.state: IpvsState | None = None
         self.kernel: IpvsKernel | None = None
+        #: the start-up warm-up (_warm_up), until the first use of the helpers
+        self._warming: threading.Thread | None = None
+        #: the early masquerade ran in this datapath life (_early_once)
+        self.early_done = False
 
     @hookimpl
     def svcproxy_configure_plugin(self, config: Config, options: Mapping[str, Any]) -> None:
@@ -194,6 +199,31 @@ class IpvsPlugin:
     @hookimpl
     def svcproxy_start_proxy(self, datapath: str) -> None:
         self.active = datapath == NAME
+        if self.active:
+            self._warming = threading.Thread(target=self._warm_up, name="ipvs-warm-up",
+                                             daemon=True)
+            self._warming.start()
+
+    def _warm_up(self) -> None:
+        """While the initial lists load (most of a minute for 10,000 Services in
+        the emulated VM), what a new node's first write would otherwise wait
+        for and that decides nothing: the helper rules' iptables backend, and
+        the set types' kernel modules (the kernel runs modprobe for each the
+        first time a set of it is made). Nothing is read or written. A failure
+        is left to the first sync, which does the same and reports it."""
+        try:
+            helper = self._helper(4, warming=True)
+            helper.ipset.prepare(sorted({kind for kind, _ in SETS.values()}))
+        except Exception as exc:  # the first sync tries again and says why
+            log.debug("ipvs warm-up: %s", exc)
+
+    def _warmed(self) -> None:
+        """Wait for the warm-up (the helpers' doors are not shared between
+        threads)."""
+        warming = self._warming
+        if warming is not None and warming is not threading.current_thread():
+            warming.join()
+            self._warming = None
 
     @hookimpl
     def svcproxy_datapath_changed(self, datapath: str) -> None:
@@ -202,9 +232,11 @@ class IpvsPlugin:
         once this one serves."""
         self.active = datapath == NAME
         if self.active:
+            self._warmed()
             self.state = None
             self.helpers.clear()
             self.retired = False
+            self.early_done = False
 
     @hookimpl
     def svcproxy_list_node_addresses(self, family: int) -> list[str] | None:
@@ -375,10 +407,11 @@ class IpvsPlugin:
         if name != NAME:
             return None
         state = self._state()
-        changes = self._early_once(plan)
+        # (its masquerade rule goes in sync_first's restore, moments later)
+        changes = self._early_once(plan, rules=False)
         refused: list[str] = []
         with phase("helpers"):
-            for family in sorted({4} | plan.families()):
+            for family in sorted({4} | plan.families() | set(self.helpers)):
                 helper = self._helper(family)
                 changes += helper.sync_first(plan, self._helper_options(family, plan))
                 refused += helper.refused
@@ -387,12 +420,13 @@ class IpvsPlugin:
         return ApplyResult(changes=changes + result.batch_ops + result.bound,
                            details={"bound": result.bound})
 
-    def _early_once(self, plan: ServiceMap) -> int:
+    def _early_once(self, plan: ServiceMap, rules: bool = True) -> int:
         """early masquerade before the first write of this datapath's life."""
-        if self.helpers:
+        if self.early_done:
             return 0
+        self.early_done = True  # (once, even if it fails: the sync writes the same)
         with phase("early"):
-            return self._early_masquerade(plan)
+            return self._early_masquerade(plan, rules)
 
     def _remove_iptables_mode(self) -> int:
         removed = 0
@@ -417,13 +451,14 @@ class IpvsPlugin:
             self.retired = True
         return removed
 
-    def _early_masquerade(self, plan: ServiceMap) -> int:
+    def _early_masquerade(self, plan: ServiceMap, rules: bool = True) -> int:
         """The first thing written at start-up (HelperState.early); returns the
         number of changes."""
         bound = self._kernel().link.addresses()
         total = 0
         for family in sorted({4} | {ip_family(a) for a in bound}):
-            wrote = self._helper(family).early(bound, self._helper_options(family, plan))
+            wrote = self._helper(family).early(bound, self._helper_options(family, plan),
+                                               rules)
             if wrote:
                 log.info("IPv%d: masquerading node traffic from %d service VIPs already "
                          "on kube-ipvs0 before the first sync", family,
@@ -431,7 +466,9 @@ class IpvsPlugin:
             total += wrote
         return total
 
-    def _helper(self, family: int) -> HelperState:
+    def _helper(self, family: int, warming: bool = False) -> HelperState:
+        if not warming:
+            self._warmed()
         if family not in self.helpers:
             from svcproxy.plugins.kernel.iptables import detect_backend
 

@@ -101,12 +101,15 @@ class HelperState:
 
     # -- before the first sync ------------------------------------------------------------
 
-    def early(self, bound: Iterable[str], opts: HelperOptions) -> int:
+    def early(self, bound: Iterable[str], opts: HelperOptions, write_rule: bool = True) -> int:
         """Before the first sync: addresses already on kube-ipvs0 (a previous run,
         or kube-proxy's) are in KUBE-IPVS-IPS and node traffic from them is
         masqueraded, so the node keeps reaching the API server through its VIP
         while a long first sync runs. Returns the number of changes it wrote
-        (set members, chains and jumps; set creation aside, as in sync)."""
+        (set members, chains and jumps; set creation aside, as in sync).
+        `write_rule` False: the masquerade rule is left to the sync_first that
+        follows at once (a cold start), whose one restore writes it with the
+        other helper chains, before any new address is bound."""
         self.read()
         fam = self.family
         name = self.names["KUBE-IPVS-IPS"]
@@ -122,7 +125,7 @@ class HelperState:
         have = self.chains.get(key)
         first = vip_source_rule(fam)
         jumps = [j for j in self._missing_jumps() if j[1] == "POSTROUTING"]
-        if have is None or first not in have or jumps:
+        if write_rule and (have is None or first not in have or jumps):
             rules = (first, *(r for r in have or () if r != first))
             self.ipt.restore(restore_text({key: rules}, [], jumps))
             self.chains.set(key, rules)

@@ -64,6 +64,10 @@ class IpsetDoor(Protocol):
     def create(self, specs: Sequence[SetSpec]) -> None:
         """Create sets (-exist); raises KernelError naming refused ones."""
         ...
+    def prepare(self, types: Iterable[str]) -> None:
+        """Have the kernel load these set types (its modules) ahead of the
+        first creation."""
+        ...
     def destroy(self, names: Iterable[str]) -> Mapping[str, int]:
         """Destroy sets; {name: errno} of those the kernel refused."""
         ...

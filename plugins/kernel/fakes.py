@@ -239,6 +239,7 @@ class FakeIpset:
     #: sets a rule outside svcproxy's uses: destroying them is refused
     referenced: set[str] = field(default_factory=set)
     created: list[SetSpec] = field(default_factory=list)
+    prepared: list[str] = field(default_factory=list)
 
     def read(self, wanted: Callable[[str], bool]) -> dict[str, set[str]]:
         return {name: set(members) for name, members in self.sets.items() if wanted(name)}
@@ -261,6 +262,9 @@ class FakeIpset:
         for spec in specs:
             self.sets.setdefault(spec.name, set())
             self.created.append(spec)
+
+    def prepare(self, types: Iterable[str]) -> None:
+        self.prepared.extend(types)
 
     def destroy(self, names: Iterable[str]) -> dict[str, int]:
         """As the kernel: a set in `self.referenced` (a rule uses it) stays."""

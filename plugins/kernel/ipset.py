@@ -450,6 +450,14 @@ class Ipset:
                                if code == errno.EEXIST else IpsetFailure.describe(code))
                 for name, code in sorted(refused.items())))
 
+    def prepare(self, types: Iterable[str]) -> None:
+        """Ask the kernel for each set type's revision now (IpsetNetlink.revision:
+        it loads the type's module, a modprobe each), so the first creation
+        does not wait for it. Raises KernelError for a type it lacks."""
+        nl = self._netlink()
+        for type_name in types:
+            nl.revision(type_name, SetSpec("", type_name).nfproto)
+
     def destroy(self, names: Iterable[str]) -> dict[str, int]:
         """Destroy the sets `names` (one netlink batch, no process per set);
         {name: errno} of those the kernel refused."""

@@ -135,6 +135,9 @@ class PreviewIpset:
     def create(self, specs: Sequence[SetSpec]) -> None:
         self.changes.extend(f"ipset {spec.text()}" for spec in specs)
 
+    def prepare(self, types: Iterable[str]) -> None:
+        pass  # (changes nothing)
+
     def destroy(self, names: Iterable[str]) -> dict[str, int]:
         self.changes.extend(f"ipset destroy {name}" for name in names)
         return {}

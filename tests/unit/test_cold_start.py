@@ -301,3 +301,28 @@ def _about_api_server(key: Any, old: Any, new: Any) -> bool:
     if isinstance(old, set) and isinstance(new, set):
         return old <= new
     return False
+
+
+def test_ipvs_cold_start_masquerades_bound_vips_in_the_same_single_restore() -> None:
+    """A restart's cold start (the IPVS plugin's apply_first): the early
+    masquerade puts the VIPs already on kube-ipvs0 in KUBE-IPVS-IPS and leaves
+    its rule to sync_first, whose one restore writes it first in
+    KUBE-POSTROUTING with the other helper chains and jumps; alone (a full
+    sync's start), early writes it at once."""
+    from svcproxy.plugins.ipvs.helpers import vip_source_rule
+
+    bound = ["10.96.0.1", "10.96.0.77"]  # a previous run's VIPs
+    dp = Ipvs()
+    helper = dp.fresh()[1]
+    assert helper.early(bound, dp.opts, write_rule=False) == len(bound)
+    assert dp.ipt.restores == 0
+    helper.sync_first(plan_of(FIRST), dp.opts)
+    assert dp.ipt.restores == 1
+    assert dp.ipt.chains[("nat", "KUBE-POSTROUTING")][0] == vip_source_rule(4)
+    assert set(bound) <= dp.ipset.sets["KUBE-IPVS-IPS"]
+    assert any("KUBE-POSTROUTING" in r for r in dp.ipt.chains[("nat", "POSTROUTING")])
+    alone = Ipvs()
+    alone.fresh()[1].early(bound, alone.opts)
+    assert alone.ipt.restores == 1
+    assert alone.ipt.chains[("nat", "KUBE-POSTROUTING")][0] \
+        == dp.ipt.chains[("nat", "KUBE-POSTROUTING")][0]
