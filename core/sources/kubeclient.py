@@ -367,10 +367,15 @@ class Session:
         except BaseException:
             self.close()
             raise
+        self._done(resp)
+        return data
+
+    def _done(self, resp: http.client.HTTPResponse) -> None:
+        """A response read to its end: the connection is free for the next
+        request, unless the server closes it."""
         self.resp = None
         if resp.will_close:
             self.close()
-        return data
 
     def lines(self, resp: http.client.HTTPResponse) -> Iterator[bytes]:
         """Complete lines of a streamed (chunked) response. A partial line at
@@ -387,9 +392,7 @@ class Session:
         except BaseException:
             self.close()
             raise
-        self.resp = None
-        if resp.will_close:
-            self.close()
+        self._done(resp)
 
     def release(self) -> None:
         """After a response that was not read to its end: the connection

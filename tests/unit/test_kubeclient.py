@@ -270,53 +270,45 @@ def test_kubeconfig_env_files_are_merged(server: FakeAPIServer, tmp_path: Path,
     assert services_of(load_client(None)) == ["web"]
 
 
+def _kc(cluster: dict[str, Any] | None = None, user: dict[str, Any] | None = None
+        ) -> dict[str, Any]:
+    """A kubeconfig whose context x uses cluster c (server https://h unless
+    `cluster` says otherwise) and, when given, user u."""
+    context: dict[str, str] = {"cluster": "c", **({"user": "u"} if user is not None else {})}
+    out: dict[str, Any] = {
+        "current-context": "x", "contexts": [{"name": "x", "context": context}],
+        "clusters": [{"name": "c", "cluster": {"server": "https://h"} if cluster is None
+                      else cluster}]}
+    if user is not None:
+        out["users"] = [{"name": "u", "user": user}]
+    return out
+
+
+H = "https://h"
+
+
 @pytest.mark.parametrize(("config", "message"), [
     ({"clusters": []}, r"current-context is not set"),
     ({"current-context": "x"}, r"current-context 'x': no such context"),
     ({"current-context": "x", "contexts": [{"name": "x", "context": {"cluster": "c"}}]},
      r"contexts\[x\].context.cluster: no cluster named 'c'"),
-    ({"current-context": "x", "contexts": [{"name": "x", "context": {"cluster": "c"}}],
-      "clusters": [{"name": "c", "cluster": {}}]}, r"clusters\[c\].cluster.server: required"),
-    ({"current-context": "x", "contexts": [{"name": "x", "context": {"cluster": "c"}}],
-      "clusters": [{"name": "c", "cluster": {"server": "ftp://h"}}]},
+    (_kc({}), r"clusters\[c\].cluster.server: required"),
+    (_kc({"server": "ftp://h"}),
      r"clusters\[c\].cluster.server: 'ftp://h' is not an http\(s\) URL"),
-    ({"current-context": "x", "contexts": [{"name": "x", "context": {"cluster": "c"}}],
-      "clusters": [{"name": "c", "cluster": {"server": "https://h",
-                                             "certificate-authority-data": "%%"}}]},
+    (_kc({"server": H, "certificate-authority-data": "%%"}),
      r"clusters\[c\].cluster.certificate-authority-data: not base64"),
-    ({"current-context": "x", "contexts": [{"name": "x", "context": {"cluster": "c"}}],
-      "clusters": [{"name": "c", "cluster": {"server": "https://h",
-                                             "certificate-authority": "nope.crt"}}]},
+    (_kc({"server": H, "certificate-authority": "nope.crt"}),
      r"clusters\[c\].cluster.certificate-authority: cannot read .*nope.crt"),
-    ({"current-context": "x", "contexts": [{"name": "x", "context": {"cluster": "c"}}],
-      "clusters": [{"name": "c", "cluster": {"server": "https://h",
-                                             "certificate-authority-data": "YWJj"}}]},
+    (_kc({"server": H, "certificate-authority-data": "YWJj"}),
      r"clusters\[c\].cluster.certificate-authority: cannot load it"),
-    ({"current-context": "x", "contexts": [{"name": "x", "context": {"cluster": "c"}}],
-      "clusters": [{"name": "c", "cluster": {"server": "https://h",
-                                             "proxy-url": "http://p:3128"}}]},
+    (_kc({"server": H, "proxy-url": "http://p:3128"}),
      r"clusters\[c\].cluster.proxy-url: not supported"),
-    ({"current-context": "x", "contexts": [{"name": "x", "context": {"cluster": "c",
-                                                                     "user": "u"}}],
-      "clusters": [{"name": "c", "cluster": {"server": "https://h"}}],
-      "users": [{"name": "u", "user": {"auth-provider": {"name": "gcp"}}}]},
-     r"users\[u\].user.auth-provider: not supported"),
-    ({"current-context": "x", "contexts": [{"name": "x", "context": {"cluster": "c",
-                                                                     "user": "u"}}],
-      "clusters": [{"name": "c", "cluster": {"server": "https://h"}}],
-      "users": [{"name": "u", "user": {"client-certificate-data": "YWJj"}}]},
+    (_kc(user={"auth-provider": {"name": "gcp"}}), r"users\[u\].user.auth-provider: not supported"),
+    (_kc(user={"client-certificate-data": "YWJj"}),
      r"users\[u\].user: client-certificate and client-key go together"),
-    ({"current-context": "x", "contexts": [{"name": "x", "context": {"cluster": "c",
-                                                                     "user": "u"}}],
-      "clusters": [{"name": "c", "cluster": {"server": "https://h"}}],
-      "users": [{"name": "u", "user": {"client-certificate-data": "YWJj",
-                                       "client-key-data": "YWJj"}}]},
+    (_kc(user={"client-certificate-data": "YWJj", "client-key-data": "YWJj"}),
      r"users\[u\].user.client-certificate/client-key: cannot load them"),
-    ({"current-context": "x", "contexts": [{"name": "x", "context": {"cluster": "c",
-                                                                     "user": "u"}}],
-      "clusters": [{"name": "c", "cluster": {"server": "https://h"}}],
-      "users": [{"name": "u", "user": {"tokenFile": "missing"}}]},
-     r"users\[u\].user.tokenFile: no such file"),
+    (_kc(user={"tokenFile": "missing"}), r"users\[u\].user.tokenFile: no such file"),
     ({"clusters": {"c": 1}}, r"clusters: expected a list"),
     ([1, 2], r"expected a Config mapping"),
 ])
