@@ -39,7 +39,7 @@ from svcproxy.plugins.kernel.sysctl import DEFAULT_BACKUP, SysctlStore
 from svcproxy.plugins.kernel.tools import KernelError
 
 from .helper_state import HelperState
-from .helpers import SETS, HelperOptions
+from .helpers import HelperOptions
 from .kernel import IpvsKernel
 from .servers import NODE_PORT_RANGE, IpvsOptions, IpvsState, render_ipvsadm, to_ipvs
 
@@ -208,12 +208,12 @@ class IpvsPlugin:
         """While the initial lists load (most of a minute for 10,000 Services in
         the emulated VM), what a new node's first write would otherwise wait
         for and that decides nothing: the helper rules' iptables backend, and
-        the set types' kernel modules (the kernel runs modprobe for each the
-        first time a set of it is made). Nothing is read or written. A failure
+        the kernel modules of the set types and of the helper rules' matches
+        and targets (the kernel runs modprobe for each on first use;
+        HelperState.warm_up). Nothing is written. A failure
         is left to the first sync, which does the same and reports it."""
         try:
-            helper = self._helper(4, warming=True)
-            helper.ipset.prepare(sorted({kind for kind, _ in SETS.values()}))
+            self._helper(4, warming=True).warm_up()
         except Exception as exc:  # the first sync tries again and says why
             log.debug("ipvs warm-up: %s", exc)
 

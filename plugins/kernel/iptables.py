@@ -151,6 +151,15 @@ class IptablesKernel:
         if proc.returncode != 0:
             raise KernelError(_explain_restore_failure(proc.stderr, text))
 
+    def check_restore(self, text: str) -> None:
+        """`iptables-restore --test`: parse and build the input, commit nothing.
+        The tool asks the kernel for each match's and target's revision, so the
+        kernel loads their modules (a modprobe each) as a real restore would."""
+        proc = self.run([self.tool("restore"), "-w", "5", "--noflush", "--test"], stdin=text,
+                        check=False)
+        if proc.returncode != 0:
+            raise KernelError(_explain_restore_failure(proc.stderr, text))
+
     def conntrack_delete(self, args: Sequence[str]) -> int:
         return conntrack_delete(args, self.family, self.netns)
 

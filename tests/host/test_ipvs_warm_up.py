@@ -55,3 +55,27 @@ def test_warm_up_only_for_the_ipvs_datapath() -> None:
     plugin = IpvsPlugin()
     plugin.svcproxy_start_proxy("iptables")
     assert plugin._warming is None and plugin.helpers == {}
+
+
+def test_check_restore_builds_without_committing() -> None:
+    """IptablesKernel.check_restore (`iptables-restore --test`, the warm-up's):
+    good input leaves the namespace as it was, bad input is refused naming
+    the line."""
+    import pytest
+
+    from svcproxy.plugins.kernel.iptables import detect_backend
+    from svcproxy.plugins.kernel.tools import KernelError
+
+    ns = "svpcheckrestore"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        ipt = IptablesKernel(4, detect_backend(4, ns)[0], ns)
+        ipt.check_restore("*nat\n:KUBE-X - [0:0]\n-A KUBE-X -j MASQUERADE\n"
+                          "-I POSTROUTING 1 -j KUBE-X\nCOMMIT\n")
+        assert ("nat", "KUBE-X") not in ipt.save_all()
+        with pytest.raises(KernelError, match="input line 3"):
+            ipt.check_restore("*nat\n:KUBE-X - [0:0]\n"
+                              "-A KUBE-X -m no-such-match -j RETURN\nCOMMIT\n")
+        assert ipt.restores == 0
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
