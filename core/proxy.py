@@ -283,7 +283,7 @@ class Proxy:
                          reverse=True)[:6]
         log.info("cold start: %s programmed first (%d frontends) in %.3fs (%s); the other %d "
                  "Services follow", ", ".join(sorted(priority)), len(plan), self.clock() - t0,
-                 ", ".join(f"{k[6:]} {v:.3f}s" for v, k in slowest),
+                 ", ".join(f"{k.removeprefix('first.')} {v:.3f}s" for v, k in slowest),
                  len(self.state.services) - len(priority))
         return result
 

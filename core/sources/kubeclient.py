@@ -185,8 +185,6 @@ class ApiClient:
     ca_data: str | None = None
     insecure: bool = False
     server_name: str | None = None
-    #: where this came from, for messages
-    origin: str = ""
 
     def __post_init__(self) -> None:
         url = urlsplit(self.server)
@@ -455,7 +453,7 @@ def in_cluster() -> ApiClient:
     if ":" in host:
         host = f"[{host}]"
     return ApiClient(f"https://{host}:{port}", Auth(token_file=token),
-                     ca_file=str(ca) if ca.is_file() else None, origin="in-cluster")
+                     ca_file=str(ca) if ca.is_file() else None)
 
 
 def _named(doc: Mapping[str, Any], section: str, inner: str, origin: Path,
@@ -509,7 +507,7 @@ def from_kubeconfig(paths: list[Path]) -> ApiClient:
     user, upath = users[uname] if uname else ({}, cpath)
     uwhere = f"{upath}: users[{uname}].user"
     return _client(cluster, f"{cpath}: clusters[{cname}].cluster", cpath.parent,
-                   _auth(user, uwhere, upath.parent), uwhere, origin=where)
+                   _auth(user, uwhere, upath.parent), uwhere)
 
 
 def _file_or_data(body: Mapping[str, Any], key: str, where: str, base: Path) -> bytes | None:
@@ -563,8 +561,8 @@ def _auth(user: Mapping[str, Any], where: str, base: Path) -> Auth:
     return auth
 
 
-def _client(cluster: Mapping[str, Any], where: str, base: Path, auth: Auth, uwhere: str,
-            origin: str) -> ApiClient:
+def _client(cluster: Mapping[str, Any], where: str, base: Path, auth: Auth,
+            uwhere: str) -> ApiClient:
     if cluster.get("proxy-url"):
         raise KubeconfigError(f"{where}.proxy-url: not supported")
     server = cluster.get("server")
@@ -575,7 +573,7 @@ def _client(cluster: Mapping[str, Any], where: str, base: Path, auth: Auth, uwhe
         client = ApiClient(str(server), auth,
                            ca_data=ca.decode() if ca is not None else None,
                            insecure=bool(cluster.get("insecure-skip-tls-verify")),
-                           server_name=cluster.get("tls-server-name") or None, origin=origin)
+                           server_name=cluster.get("tls-server-name") or None)
     except KubeconfigError as exc:
         raise KubeconfigError(f"{where}.{exc}") from None
     if auth.cert_pem is not None and auth.key_pem is not None and client.scheme == "https":

@@ -93,8 +93,6 @@ def rule_options(config: Config, family: int, plan: ServiceMap | None = None) ->
 
 ROUTE_LOCALNET = "net/ipv4/conf/all/route_localnet"
 
-
-
 #: how many chain names a sync's details list (the totals count them all): the
 #: proxy keeps its last result, and a first sync at 10,000 services wrote
 #: 60,000 chains, 5 MB of names
@@ -103,6 +101,7 @@ DETAIL_NAMES = 100
 
 def _names(keys: list[tuple[str, str]]) -> list[str]:
     return [f"{t}/{c}" for t, c in keys[:DETAIL_NAMES]]
+
 
 class IptablesPlugin:
     def __init__(self) -> None:

@@ -210,8 +210,8 @@ class IpvsPlugin:
         for and that decides nothing: the helper rules' iptables backend, and
         the kernel modules of the set types and of the helper rules' matches
         and targets (the kernel runs modprobe for each on first use;
-        HelperState.warm_up). Nothing is written. A failure
-        is left to the first sync, which does the same and reports it."""
+        HelperState.warm_up). Nothing is written. A failure is left to the
+        first sync, which does the same and reports it."""
         try:
             self._helper(4, warming=True).warm_up()
         except Exception as exc:  # the first sync tries again and says why
@@ -408,7 +408,7 @@ class IpvsPlugin:
             return None
         state = self._state()
         # (its masquerade rule goes in sync_first's restore, moments later)
-        changes = self._early_once(plan, rules=False)
+        changes = self._early_once(plan, write_rule=False)
         refused: list[str] = []
         with phase("helpers"):
             for family in sorted({4} | plan.families() | set(self.helpers)):
@@ -420,13 +420,13 @@ class IpvsPlugin:
         return ApplyResult(changes=changes + result.batch_ops + result.bound,
                            details={"bound": result.bound})
 
-    def _early_once(self, plan: ServiceMap, rules: bool = True) -> int:
+    def _early_once(self, plan: ServiceMap, write_rule: bool = True) -> int:
         """early masquerade before the first write of this datapath's life."""
         if self.early_done:
             return 0
         self.early_done = True  # (once, even if it fails: the sync writes the same)
         with phase("early"):
-            return self._early_masquerade(plan, rules)
+            return self._early_masquerade(plan, write_rule)
 
     def _remove_iptables_mode(self) -> int:
         removed = 0
@@ -451,14 +451,14 @@ class IpvsPlugin:
             self.retired = True
         return removed
 
-    def _early_masquerade(self, plan: ServiceMap, rules: bool = True) -> int:
+    def _early_masquerade(self, plan: ServiceMap, write_rule: bool = True) -> int:
         """The first thing written at start-up (HelperState.early); returns the
         number of changes."""
         bound = self._kernel().link.addresses()
         total = 0
         for family in sorted({4} | {ip_family(a) for a in bound}):
             wrote = self._helper(family).early(bound, self._helper_options(family, plan),
-                                               rules)
+                                               write_rule)
             if wrote:
                 log.info("IPv%d: masquerading node traffic from %d service VIPs already "
                          "on kube-ipvs0 before the first sync", family,

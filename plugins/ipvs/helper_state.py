@@ -109,13 +109,10 @@ class HelperState:
         Nothing is written. In the emulated VM the first restore took 2.5 s,
         nearly all of it module loading; the next one 0.2 s."""
         self.ipset.prepare(sorted({kind for kind, _ in SETS.values()}))
-        check = getattr(self.ipt, "check_restore", None)
-        if check is None:  # (a door without it: nothing to warm)
-            return
         chains = helper_chains({}, [], HelperOptions(family=self.family))
         shapes = {k: tuple(r for r in rules if "--match-set" not in r)
                   for k, rules in chains.items()}
-        check(restore_text(shapes, [], JUMPS))
+        self.ipt.check_restore(restore_text(shapes, [], JUMPS))
 
     def early(self, bound: Iterable[str], opts: HelperOptions, write_rule: bool = True) -> int:
         """Before the first sync: addresses already on kube-ipvs0 (a previous run,

@@ -80,6 +80,9 @@ class IptablesDoor(Protocol):
     def restore(self, text: str) -> None:
         """iptables-restore --noflush; raises when refused (nothing changed)."""
         ...
+    def check_restore(self, text: str) -> None:
+        """iptables-restore --test: build the input, commit nothing."""
+        ...
 
 
 class ConntrackDoor(Protocol):

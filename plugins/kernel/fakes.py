@@ -294,6 +294,8 @@ class FakeIptables:
 
     #: conntrack deletions asked for (the iptables datapath's door has them)
     conntrack: list[list[str]] = field(default_factory=list)
+    #: inputs given to check_restore (committed nowhere)
+    checked: list[str] = field(default_factory=list)
 
     def save_all(self) -> dict[tuple[str, str], tuple[str, ...]]:
         return dict(self.chains)
@@ -304,6 +306,9 @@ class FakeIptables:
     def conntrack_delete(self, args: list[str]) -> int:
         self.conntrack.append(list(args))
         return 0
+
+    def check_restore(self, text: str) -> None:
+        self.checked.append(text)
 
     def restore(self, text: str) -> None:
         self.restores += 1

@@ -65,6 +65,14 @@ NLA_F_NET_BYTEORDER = 0x4000
 _NFGEN = struct.Struct("=BBH")
 
 
+def nfproto_of(type_name: str, family: int = 4) -> int:
+    """The netfilter family a set of this type is made in: a port bitmap has
+    none, a hash set its address family's."""
+    if type_name.startswith("bitmap:"):
+        return NFPROTO_UNSPEC
+    return NFPROTO_IPV6 if family == 6 else NFPROTO_IPV4
+
+
 @dataclass(frozen=True)
 class SetSpec:
     """A set to create, as `ipset create` takes it (the port bitmaps span every
@@ -78,13 +86,11 @@ class SetSpec:
 
     @property
     def nfproto(self) -> int:
-        if self.type.startswith("bitmap:"):
-            return NFPROTO_UNSPEC
-        return NFPROTO_IPV6 if self.family == 6 else NFPROTO_IPV4
+        return nfproto_of(self.type, self.family)
 
     def text(self) -> str:
         """The `ipset restore` line (previews, docs)."""
-        if self.type.startswith("bitmap:"):
+        if self.nfproto == NFPROTO_UNSPEC:
             return f"create {self.name} {self.type} range 0-65535 -exist"
         fam = "inet" if self.family == 4 else "inet6"
         return (f"create {self.name} {self.type} family {fam} hashsize {self.hashsize} "
@@ -92,7 +98,7 @@ class SetSpec:
 
     def data(self) -> bytes:
         """IPSET_ATTR_DATA's attributes (numbers in network order, flagged so)."""
-        if self.type.startswith("bitmap:"):
+        if self.nfproto == NFPROTO_UNSPEC:
             return (_attr(ATTR_PORT | NLA_F_NET_BYTEORDER, struct.pack(">H", 0))
                     + _attr(ATTR_PORT_TO | NLA_F_NET_BYTEORDER, struct.pack(">H", 65535)))
         return (_attr(ATTR_HASHSIZE | NLA_F_NET_BYTEORDER, struct.pack(">I", self.hashsize))
@@ -299,8 +305,8 @@ class IpsetNetlink:
     def create(self, specs: Iterable[SetSpec]) -> dict[str, int]:
         """Create sets in one batch, as `ipset restore -exist` does: a set that
         is there with the same type and parameters is left alone. Returns
-        {name: errno} of those the kernel refused (IPSET_ERR_EXIST_SETNAME2 or
-        EEXIST: one by that name and of another kind is there)."""
+        {name: errno} of those the kernel refused (EEXIST: one by that name
+        and of another type or size is there)."""
         sent = {}
         messages = []
         for spec in specs:
@@ -456,7 +462,7 @@ class Ipset:
         does not wait for it. Raises KernelError for a type it lacks."""
         nl = self._netlink()
         for type_name in types:
-            nl.revision(type_name, SetSpec("", type_name).nfproto)
+            nl.revision(type_name, nfproto_of(type_name))
 
     def destroy(self, names: Iterable[str]) -> dict[str, int]:
         """Destroy the sets `names` (one netlink batch, no process per set);

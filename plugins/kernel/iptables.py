@@ -147,15 +147,16 @@ class IptablesKernel:
         self.restores += 1
         if self.keep_last_restore:
             self.last_restore = text
-        proc = self.run([self.tool("restore"), "-w", "5", "--noflush"], stdin=text, check=False)
-        if proc.returncode != 0:
-            raise KernelError(_explain_restore_failure(proc.stderr, text))
+        self._restore(text)
 
     def check_restore(self, text: str) -> None:
         """`iptables-restore --test`: parse and build the input, commit nothing.
         The tool asks the kernel for each match's and target's revision, so the
         kernel loads their modules (a modprobe each) as a real restore would."""
-        proc = self.run([self.tool("restore"), "-w", "5", "--noflush", "--test"], stdin=text,
+        self._restore(text, "--test")
+
+    def _restore(self, text: str, *flags: str) -> None:
+        proc = self.run([self.tool("restore"), "-w", "5", "--noflush", *flags], stdin=text,
                         check=False)
         if proc.returncode != 0:
             raise KernelError(_explain_restore_failure(proc.stderr, text))

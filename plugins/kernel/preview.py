@@ -197,6 +197,9 @@ class PreviewIptables:
     def restore(self, text: str) -> None:
         self.changes.extend(describe_restore(text, self.command))
 
+    def check_restore(self, text: str) -> None:
+        pass  # (commits nothing: no change to show)
+
     def conntrack_delete(self, args: Sequence[str]) -> int:
         self.changes.append("conntrack -D " + " ".join(args))
         return 0
