@@ -70,6 +70,16 @@ def tls_server(pki: Path) -> Iterator[FakeAPIServer]:
         s.close()
 
 
+@pytest.fixture
+def session(server: FakeAPIServer, tmp_path: Path) -> Iterator[Session]:
+    """A Session to the plain test server, closed after the test."""
+    s = Session(load_client(str(server.kubeconfig(tmp_path / "kc"))))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
 def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
@@ -164,16 +174,11 @@ def test_the_source_lists_and_watches_over_tls(tls_server: FakeAPIServer, pki: P
         src.stop()
 
 
-def test_a_kept_connection_carries_the_next_request(server: FakeAPIServer,
-                                                    tmp_path: Path) -> None:
-    session = Session(load_client(str(server.kubeconfig(tmp_path / "kc"))))
-    try:
-        json.loads(session.get_json("/api/v1/services"))
-        first = session.conn
-        json.loads(session.get_json("/api/v1/nodes"))
-        assert first is not None and session.conn is first
-    finally:
-        session.close()
+def test_a_kept_connection_carries_the_next_request(session: Session) -> None:
+    json.loads(session.get_json("/api/v1/services"))
+    first = session.conn
+    json.loads(session.get_json("/api/v1/nodes"))
+    assert first is not None and session.conn is first
 
 
 def test_token_file_is_read_again_after_a_401(server: FakeAPIServer, tmp_path: Path) -> None:
@@ -319,33 +324,24 @@ def test_bad_kubeconfigs_name_the_field(tmp_path: Path, config: Any, message: st
         load_client(str(kc))
 
 
-def test_an_api_error_is_read_whole_and_the_connection_kept(server: FakeAPIServer,
-                                                            tmp_path: Path) -> None:
+def test_an_api_error_is_read_whole_and_the_connection_kept(session: Session) -> None:
     """An error answer (its Status body read) does not poison the kept
     connection: the next request on it is served."""
-    session = Session(load_client(str(server.kubeconfig(tmp_path / "kc"))))
-    try:
-        with pytest.raises(kubeclient.ApiError) as err:
-            session.get_json("/api/v1/nothing-here")
-        assert err.value.status == 404 and "could not find" in err.value.message
-        conn = session.conn
-        assert json.loads(session.get_json("/api/v1/services"))["kind"] == "ServiceList"
-        assert session.conn is conn
-    finally:
-        session.close()
+    with pytest.raises(kubeclient.ApiError) as err:
+        session.get_json("/api/v1/nothing-here")
+    assert err.value.status == 404 and "could not find" in err.value.message
+    conn = session.conn
+    assert json.loads(session.get_json("/api/v1/services"))["kind"] == "ServiceList"
+    assert session.conn is conn
 
 
 def test_a_server_closing_an_idle_connection_is_retried_once(server: FakeAPIServer,
-                                                              tmp_path: Path) -> None:
-    session = Session(load_client(str(server.kubeconfig(tmp_path / "kc"))))
-    try:
-        session.get_json("/api/v1/services")
-        # the server closes the kept connection while it idles
-        import socket
+                                                              session: Session) -> None:
+    session.get_json("/api/v1/services")
+    # the server closes the kept connection while it idles
+    import socket
 
-        for conn in list(server.connections):
-            conn.shutdown(socket.SHUT_RDWR)
-        time.sleep(0.1)
-        assert json.loads(session.get_json("/api/v1/services"))["kind"] == "ServiceList"
-    finally:
-        session.close()
+    for conn in list(server.connections):
+        conn.shutdown(socket.SHUT_RDWR)
+    time.sleep(0.1)
+    assert json.loads(session.get_json("/api/v1/services"))["kind"] == "ServiceList"
