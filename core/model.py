@@ -197,7 +197,9 @@ class Service:
 
     @property
     def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        # interned: the indexes that hold it (the cluster state, the sources,
+        # the plan) and the slices' service_key share one copy
+        return intern(f"{self.namespace}/{self.name}")
 
     def label(self, name: str) -> str | None:
         return dict(self.labels).get(name)
@@ -401,11 +403,11 @@ class EndpointSlice:
 
     @property
     def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        return intern(f"{self.namespace}/{self.name}")  # (as Service.key)
 
     @property
     def service_key(self) -> str:
-        return f"{self.namespace}/{self.service_name}"
+        return intern(f"{self.namespace}/{self.service_name}")
 
     def annotation(self, name: str) -> str | None:
         return dict(self.annotations).get(name)

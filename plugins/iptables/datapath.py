@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Container, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from svcproxy.diffstore import DiffStore
@@ -32,6 +32,8 @@ from svcproxy.plugins.kernel.iptables import (
     BACKENDS,
     TABLES,
     IptablesKernel,
+    RestoreBuilder,
+    RestoreInput,
     legacy_tables_loaded,
     restore_text,
 )
@@ -88,33 +90,42 @@ def render_service_ports(plan: ServiceMap, keys: Iterable[SPKey] | None,
                          opts: RuleOptions) -> dict[SPKey, ServicePortRules]:
     """Rules for the given service ports (all of them when keys is None) in the
     family of `opts`; `plan` may hold both families."""
-    out = {}
-    for key, fes in port_groups(plan, keys, opts.family).items():
-        summary = plan.services.get(fes[0].service_key)
-        hc = summary.health_check_node_port if summary else 0
-        out[key] = service_port_rules(fes, hc, opts)
-    return out
+    return {key: _render(plan, fes, opts)
+            for key, fes in port_groups(plan, keys, opts.family).items()}
 
 
-def assemble_shared(sp_rules: Mapping[SPKey, ServicePortRules], chain: ChainKey,
+def _render(plan: ServiceMap, frontends: list[Frontend], opts: RuleOptions) -> ServicePortRules:
+    summary = plan.services.get(frontends[0].service_key)
+    hc = summary.health_check_node_port if summary else 0
+    return service_port_rules(frontends, hc, opts)
+
+
+def assemble_shared(sp_rules: Mapping[SPKey, ServicePortRules | WrittenPort], chain: ChainKey,
                     opts: RuleOptions) -> tuple[str, ...]:
     lines: list[str] = []
     for key in sorted(sp_rules):
-        lines.extend(sp_rules[key].fragments.get(chain, ()))
+        lines.extend(sp_rules[key].fragment(chain))
     if chain == ("nat", "KUBE-SERVICES"):
         lines.extend(nodeports_jump(opts))
     return tuple(lines)
 
 
-def desired_ruleset(sp_rules: Mapping[SPKey, ServicePortRules],
-                    opts: RuleOptions) -> dict[ChainKey, tuple[str, ...]]:
-    """Every chain svcproxy owns, with its rules."""
+def config_chains(opts: RuleOptions) -> dict[ChainKey, tuple[str, ...]]:
+    """The chains that do not depend on the Services, with their rules (the
+    shared chains empty: their rules are the service ports' fragments)."""
     out: dict[ChainKey, tuple[str, ...]] = {}
     for name in NAT_CHAINS:
         out[("nat", name)] = ()
     for name in FILTER_CHAINS:
         out[("filter", name)] = ()
     out.update(static_chains(opts))
+    return out
+
+
+def desired_ruleset(sp_rules: Mapping[SPKey, ServicePortRules],
+                    opts: RuleOptions) -> dict[ChainKey, tuple[str, ...]]:
+    """Every chain svcproxy owns, with its rules."""
+    out = config_chains(opts)
     for chain in SHARED:
         out[chain] = assemble_shared(sp_rules, chain, opts)
     for key in sorted(sp_rules):
@@ -151,8 +162,6 @@ def render_iptables_save(plan: ServiceMap, opts: RuleOptions) -> str:
 #: again when a chain is written
 Digest = int
 _COUNT = (1 << 32) - 1
-#: what a written service-port chain keeps of its text (its key is enough)
-_WRITTEN: tuple[str, ...] = ()
 
 
 def digest(rules: tuple[str, ...]) -> Digest:
@@ -167,9 +176,8 @@ def rule_count(d: Digest) -> int:
 @dataclass
 class FamilyState:
     kernel: IptablesKernel
-    #: per service port, what was last applied successfully (the fragments in
-    #: the shared chains as text, its own chains by name only)
-    sp_rules: dict[SPKey, ServicePortRules] = field(default_factory=dict)
+    #: per service port, what was last applied successfully
+    sp_rules: dict[SPKey, WrittenPort] = field(default_factory=dict)
     #: svcproxy's chains as the kernel holds them, as far as svcproxy knows
     chains: DiffStore[ChainKey, Digest] = field(default_factory=DiffStore)
     plan: ServiceMap = field(default_factory=ServiceMap)
@@ -184,10 +192,29 @@ class FamilyState:
         return self.chains.have if self.chains.known else None
 
 
-def _kept(sp: ServicePortRules) -> ServicePortRules:
-    """A rendering as the state keeps it once the desired chains are built from
-    it: its own chains by name only."""
-    return replace(sp, chains=dict.fromkeys(sp.chains, _WRITTEN))
+@dataclass(frozen=True, slots=True)
+class WrittenPort:
+    """What the state keeps of a service port's rendering once its chains are
+    written: their names, not their text (the digests are in the store), and
+    its fragments of the shared chains as text, as tuples (a dict each, and
+    a dict of chain names, cost ~400 bytes more per service port: 4 MB at
+    10,000 services)."""
+
+    names: tuple[ChainKey, ...]
+    fragments: tuple[tuple[ChainKey, tuple[str, ...]], ...]
+    udp_targets: tuple[tuple[str, int], ...]
+    endpoints: frozenset[str]
+
+    def fragment(self, chain: ChainKey) -> tuple[str, ...]:
+        for key, rules in self.fragments:
+            if key == chain:
+                return rules
+        return ()
+
+
+def _kept(sp: ServicePortRules) -> WrittenPort:
+    return WrittenPort(tuple(sp.chains), tuple(sp.fragments.items()), sp.udp_targets,
+                       sp.endpoints)
 
 
 @dataclass
@@ -209,11 +236,12 @@ def touched_ports(keys: Iterable[FrontendKey], *plans: ServiceMap) -> set[SPKey]
     return out
 
 
-def _read(state: FamilyState, desired: Mapping[ChainKey, object]
+def _read(state: FamilyState, desired: Container[ChainKey]
           ) -> tuple[dict[ChainKey, tuple[str, ...]], dict[ChainKey, tuple[str, ...]]]:
     """Load the store from iptables-save (one per table): svcproxy's chains, and
     any chain it wants that it shares with others (KUBE-FIREWALL: kubelet writes
-    the same one); returns the others, and the shared chains' text."""
+    the same one; `desired` needs to hold only chains `is_owned` does not
+    cover); returns the others, and the shared chains' text."""
     owned: dict[ChainKey, Digest] = {}
     builtin: dict[ChainKey, tuple[str, ...]] = {}
     shared: dict[ChainKey, tuple[str, ...]] = {}
@@ -233,7 +261,7 @@ def _read(state: FamilyState, desired: Mapping[ChainKey, object]
 def _partial_desired(state: FamilyState, plan: ServiceMap, changed: Iterable[FrontendKey],
                      opts: RuleOptions
                      ) -> tuple[dict[ChainKey, tuple[str, ...]], set[ChainKey],
-                                dict[SPKey, ServicePortRules]]:
+                                dict[SPKey, WrittenPort]]:
     """The touched service ports' chains and the shared chains whose fragments
     changed; the chains to compare (those and the touched ports' old ones); the
     renderings to keep."""
@@ -246,12 +274,12 @@ def _partial_desired(state: FamilyState, plan: ServiceMap, changed: Iterable[Fro
         old = new_sp.pop(key, None)
         new = fresh.get(key)
         if old is not None:
-            scope.update(old.chains)
+            scope.update(old.names)
         if new is not None:
             new_sp[key] = _kept(new)
         for chain in SHARED:
-            before = old.fragments.get(chain, ()) if old else ()
-            after = new.fragments.get(chain, ()) if new else ()
+            before = old.fragment(chain) if old else ()
+            after = new.fragment(chain) if new else ()
             if before != after:
                 shared_dirty.add(chain)
     desired = {c: r for n in fresh.values() for c, r in n.chains.items()}
@@ -266,28 +294,90 @@ def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[Frontend
     """Bring the kernel rules of family `opts.family` to `plan` (which may hold
     both families). `changed` None = full sync."""
     result = FamilyResult()
-    full = changed is None or not state.chains.known
-    jumps: list[tuple[str, str, str]] = []
-    scope: set[ChainKey] | None = None
-    if full or changed is None:
-        with phase("render"):
-            new_sp = render_service_ports(plan, None, opts)
-            desired = desired_ruleset(new_sp, opts)
-            new_sp = {k: _kept(v) for k, v in new_sp.items()}
-        with phase("read"):
-            builtin = _read(state, desired)[0] if state.just_read is None else state.just_read
-        jumps = [(t, c, body) for t, c, body in jumps_for(opts)
-                 if f"-A {c} {body}" not in builtin.get((t, c), ())]
+    if changed is None or not state.chains.known:
+        new_sp = _full_write(state, result, plan, opts)
     else:
         with phase("render"):
             desired, scope, new_sp = _partial_desired(state, plan, changed, opts)
-    state.just_read = None
-    _write(state, result, desired, scope, jumps)
+        state.just_read = None
+        _write(state, result, desired, scope, [])
     with phase("conntrack"):
         result.conntrack_deleted = clear_stale_udp(state.kernel, state.sp_rules, new_sp)
     state.sp_rules = new_sp
     state.plan = plan
     return result
+
+
+#: service ports a full sync renders, compares and turns into restore input
+#: at a time. One chunk's rules are freed before the next is rendered: the
+#: text of every chain (~60 MB of small strings at 10,000 services) never
+#: exists at once, and what the sync keeps is not scattered over the memory
+#: that text used (Python gives memory back only in whole 1 MiB arenas: the
+#: whole text rendered at once left ~30 MB resident for good)
+CHUNK = 256
+
+
+def _full_write(state: FamilyState, result: FamilyResult, plan: ServiceMap,
+                opts: RuleOptions) -> dict[SPKey, WrittenPort]:
+    """A full sync's render, read and write: the store is loaded from the
+    kernel (unless sync_first just did), the service ports are rendered a
+    chunk at a time, each chain compared by digest as it is made and only
+    those that differ turned into restore input; then the shared and config
+    chains, the deletions and the jumps, in one restore. Returns the
+    renderings to keep."""
+    config = config_chains(opts)
+    with phase("read"):
+        builtin = state.just_read
+        if builtin is None:
+            builtin = _read(state, {**config, **dict.fromkeys(SHARED)})[0]
+    state.just_read = None
+    jumps = [(t, c, body) for t, c, body in jumps_for(opts)
+             if f"-A {c} {body}" not in builtin.get((t, c), ())]
+    have = state.chains.have
+    wanted: dict[ChainKey, Digest] = {}
+    builder = RestoreBuilder()
+
+    def want(chain: ChainKey, rules: tuple[str, ...]) -> None:
+        d = wanted[chain] = digest(rules)
+        if have.get(chain) != d:
+            builder.write(chain, rules)
+
+    new_sp: dict[SPKey, WrittenPort] = {}
+    with phase("render"):
+        groups = port_groups(plan, None, opts.family)
+        keys = sorted(groups)
+        for start in range(0, len(keys), CHUNK):
+            for key in keys[start:start + CHUNK]:
+                sp = _render(plan, groups.pop(key), opts)
+                for chain, rules in sp.chains.items():
+                    want(chain, rules)
+                new_sp[key] = _kept(sp)
+            builder.cut()
+        for chain, rules in config.items():
+            if chain not in SHARED:
+                want(chain, rules)
+        for chain in SHARED:
+            want(chain, assemble_shared(new_sp, chain, opts))
+        diff = state.chains.diff(wanted)
+        parts = builder.parts(diff.deleted, jumps)
+    _restore(state, parts)
+    state.chains.applied(diff)
+    result.written = sorted((*diff.created, *diff.updated))
+    result.deleted = sorted(diff.deleted)
+    result.jumps = len(jumps)
+    return new_sp
+
+
+def _restore(state: FamilyState, text: RestoreInput) -> None:
+    if not text:
+        return
+    with phase("restore"):
+        try:
+            state.kernel.restore(text)
+        except Exception:
+            state.chains.forget()  # atomic per table, but which table failed?
+            state.just_read = None
+            raise
 
 
 def _write(state: FamilyState, result: FamilyResult, desired: Mapping[ChainKey, tuple[str, ...]],
@@ -296,15 +386,7 @@ def _write(state: FamilyState, result: FamilyResult, desired: Mapping[ChainKey, 
     store follows what the kernel took."""
     diff = state.chains.diff({k: digest(v) for k, v in desired.items()}, scope)
     writes = {c: desired[c] for c in (*diff.created, *diff.updated)}
-    text = restore_text(writes, list(diff.deleted), jumps)
-    if text:
-        with phase("restore"):
-            try:
-                state.kernel.restore(text)
-            except Exception:
-                state.chains.forget()  # atomic per table, but which table failed?
-                state.just_read = None
-                raise
+    _restore(state, restore_text(writes, list(diff.deleted), jumps))
     state.chains.applied(diff)
     result.written = sorted(writes)
     result.deleted = sorted(diff.deleted)

@@ -285,6 +285,9 @@ class ServicePortRules:
     udp_targets: tuple[tuple[str, int], ...] = ()  # (frontend address, port)
     endpoints: frozenset[str] = frozenset()  # endpoint IPs reachable through it (UDP only)
 
+    def fragment(self, chain: ChainKey) -> tuple[str, ...]:
+        return self.fragments.get(chain, ())
+
 
 def _live(backends: Iterable[Backend]) -> tuple[Backend, ...]:
     # weight 0 means "no new connections" (draining): iptables has no weights,

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from .ipset import IpsetFailure, SetSpec
+from .iptables import RestoreInput
 from .ipvs import RealServer, VirtualServer
 from .netlink import Failure
 
@@ -77,10 +78,10 @@ class IptablesDoor(Protocol):
     """One IP family's iptables, in one backend."""
 
     def save_all(self) -> dict[tuple[str, str], tuple[str, ...]]: ...
-    def restore(self, text: str) -> None:
+    def restore(self, text: RestoreInput) -> None:
         """iptables-restore --noflush; raises when refused (nothing changed)."""
         ...
-    def check_restore(self, text: str) -> None:
+    def check_restore(self, text: RestoreInput) -> None:
         """iptables-restore --test: build the input, commit nothing."""
         ...
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from .ipset import IPSET_ERR_HASH_FULL, IpsetFailure, SetSpec
+from .iptables import RestoreInput, input_lines, joined
 from .ipvs import RealServer, VirtualServer
 from .netlink import Failure
 from .nftables import NftChain, NftSet, NftTable
@@ -307,17 +308,17 @@ class FakeIptables:
         self.conntrack.append(list(args))
         return 0
 
-    def check_restore(self, text: str) -> None:
-        self.checked.append(text)
+    def check_restore(self, text: RestoreInput) -> None:
+        self.checked.append(joined(text))
 
-    def restore(self, text: str) -> None:
+    def restore(self, text: RestoreInput) -> None:
         self.restores += 1
         if self.fail_next is not None:
             message, self.fail_next = self.fail_next, None
             raise OSError(message)
         chains = dict(self.chains)
         table = ""
-        for line in text.splitlines():
+        for line in input_lines(text):
             table = self._apply_line(chains, table, line)
         self.chains = chains
 

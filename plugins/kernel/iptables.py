@@ -14,7 +14,7 @@ import logging
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .conntrack import conntrack_delete
@@ -67,27 +67,86 @@ def restore_text(writes: Mapping[ChainKey, tuple[str, ...]], deletes: Iterable[C
     rules; chains to delete are flushed first and removed at the end, after
     nothing refers to them any more. `jumps` / `unjumps`: (table, built-in
     chain, rule body) to insert at the top / delete."""
-    deletes = list(deletes)
-    jumps = list(jumps)
-    unjumps = list(unjumps)
-    out: list[str] = []
-    for table in TABLES:
-        w = sorted(c for t, c in writes if t == table)
-        d = sorted(c for t, c in deletes if t == table)
-        j = [(c, body) for t, c, body in jumps if t == table]
-        u = [(c, body) for t, c, body in unjumps if t == table]
-        if not (w or d or j or u):
-            continue
-        out.append(f"*{table}")
-        out.extend(f":{c} - [0:0]" for c in [*w, *d])
-        for c in w:
-            out.extend(writes[(table, c)])
-        out.extend(f"-D {c} {body}" for c, body in u)
-        # inserted at position 1 in reverse, so they end up in the given order
-        out.extend(f"-I {c} 1 {body}" for c, body in reversed(j))
-        out.extend(f"-X {c}" for c in d)
-        out.append("COMMIT")
-    return "\n".join(out) + "\n" if out else ""
+    builder = RestoreBuilder()
+    for key in sorted(writes):
+        builder.write(key, writes[key])
+    return "".join(builder.parts(deletes, jumps, unjumps))
+
+
+class RestoreBuilder:
+    """restore_text's input built a chain at a time, for an input too large to
+    hold as lines: `cut()` joins what was written since the last cut into one
+    string per table (one allocation instead of a string per rule), so a
+    caller can render chains in chunks and free each chunk's rules before the
+    next. Declarations still precede every rule of their table."""
+
+    def __init__(self) -> None:
+        self._declared: dict[str, list[str]] = {t: [] for t in TABLES}
+        self._rules: dict[str, list[str]] = {t: [] for t in TABLES}
+        self._pending: dict[str, tuple[list[str], list[str]]] = {t: ([], []) for t in TABLES}
+
+    def write(self, key: ChainKey, rules: Iterable[str]) -> None:
+        names, lines = self._pending[key[0]]
+        names.append(key[1])
+        lines.extend(rules)
+
+    def cut(self) -> None:
+        for table, (names, lines) in self._pending.items():
+            if names:
+                self._declared[table].append("".join(f":{c} - [0:0]\n" for c in names))
+                names.clear()
+            if lines:
+                self._rules[table].append("\n".join(lines) + "\n")
+                lines.clear()
+
+    def parts(self, deletes: Iterable[ChainKey], jumps: Iterable[tuple[str, str, str]] = (),
+              unjumps: Iterable[tuple[str, str, str]] = ()) -> list[str]:
+        """The whole input, in order; empty if there is nothing to do."""
+        self.cut()
+        deletes = list(deletes)
+        jumps = list(jumps)
+        unjumps = list(unjumps)
+        out: list[str] = []
+        for table in TABLES:
+            d = sorted(c for t, c in deletes if t == table)
+            j = [(c, body) for t, c, body in jumps if t == table]
+            u = [(c, body) for t, c, body in unjumps if t == table]
+            if not (self._declared[table] or d or j or u):
+                continue
+            tail = [f"-D {c} {body}" for c, body in u]
+            # inserted at position 1 in reverse, so they end up in the given order
+            tail += [f"-I {c} 1 {body}" for c, body in reversed(j)]
+            tail += [f"-X {c}" for c in d]
+            out.append(f"*{table}\n")
+            out += self._declared[table]
+            if d:
+                out.append("".join(f":{c} - [0:0]\n" for c in d))
+            out += self._rules[table]
+            out.append("".join(line + "\n" for line in tail) + "COMMIT\n")
+        return out
+
+
+#: an iptables-restore input: one string, or its parts in order (each part
+#: whole lines)
+RestoreInput = str | Sequence[str]
+
+
+def joined(text: RestoreInput) -> str:
+    return text if isinstance(text, str) else "".join(text)
+
+
+def input_lines(text: RestoreInput) -> Iterator[str]:
+    """The lines of a restore input, part after part."""
+    for part in [text] if isinstance(text, str) else text:
+        yield from part.splitlines()
+
+
+def line_at(text: RestoreInput, n: int) -> str | None:
+    """Line `n` (from 1) of a restore input, None past its end."""
+    for i, line in enumerate(input_lines(text), 1):
+        if i == n:
+            return line
+    return None
 
 
 class IptablesKernel:
@@ -116,7 +175,7 @@ class IptablesKernel:
         base = "iptables" if self.family == 4 else "ip6tables"
         return f"{base}-{self.backend}" + ("" if name == "" else f"-{name}")
 
-    def run(self, args: Sequence[str], stdin: str | None = None,
+    def run(self, args: Sequence[str], stdin: RestoreInput | None = None,
             check: bool = True) -> subprocess.CompletedProcess[str]:
         return run_tool(args, self.netns, stdin=stdin, check=check, timeout=self.timeout)
 
@@ -143,19 +202,21 @@ class IptablesKernel:
         return {(t, c): rules for t, table in parse_save(text).items()
                 for c, rules in table.chains.items()}
 
-    def restore(self, text: str) -> None:
+    def restore(self, text: RestoreInput) -> None:
+        """iptables-restore --noflush of `text` (a string, or its parts in
+        order: a full sync's input is built chunk by chunk)."""
         self.restores += 1
         if self.keep_last_restore:
-            self.last_restore = text
+            self.last_restore = joined(text)
         self._restore(text)
 
-    def check_restore(self, text: str) -> None:
+    def check_restore(self, text: RestoreInput) -> None:
         """`iptables-restore --test`: parse and build the input, commit nothing.
         The tool asks the kernel for each match's and target's revision, so the
         kernel loads their modules (a modprobe each) as a real restore would."""
         self._restore(text, "--test")
 
-    def _restore(self, text: str, *flags: str) -> None:
+    def _restore(self, text: RestoreInput, *flags: str) -> None:
         proc = self.run([self.tool("restore"), "-w", "5", "--noflush", *flags], stdin=text,
                         check=False)
         if proc.returncode != 0:
@@ -165,14 +226,13 @@ class IptablesKernel:
         return conntrack_delete(args, self.family, self.netns)
 
 
-def _explain_restore_failure(stderr: str, text: str) -> str:
+def _explain_restore_failure(stderr: str, text: RestoreInput) -> str:
     m = re.search(r"line:? (\d+)", stderr)
     detail = stderr.strip()
     if m:
-        lines = text.splitlines()
-        n = int(m.group(1))
-        if 0 < n <= len(lines):
-            detail += f" (input line {n}: {lines[n - 1][:200]})"
+        line = line_at(text, int(m.group(1)))
+        if line is not None:
+            detail += f" (input line {m.group(1)}: {line[:200]})"
     return f"iptables-restore failed; nothing in the failed table was changed: {detail}"
 
 

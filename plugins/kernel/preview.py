@@ -15,6 +15,7 @@ from typing import Any
 
 from .doors import IpsetDoor, IpvsDoor, LinkDoor, VSKey
 from .ipset import IpsetFailure, SetSpec
+from .iptables import RestoreInput, input_lines
 from .ipvs import RealServer, VirtualServer, ipvsadm_dest, ipvsadm_service
 from .netlink import Failure
 
@@ -143,7 +144,7 @@ class PreviewIpset:
         return {}
 
 
-def describe_restore(text: str, command: str = "iptables") -> list[str]:
+def describe_restore(text: RestoreInput, command: str = "iptables") -> list[str]:
     """One line per chain an iptables-restore --noflush input (restore_text's)
     writes or deletes, and per rule it inserts into or deletes from a chain."""
     out: list[str] = []
@@ -151,7 +152,7 @@ def describe_restore(text: str, command: str = "iptables") -> list[str]:
     declared: list[str] = []
     rules: dict[str, int] = {}
     deleted: set[str] = set()
-    for line in text.splitlines():
+    for line in input_lines(text):
         if line.startswith("*"):
             table, declared, rules, deleted = line[1:], [], {}, set()
         elif line.startswith(":"):
@@ -194,10 +195,10 @@ class PreviewIptables:
         result: dict[str, tuple[str, ...]] = self.real.save(table)
         return result
 
-    def restore(self, text: str) -> None:
+    def restore(self, text: RestoreInput) -> None:
         self.changes.extend(describe_restore(text, self.command))
 
-    def check_restore(self, text: str) -> None:
+    def check_restore(self, text: RestoreInput) -> None:
         pass  # (commits nothing: no change to show)
 
     def conntrack_delete(self, args: Sequence[str]) -> int:

@@ -15,6 +15,7 @@ from factories import endpoint, node, service, slice_
 from netns import Topology, ipvs_available, sh
 
 from svcproxy.bus import EventType
+from svcproxy.plugins.iptables import datapath
 from svcproxy.plugins.iptables.rules import chain_suffix, is_owned
 from svcproxy.plugins.kernel.iptables import parse_save
 
@@ -89,9 +90,16 @@ def test_full_sync_repairs_rules_changed_behind_our_back(topo: Topology) -> None
     assert result.apply.details["ipv4"]["deleted"] == ["nat/KUBE-SVC-STALESTALESTALE"]
 
 
-def test_kernel_holds_exactly_what_plan_prints(topo: Topology, tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_kernel_holds_exactly_what_plan_prints(topo: Topology, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               chunk: int | None) -> None:
+    """Also with the full sync's input built two service ports at a time (five
+    chunks and the shared chains, one restore)."""
+    if chunk is not None:
+        monkeypatch.setattr(datapath, "CHUNK", chunk)
     n = Node(topo)
-    populate(n)
+    populate(n, 7)
     n.publish(service("lb", cluster_ip="10.96.2.1", type="LoadBalancer",
                       ports=[{**HTTP[0], "nodePort": 30100}], externalTrafficPolicy="Local",
                       healthCheckNodePort=32000, sessionAffinity="ClientIP",
@@ -111,6 +119,9 @@ def test_kernel_holds_exactly_what_plan_prints(topo: Topology, tmp_path: Path) -
     for table, chain in (("filter", "INPUT"), ("nat", "PREROUTING")):
         for rule in planned[(table, chain)]:
             assert rule in kernel[(table, chain)]
+    assert n.restores() == 1
+    n.sync(full=True)
+    assert n.restores() == 1
 
 
 def test_legacy_backend(topo: Topology) -> None:
