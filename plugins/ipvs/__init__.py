@@ -33,7 +33,7 @@ from svcproxy.plan import PortContext
 from svcproxy.plugins.kernel.conntrack import conntrack_samples
 from svcproxy.plugins.kernel.ipset import Ipset
 from svcproxy.plugins.kernel.iptables import IptablesKernel
-from svcproxy.plugins.kernel.ipvs import SCHED_FLAGS, probe_ipvs
+from svcproxy.plugins.kernel.ipvs import SCHED_FLAGS, VirtualServer, probe_ipvs
 from svcproxy.plugins.kernel.netns import in_netns, opened_in, read_proc
 from svcproxy.plugins.kernel.sysctl import DEFAULT_BACKUP, SysctlStore
 from svcproxy.plugins.kernel.tools import KernelError
@@ -549,21 +549,36 @@ class IpvsPlugin:
         else's (kube-proxy's cleanup flushes the whole table)."""
         state = IpvsState(kernel, self.options)
         bound, nodes = kernel.link.addresses(), state.node_addresses()
-        found = kernel.nl.services()
-        owned = [vs for vs in found
-                 if state.owns(vs, bound, nodes) and not state.excluded(vs.address)]
-        batch = kernel.nl.batch()
-        for vs in owned:
-            batch.delete_service(vs)
-        failures = batch.commit()
+        removed, kept, failures = 0, 0, []
+        # again until a listing finds none: a long dump can miss some while
+        # another namespace's virtual servers go (IPVSNetlink.services)
+        for _ in range(3):
+            found = kernel.nl.services()
+            owned = self._owned(state, found, bound, nodes)
+            kept = len(found) - len(owned)
+            if not owned:
+                break
+            batch = kernel.nl.batch()
+            for vs in owned:
+                batch.delete_service(vs)
+            refused = batch.commit()
+            removed += len(owned) - len(refused)
+            failures = [f"ipvs: {f}" for f in refused]
+            if refused:
+                break
         lines = []
-        if owned:
-            lines.append(f"ipvs: removed {len(owned) - len(failures)} virtual servers")
-        if len(found) > len(owned):
-            lines.append(f"ipvs: kept {len(found) - len(owned)} virtual servers that are not "
+        if removed:
+            lines.append(f"ipvs: removed {removed} virtual servers")
+        if kept:
+            lines.append(f"ipvs: kept {kept} virtual servers that are not "
                          "svcproxy's (not on kube-ipvs0, not NodePorts, or in excludeCIDRs)")
-        lines += [f"ipvs: {f}" for f in failures]
-        return lines
+        return lines + failures
+
+    @staticmethod
+    def _owned(state: IpvsState, found: list[VirtualServer], bound: set[str],
+               nodes: set[str]) -> list[VirtualServer]:
+        return [vs for vs in found
+                if state.owns(vs, bound, nodes) and not state.excluded(vs.address)]
 
     def retire(self) -> tuple[list[str], int]:
         """Another datapath serves now: remove the IPVS datapath's state without
@@ -594,8 +609,7 @@ class IpvsPlugin:
     def _retire_servers(self, kernel: IpvsKernel) -> tuple[list[str], int]:
         state = IpvsState(kernel, self.options)
         bound, nodes = kernel.link.addresses(), state.node_addresses()
-        owned = [vs for vs in kernel.nl.services()
-                 if state.owns(vs, bound, nodes) and not state.excluded(vs.address)]
+        owned = self._owned(state, kernel.nl.services(), bound, nodes)
         dests = kernel.nl.dests_of(owned)
         # a TCP connection that is closing (inactive: FIN_WAIT, TIME_WAIT) may
         # go; a UDP flow is only ever "inactive" and must not
@@ -624,6 +638,10 @@ class IpvsPlugin:
                 lines.append(f"ipvs: deleted {flushed} conntrack entries of idle UDP flows")
         if busy:
             return lines, len(busy)
+        if idle and (left := self._owned(state, kernel.nl.services(), bound, nodes)):
+            # a long dump can miss some while another namespace's virtual
+            # servers go (IPVSNetlink.services): the next pass takes them
+            return lines, len(left)
         lines += self._cleanup_helpers()
         if kernel.link.delete():
             lines.append("ipvs: removed kube-ipvs0")

@@ -184,7 +184,12 @@ class IpvsState:
         # (not /proc/net/ip_vs: the kernel walks every namespace's virtual
         # servers while listing one namespace's, and a listing read in several
         # calls skipped and mixed entries once two namespaces had IPVS tables)
-        owned = [vs for vs in self.kernel.nl.services() if self.owns(vs, bound, nodes, plan)]
+        # (the plan's and the known virtual servers are asked for by key if a
+        # long dump missed them: IPVSNetlink.services)
+        expect = [*self.vs.have, *((k.address, k.port, k.protocol) for k in plan.frontends)] \
+            if plan is not None else list(self.vs.have)
+        owned = [vs for vs in self.kernel.nl.services(expect)
+                 if self.owns(vs, bound, nodes, plan)]
         # the previous index goes first: at 10,000 services two at once were
         # ~10 MB of peak memory
         self.rs.reset()
@@ -195,7 +200,7 @@ class IpvsState:
     def read_back(self, keys: set[VSKey]) -> None:
         """Read the virtual servers (and their real servers) a refused batch
         touched; the rest of the store stays as it is."""
-        found = {vs.key: vs for vs in self.kernel.nl.services() if vs.key in keys}
+        found = {vs.key: vs for vs in self.kernel.nl.get_services(sorted(keys))}
         dests = self.kernel.nl.dests_of(list(found.values()))
         self.vs.load(found, keys)
         self.rs.load({k: {rs.key: rs for rs in dests[k]} for k in found}, keys)

@@ -55,9 +55,13 @@ class FakeIpvs:
 
     # -- the door ----------------------------------------------------------------
 
-    def services(self) -> list[VirtualServer]:
+    def services(self, expect: Iterable[VSKey] = ()) -> list[VirtualServer]:
         self.reads += 1
         return list(self.services_.values())
+
+    def get_services(self, keys: Sequence[VSKey]) -> list[VirtualServer]:
+        self.reads += 1
+        return [self.services_[k] for k in keys if k in self.services_]
 
     def _with_counters(self, key: VSKey, rs: RealServer) -> RealServer:
         active, inactive = self.connections.get((key, rs.key), (0, 0))

@@ -60,8 +60,11 @@ class PreviewIpvs:
         self.real = real
         self.changes = changes
 
-    def services(self) -> list[VirtualServer]:
-        return self.real.services()
+    def services(self, expect: Iterable[VSKey] = ()) -> list[VirtualServer]:
+        return self.real.services(expect)
+
+    def get_services(self, keys: Sequence[VSKey]) -> list[VirtualServer]:
+        return self.real.get_services(keys)
 
     def dests(self, vs: VirtualServer) -> list[RealServer]:
         return self.real.dests(vs)
