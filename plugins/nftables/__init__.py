@@ -21,6 +21,7 @@ from svcproxy.datapath import ApplyResult, CheckItem, MetricSample, ProbeResult
 from svcproxy.errors import PluginError
 from svcproxy.ir import PlanDelta, ServiceMap, ip_family
 from svcproxy.phases import phase
+from svcproxy.plugins.iptables.datapath import rule_count
 from svcproxy.plugins.kernel.conntrack import conntrack_samples
 from svcproxy.plugins.kernel.nftables import NftKernel
 from svcproxy.plugins.kernel.tools import KernelError
@@ -180,7 +181,7 @@ class NftablesPlugin:
         for family, state in sorted(self.families.items()):
             if not state.chains.known:
                 continue
-            rules = sum(len(c[1]) for c in state.chains.have.values())
+            rules = sum(rule_count(c[1]) for c in state.chains.have.values())
             out.append(MetricSample("svcproxy_nftables_rules",
                                     "Rules in svcproxy's nftables table",
                                     float(rules), {"ip_family": f"IPv{family}"}))
