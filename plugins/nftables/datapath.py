@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from svcproxy.diffstore import Diff, DiffStore
+from svcproxy.diffstore import Diff, DiffStore, diff_items
 from svcproxy.ir import FrontendKey, ServiceMap
 from svcproxy.phases import phase
 from svcproxy.plugins.iptables.datapath import (
@@ -56,6 +56,7 @@ from .rules import (
     ElementKey,
     NftOptions,
     ServicePortBlock,
+    Skeleton,
     is_service_chain,
     service_port_block,
     skeleton,
@@ -172,10 +173,26 @@ class Transaction:
         self.rules: list[str] = []
         self.element_adds: list[str] = []
         self.chain_deletes: list[str] = []
+        #: each list's length at the last cut()
+        self._marks = [0] * 8
 
     def __bool__(self) -> bool:
-        return any((self.head, self.flushes, self.element_deletes, self.set_deletes,
-                    self.set_adds, self.rules, self.element_adds, self.chain_deletes))
+        return any(self._lists())
+
+    def _lists(self) -> tuple[list[str], ...]:
+        return (self.head, self.flushes, self.element_deletes, self.set_deletes,
+                self.set_adds, self.rules, self.element_adds, self.chain_deletes)
+
+    def cut(self) -> None:
+        """Join each kind's statements since the last cut into one string: a
+        full sync writes a chunk of service ports at a time and frees each
+        chunk's rules before the next (one allocation instead of a string per
+        statement; `text()` is the same)."""
+        marks = self._marks
+        for i, lst in enumerate(self._lists()):
+            if len(lst) > marks[i] + 1:
+                lst[marks[i]:] = ["\n".join(lst[marks[i]:])]
+            marks[i] = len(lst)
 
     def add_table(self) -> None:
         self.head.append(f'add table {self.prefix} {{ comment "{TABLE_COMMENT}" ; }}')
@@ -298,13 +315,9 @@ def sync_family(state: FamilyState, plan: ServiceMap, changed: Iterable[Frontend
     now = state.clock()
     _delete_stale(state, now, result)
     if changed is None or not state.known:
-        with phase("render"):
-            rendered = render_blocks(plan, None, opts)
-            desired = desired_table(rendered, opts)
-            blocks = {k: kept(b) for k, b in rendered.items()}
-            del rendered
-        _full(state, desired, result, trusted)
-        del desired
+        sk = skeleton(opts)
+        exists, why = _read_for_full(state, sk, result, trusted)
+        blocks = _write_full(state, plan, opts, sk, result, exists, why)
         state.shared_users = _count_users(blocks)
     else:
         with phase("render"):
@@ -340,15 +353,14 @@ def sync_first(state: FamilyState, plan: ServiceMap, opts: NftOptions) -> Family
     table is there but must be rebuilt (another layout): the full sync does
     that in one transaction anyway."""
     result = FamilyResult()
-    with phase("render"):
-        fresh = render_blocks(plan, None, opts)
     if not state.known:
-        desired = desired_table(fresh, opts)
         exists = _read(state)
         if not exists:  # (listing a table that is not there costs no process)
-            _full(state, desired, result, trusted=False)
-        elif _fixed_part_differs(state, desired):
+            _write_full(state, plan, opts, skeleton(opts), result, False, "")
+        elif _fixed_part_differs(state, skeleton(opts)):
             return None
+    with phase("render"):
+        fresh = render_blocks(plan, None, opts)
     if not result.transactions:
         state.shared_users = {}
         state.blocks = {}
@@ -400,76 +412,142 @@ def _read(state: FamilyState) -> bool:
     return True
 
 
-def _fixed_part_differs(state: FamilyState, desired: Desired) -> str:
+def _fixed_part_differs(state: FamilyState, sk: Skeleton) -> str:
     """Why the table must be rebuilt ("" if it need not): a base chain or a
-    shared map/set differs, or the table holds a set svcproxy does not know."""
+    shared map/set differs, the table holds a set svcproxy does not know, or
+    an affinity-* one that is not a set (svcproxy's always are)."""
     for b in BASE_CHAINS:
         have = state.chains.get(b.name)
-        if have is not None and have[0] != desired.chains[b.name][0]:
+        if have is not None and have[0] != sk.chains[b.name][0]:
             return f"base chain {b.name} is {have[0][0] if have[0] else '?'}"
     for name, decl in state.sets.have.items():
-        want = desired.sets.get(name)
-        if want is None and not name.startswith(AFFINITY_PREFIX):
+        if name.startswith(AFFINITY_PREFIX):
+            if decl[0] != "set":
+                return f"{name} is a {decl[0]}, not a set"
+            continue
+        want = sk.sets.get(name)
+        if want is None:
             return f"{decl[0]} {name} is not svcproxy's"
-        if want is not None and want[0] != decl[0]:
+        if want[0] != decl[0]:
             return f"{name} is a {decl[0]}, not a {want[0]}"
-        if want is not None and not name.startswith(AFFINITY_PREFIX) and want != decl:
+        if want != decl:
             return f"{decl[0]} {name} is declared differently"
     return ""
 
 
-def _full(state: FamilyState, desired: Desired, result: FamilyResult, trusted: bool) -> None:
+def _read_for_full(state: FamilyState, sk: Skeleton, result: FamilyResult,
+                   trusted: bool) -> tuple[bool, str]:
+    """A full sync's read: whether the table exists, and why it must be rebuilt."""
     if trusted and state.known:
         # nobody committed since svcproxy's last transaction: the table is what
         # the stores say, and listing it (35 s at 50,000 services) is skipped
         result.listed = False
-        exists, why = True, ""
-    else:
-        exists = _read(state)
-        why = _fixed_part_differs(state, desired) if exists else ""
-    tx = Transaction(state.kernel.prefix)
-    if not exists or why:
-        if why:
-            log.warning("nftables table %s rebuilt in one transaction: %s",
-                        state.kernel.prefix, why)
-            tx.head.append(f"add table {state.kernel.prefix}")
-            tx.head.append(f"delete table {state.kernel.prefix}")
-            result.rebuilt = True
-        tx.add_table()
-        for name, decl in desired.sets.items():
-            tx.add_set(name, decl)
+        return True, ""
+    exists = _read(state)
+    return exists, _fixed_part_differs(state, sk) if exists else ""
+
+
+#: service ports a full sync renders, compares and turns into statements at
+#: a time: one chunk's rules are freed before the next is rendered, so the
+#: text of every chain never exists at once and what the sync keeps is not
+#: scattered over the memory that text used (as the iptables datapath's)
+CHUNK = 256
+
+
+class _FullWrite:
+    """A full sync's transaction(s), built a chunk of chains and sets at a
+    time; what it wants of the kernel collected for the stores."""
+
+    def __init__(self, state: FamilyState, result: FamilyResult, exists: bool, why: str
+                 ) -> None:
+        self.state = state
+        self.new = not exists or bool(why)
+        self.tx = Transaction(state.kernel.prefix)
         # a new table is written in two transactions: first the fixed part
         # and every declaration, chains in order (nft -f), inert while its
         # maps are empty; then the service ports' rules and elements, all at
         # once (over netlink: nft's own parsing was half of the time)
-        body = Transaction(state.kernel.prefix) if not why else tx
-        for name, chain in desired.chains.items():
-            if body is tx or _declares(name):
-                tx.write_chain(name, chain, exists=False)
-            else:
-                tx.write_chain(name, (chain[0], ()), exists=False)
-                body.add_rules(name, chain[1])
-        body.elements(desired.elements, ())
-        _commit(state, tx, None if body is tx else body)
-        if body is not tx:
-            result.transactions += 1
-        state.chains.load({n: stored(c) for n, c in desired.chains.items()})
-        state.sets.load(desired.sets)
-        state.elements.load(desired.elements)
+        self.body = Transaction(state.kernel.prefix) if self.new and not why else self.tx
+        self.chains: dict[str, ChainState] = {}
+        self.sets: dict[str, SetDecl] = {}
+        self.elements: dict[ElementKey, str] = {}
+        self.written = 0
+        if why:
+            log.warning("nftables table %s rebuilt in one transaction: %s",
+                        state.kernel.prefix, why)
+            self.tx.head.append(f"add table {state.kernel.prefix}")
+            self.tx.head.append(f"delete table {state.kernel.prefix}")
+            result.rebuilt = True
+        if self.new:
+            self.tx.add_table()
+
+    def add(self, chains: Mapping[str, Chain], sets: Mapping[str, SetDecl]) -> None:
+        """One chunk: its chains and sets are compared now (written if they
+        differ from the store), their statements joined."""
+        want = {name: stored(chain) for name, chain in chains.items()}
+        self.chains.update(want)
+        self.sets.update(sets)
+        tx = self.tx
+        if self.new:
+            for name, decl in sets.items():
+                tx.add_set(name, decl)
+            for name, chain in chains.items():
+                if self.body is tx or _declares(name):
+                    tx.write_chain(name, chain, exists=False)
+                else:
+                    tx.write_chain(name, (chain[0], ()), exists=False)
+                    self.body.add_rules(name, chain[1])
+            self.written += len(chains)
+        else:
+            self.written += _emit(self.state, tx, diff_items(self.state.chains.have, want, want),
+                                  chains, diff_items(self.state.sets.have, sets, sets))
+        tx.cut()
+        self.body.cut()
+
+
+def _write_full(state: FamilyState, plan: ServiceMap, opts: NftOptions, sk: Skeleton,
+                result: FamilyResult, exists: bool, why: str) -> dict[SPKey, KeptBlock]:
+    """The table as `plan` wants it, rendered and compared a chunk at a time
+    (a new or rebuilt table written whole); returns the blocks to keep."""
+    w = _FullWrite(state, result, exists, why)
+    blocks: dict[SPKey, KeptBlock] = {}
+    with phase("render"):
+        w.add(sk.chains, sk.sets)
+        w.elements.update(sk.elements)
+        groups = port_groups(plan, None, opts.family)
+        keys = sorted(groups)
+        for start in range(0, len(keys), CHUNK):
+            chains: dict[str, Chain] = {}
+            sets: dict[str, SetDecl] = {}
+            for key in keys[start:start + CHUNK]:
+                block = service_port_block(groups.pop(key), opts)
+                chains.update(block.chains)
+                sets.update((name, ("set", decl)) for name, decl in block.sets.items())
+                w.elements.update(block.elements)
+                blocks[key] = kept(block)
+            w.add(chains, sets)
+    if w.new:
+        w.body.elements(w.elements, ())
+        _commit(state, w.tx, None if w.body is w.tx else w.body)
+        result.transactions += 1 + (w.body is not w.tx)
+        state.chains.load(w.chains)
+        state.sets.load(w.sets)
+        state.elements.load(w.elements)
         state.stale.clear()
-        result.chains_written = len(desired.chains)
-        result.sets = len(desired.sets)
-        result.elements = len(desired.elements)
-        result.transactions += 1
-        return
-    chains = state.chains.diff({n: stored(c) for n, c in desired.chains.items()})
+        result.chains_written = len(w.chains)
+        result.sets = len(w.sets)
+        result.elements = len(w.elements)
+        return blocks
+    chains_diff = state.chains.diff(w.chains)
     # chains no longer wanted: flushed now, deleted later (base chains of
     # another layout reference nothing and go at once)
-    for name in list(chains.deleted):
+    for name in list(chains_diff.deleted):
         if name in state.stale:
-            del chains.deleted[name]
-    _apply(state, tx, chains, desired.chains, state.sets.diff(desired.sets),
-           state.elements.diff(desired.elements), result)
+            del chains_diff.deleted[name]
+    sets_diff = state.sets.diff(w.sets)
+    result.chains_written += w.written
+    _finish(state, w.tx, chains_diff, sets_diff, state.elements.diff(w.elements), result)
+    return blocks
 
 
 def _declares(chain: str) -> bool:
@@ -539,8 +617,14 @@ def _apply(state: FamilyState, tx: Transaction, chains: Diff[str, ChainState],
            elements: Diff[ElementKey, str], result: FamilyResult) -> None:
     """Write the differences; `rendered`: the chains compared, with their
     rules (the store has their digests only)."""
-    now = state.clock()
-    base_names = {b.name for b in BASE_CHAINS}
+    result.chains_written += _emit(state, tx, chains, rendered, sets)
+    _finish(state, tx, chains, sets, elements, result)
+
+
+def _emit(state: FamilyState, tx: Transaction, chains: Diff[str, ChainState],
+          rendered: Mapping[str, Chain], sets: Diff[str, SetDecl]) -> int:
+    """The statements for the chains and sets created or updated (and the
+    chains naming a redeclared set); how many chains they write."""
     _rewrite_users(state, chains, rendered, sets)
     for name, decl in sets.created.items():
         tx.add_set(name, decl)
@@ -550,6 +634,18 @@ def _apply(state: FamilyState, tx: Transaction, chains: Diff[str, ChainState],
     for name in chains.updated:
         tx.write_chain(name, rendered[name], exists=True)
         state.stale.pop(name, None)
+    for name, (old, new) in sets.updated.items():
+        tx.delete_set(name, old[0])
+        tx.add_set(name, new, late=True)
+    return len(chains.created) + len(chains.updated)
+
+
+def _finish(state: FamilyState, tx: Transaction, chains: Diff[str, ChainState],
+            sets: Diff[str, SetDecl], elements: Diff[ElementKey, str],
+            result: FamilyResult) -> None:
+    """The deletions and the elements, the commit, and the stores updated."""
+    now = state.clock()
+    base_names = {b.name for b in BASE_CHAINS}
     flushed: list[str] = []
     for name, (_, rules) in chains.deleted.items():
         if name in base_names:
@@ -559,9 +655,6 @@ def _apply(state: FamilyState, tx: Transaction, chains: Diff[str, ChainState],
             flushed.append(name)
         else:
             flushed.append(name)
-    for name, (old, new) in sets.updated.items():
-        tx.delete_set(name, old[0])
-        tx.add_set(name, new, late=True)
     for name, decl in sets.deleted.items():
         tx.delete_set(name, decl[0])
     adds = {**elements.created, **{k: new for k, (_, new) in elements.updated.items()}}
@@ -578,7 +671,6 @@ def _apply(state: FamilyState, tx: Transaction, chains: Diff[str, ChainState],
             state.chains.set(name, None)
     state.sets.applied(sets)
     state.elements.applied(elements)
-    result.chains_written += len(chains.created) + len(chains.updated)
     result.chains_flushed += len(flushed)
     result.sets += len(sets)
     result.elements += len(elements)
