@@ -281,12 +281,15 @@ class IpvsState:
             result.bound, result.unbound = len(addr_diff.created), len(addr_diff.deleted)
             binding = self.kernel.link.start_changes(list(addr_diff.created),
                                                      list(addr_diff.deleted))
-        with phase("build"):
-            work = self._build(plan, scope)
-            result.drained = self._reap_drained(work)
-        result.batch_ops = len(work.ops)
         address_failures: list[str] = []
         try:
+            # (the batch sends as it grows: building is writing, and a
+            # failure part-way makes the next sync a full one, which reads
+            # the kernel back)
+            with phase("build"):
+                work = self._build(plan, scope)
+                result.drained = self._reap_drained(work)
+            result.batch_ops = len(work.ops)
             with phase("ipvs"):
                 failures = describe_failures(work.ops.commit(), plan)
         finally:

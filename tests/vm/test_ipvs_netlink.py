@@ -13,6 +13,7 @@ from svcproxy.plugins.kernel.ipvs import (
     F_PERSISTENT,
     F_SCHED1,
     F_SCHED2,
+    Batch,
     IPVSNetlink,
     RealServer,
     VirtualServer,
@@ -170,3 +171,26 @@ def test_listing_is_complete_while_another_namespace_deletes_its_virtual_servers
         missing = ("10.96.9.9", 80, "TCP")
         assert nl.get_services([keys[5], missing, keys[-1]]) == [
             next(vs for vs in want if vs.key == keys[5]), next(iter(reversed(want)))]
+
+
+def test_a_batch_sends_as_it_grows_and_keeps_every_refusal(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every SEND_AT operations go to the kernel while the batch is built;
+    commit sends the rest and returns the refusals of all of them, in order."""
+    monkeypatch.setattr(Batch, "SEND_AT", 2)
+    vs = VirtualServer("10.96.0.1", 80, "TCP")
+    with IPVSNetlink() as nl:
+        b = nl.batch()
+        b.add_service(vs)
+        b.add_service(vs)  # EEXIST, in the first send
+        assert set(nl.services()) == {vs}  # sent already
+        b.add_dest(vs, RealServer("10.244.0.1", 80))
+        b.delete_dest(vs, RealServer("10.244.0.9", 80))  # ENOENT, in the second
+        b.add_service(VirtualServer("10.96.0.2", 80, "TCP", scheduler="bogus"))  # ENOENT
+        assert len(b) == 5
+        failures = b.commit()
+        assert [(f.op, f.errno) for f in failures] == [
+            ("add service", errno.EEXIST), ("delete real server", errno.ENOENT),
+            ("add service", errno.ENOENT)]
+        assert b.commit() == [] and len(b) == 0
+        assert nl.dests(vs) == [RealServer("10.244.0.1", 80)]
